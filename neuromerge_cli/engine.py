@@ -1,0 +1,204 @@
+"""One merge: resolve → index → plan → statistics passes → merge pass → atomic finalize."""
+
+from __future__ import annotations
+
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
+from .errors import MergeError
+from .methods import Method, TensorJob, get_method
+from .methods.common import tensor_seed
+from .plan import Plan, TensorPlan, make_plan
+from .recipe import Recipe
+from .stats import GlobalStat
+from .writer import ShardWriter, atomic_folder, check_output_location, signals_as_exceptions
+
+DEFAULT_SHARD_SIZE = 5 * 1024**3
+PREFETCH = 2
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+@dataclass
+class MergeOptions:
+    output: Path
+    device: str = "auto"
+    overwrite: bool = False
+    shard_size: int = DEFAULT_SHARD_SIZE
+    allow_nonfinite: bool = False
+    progress: Progress | None = None
+
+
+@dataclass
+class Prepared:
+    """A recipe whose inputs are resolved, indexed and planned (no weights read for merging)."""
+
+    recipe: Recipe
+    method: Method
+    base: Checkpoint
+    tasks: list[Checkpoint]
+    plan: Plan
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda: no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise MergeError(f"--device: expected auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE) -> Prepared:
+    """Resolve and index every checkpoint and plan the output."""
+    t0 = time.perf_counter()
+    sources: list[Source] = [resolve(recipe.base_model)] + [resolve(m.model) for m in recipe.models]
+    t1 = time.perf_counter()
+    base, *tasks = [open_checkpoint(s) for s in sources]
+    plan = make_plan(base, tasks, recipe.torch_dtype, shard_size)
+    t2 = time.perf_counter()
+    return Prepared(recipe, get_method(recipe.method), base, tasks, plan,
+                    {"resolve_s": t1 - t0, "index_and_plan_s": t2 - t1})
+
+
+class TensorLoader:
+    """Reads base and task tensors, a few tensors ahead of the consumer on a background thread."""
+
+    def __init__(self, prepared: Prepared, device: torch.device, allow_nonfinite: bool) -> None:
+        self.checkpoints = [prepared.base, *prepared.tasks]
+        self.device = device
+        self.allow_nonfinite = allow_nonfinite
+        self._checked: set[str] = set()
+
+    def _read(self, name: str) -> list[torch.Tensor]:
+        tensors = [ck.read(name) for ck in self.checkpoints]
+        if not self.allow_nonfinite and name not in self._checked and tensors[0].dtype.is_floating_point:
+            for ck, t in zip(self.checkpoints, tensors):
+                if not bool(torch.isfinite(t).all()):
+                    raise MergeError(f"{ck.source.reference}: tensor '{name}' contains NaN or Inf "
+                                     "(use --allow-nonfinite to merge anyway)")
+            self._checked.add(name)
+        return tensors
+
+    def stream(self, names: Iterable[str]) -> Iterator[tuple[str, list[torch.Tensor]]]:
+        """(name, [base, task_1..task_T] as stored, on the CPU), read ahead of use."""
+        names = list(names)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            futures = [pool.submit(self._read, n) for n in names[:PREFETCH]]
+            for i, name in enumerate(names):
+                tensors = futures[i].result()
+                if i + PREFETCH < len(names):
+                    futures.append(pool.submit(self._read, names[i + PREFETCH]))
+                futures[i] = None  # type: ignore[call-overload]
+                yield name, tensors
+
+    def as_float(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ0, τ stacked (T, ...)) in float32 on the compute device."""
+        base = tensors[0].to(self.device, non_blocking=True).float()
+        tasks = torch.stack([t.to(self.device, non_blocking=True).float() for t in tensors[1:]])
+        return base, tasks.sub_(base)
+
+
+def schedule(stats: list[GlobalStat]) -> list[list[tuple[GlobalStat, int]]]:
+    """Group statistics passes into reads of the model: [(stat, its pass index)] per read."""
+    start: dict[int, int] = {}
+    for s in stats:
+        start[id(s)] = start[id(s.after)] + s.after.passes if s.after is not None else 0
+    total = max((start[id(s)] + s.passes for s in stats), default=0)
+    return [[(s, g - start[id(s)]) for s in stats if start[id(s)] <= g < start[id(s)] + s.passes]
+            for g in range(total)]
+
+
+def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLoader,
+                   weights: torch.Tensor, progress: Progress | None) -> int:
+    """Run every statistics pass; returns the number of reads of the model it took."""
+    passes = schedule(stats)
+    names = [t.name for t in prepared.plan.merged]
+    for g, active in enumerate(passes):
+        for i, (name, tensors) in enumerate(loader.stream(names)):
+            _, deltas = loader.as_float(tensors)
+            for stat, p in active:
+                stat.observe(p, name, deltas, weights)
+            if progress:
+                progress(f"statistics pass {g + 1}/{len(passes)}", i + 1, len(names))
+        for stat, p in active:
+            stat.end_pass(p)
+    return len(passes)
+
+
+def _tensor_report(t: TensorPlan, deltas: torch.Tensor, delta: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
+    flat = deltas.reshape(deltas.shape[0], -1)
+    return {
+        "role": t.role, "shape": list(t.shape),
+        "task_l1": [float(x) for x in flat.abs().sum(1).tolist()],
+        "task_l2": [float(x) for x in flat.norm(dim=1).tolist()],
+        "delta_norm": float(delta.norm()),
+        **extra,
+    }
+
+
+def run_merge(prepared: Prepared, options: MergeOptions) -> dict[str, Any]:
+    """Merge and publish the output folder; returns the report that was written with it."""
+    from .report import build_report, write_metadata
+
+    recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
+    device = pick_device(options.device)
+    check_output_location(options.output, [prepared.base.path] + [t.path for t in prepared.tasks], options.overwrite)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)
+    loader = TensorLoader(prepared, device, options.allow_nonfinite)
+    timings = dict(prepared.timings)
+    tensor_stats: dict[str, dict[str, Any]] = {}
+    with signals_as_exceptions(), atomic_folder(options.output, options.overwrite) as folder:
+        t0 = time.perf_counter()
+        stats = method.global_stats(recipe.params, len(recipe.models), device)
+        reads = run_statistics(prepared, stats, loader, weights, options.progress)
+        by_key = {s.key: s for s in stats}
+        t1 = time.perf_counter()
+        writer = ShardWriter(folder, plan)
+        try:
+            aliases = {t.alias_of: [] for t in plan.tensors if t.alias_of}
+            for t in plan.tensors:
+                if t.alias_of:
+                    aliases[t.alias_of].append(t.name)
+            names = [t.name for t in plan.tensors if t.alias_of is None]
+            by_name = plan.by_name()
+            for i, (name, tensors) in enumerate(loader.stream(names)):
+                t = by_name[name]
+                if t.role == "copy":
+                    out = tensors[0]
+                else:
+                    base, deltas = loader.as_float(tensors)
+                    job = TensorJob(name, t.role, base, deltas, weights, by_key,
+                                    tensor_seed(recipe.params.get("seed", 0), name, -1))
+                    result = method.merge(job, recipe.params)
+                    out = (base + result.delta).to(t.dtype).cpu()
+                    tensor_stats[name] = _tensor_report(t, deltas, result.delta, result.stats)
+                writer.write(name, out)
+                for alias in aliases.get(name, ()):
+                    writer.write(alias, out)
+                if options.progress:
+                    options.progress("merge", i + 1, len(names))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        t2 = time.perf_counter()
+        timings.update({"statistics_s": t1 - t0, "merge_s": t2 - t1, "statistics_reads": reads})
+        peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if device.type == "cuda":
+            peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+        report = build_report(prepared, method.report(recipe.params, by_key), tensor_stats,
+                              str(device), timings, peak)
+        write_metadata(folder, prepared, report)
+    return report

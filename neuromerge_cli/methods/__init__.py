@@ -1,0 +1,25 @@
+"""The registry of merge methods: one file per method."""
+
+from __future__ import annotations
+
+from ..errors import MergeError
+from .base import Method, TensorJob, TensorResult
+from .dare import DareLinear, DareTies
+from .linear import Linear
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies)
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``, or a MergeError listing the known ones."""
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise MergeError(f"method: unknown method '{name}' (known: {', '.join(METHODS)})") from None
+
+
+__all__ = ["METHODS", "Method", "TensorJob", "TensorResult", "get_method"]

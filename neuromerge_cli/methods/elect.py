@@ -1,0 +1,63 @@
+"""Sign election and the TIES merge functions ψ, shared by every method that elects."""
+
+from __future__ import annotations
+
+import torch
+
+MERGE_FUNCTIONS = ("elect_mean", "elect_sum", "mean", "sum")
+
+
+def elected_signs(
+    x: torch.Tensor,
+    group_dims: tuple[int, ...] | None = None,
+    majority: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Per-coordinate elected sign s = sign(Σ_t x_t) of weighted values ``x`` (T, *S).
+
+    Where the sum is exactly zero the group's majority sign m = sign(Σ_group s) is used.
+    The group is either given (``majority``, e.g. a global figure) or the dims of S listed in
+    ``group_dims`` (None: all of S).
+    """
+    s = torch.sign(x.sum(dim=0))
+    if majority is None:
+        dims = tuple(range(s.ndim)) if group_dims is None else group_dims
+        majority = torch.sign(s.sum(dim=dims, keepdim=True))
+    majority = torch.as_tensor(majority, dtype=s.dtype, device=s.device)
+    return torch.where(s == 0, majority, s)
+
+
+def merge_values(
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    merge_fn: str,
+    group_dims: tuple[int, ...] | None = None,
+    majority: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """ψ over the task axis of ``values`` (T, *S) with task weights ``weights`` (T,).
+
+    ``elect_mean``: Σ w_t x_t / Σ w_t over the non-zero x_t whose sign matches the elected one
+    (the plain mean of those when every weight is 1); ``elect_sum``: Σ w_t x_t over them;
+    ``mean``: Σ w_t x_t / Σ w_t; ``sum``: Σ w_t x_t.
+    """
+    w = weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
+    weighted = values * w
+    if merge_fn == "sum":
+        return weighted.sum(dim=0)
+    if merge_fn == "mean":
+        return weighted.sum(dim=0) / weights.sum().to(values.dtype)
+    if merge_fn not in MERGE_FUNCTIONS:
+        raise ValueError(f"unknown merge function {merge_fn!r}")
+    signs = elected_signs(weighted, group_dims, majority)
+    agree = (torch.sign(weighted) == signs) & (weighted != 0)
+    total = torch.where(agree, weighted, 0.0).sum(dim=0)
+    if merge_fn == "elect_sum":
+        return total
+    count = torch.where(agree, w, 0.0).sum(dim=0)
+    return torch.where(count > 0, total / count.clamp_min(1e-30), 0.0)
+
+
+def sign_conflict_rate(values: torch.Tensor) -> float:
+    """Share of coordinates where the non-zero task values disagree in sign."""
+    pos = (values > 0).any(dim=0)
+    neg = (values < 0).any(dim=0)
+    return float((pos & neg).float().mean()) if pos.numel() else 0.0

@@ -1,0 +1,33 @@
+"""ties: trim each task vector to its top-k magnitudes, elect signs, merge the agreeing values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..stats import GlobalStat, MajoritySignStat, TrimStat
+from .base import Method, TensorJob, TensorResult
+from .common import LAMBDA, MASK_SCOPE, MERGE_FN, density
+from .elect import merge_values, sign_conflict_rate
+
+
+class Ties(Method):
+    name = "ties"
+    summary = "TIES: top-k trim, sign election, mean of the agreeing values; θ = θ0 + λ τ̄"
+    params = (density(0.2), LAMBDA, MASK_SCOPE, MERGE_FN)
+
+    def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
+        trim = TrimStat(params["density"], params["mask_scope"], num_tasks, device)
+        if params["mask_scope"] == "global" and params["merge_fn"] in ("elect_mean", "elect_sum"):
+            return [trim, MajoritySignStat(trim)]
+        return [trim]
+
+    def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
+        trimmed = job.stats["trim"].mask(job.deltas)
+        majority = job.stats["majority"].sign if "majority" in job.stats else None
+        merged = merge_values(trimmed, job.weights, params["merge_fn"], majority=majority)
+        return TensorResult(params["lambda"] * merged, {"sign_conflict": sign_conflict_rate(trimmed)})
+
+    def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
+        return {k: s.summary() for k, s in stats.items()}

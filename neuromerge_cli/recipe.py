@@ -1,0 +1,128 @@
+"""The YAML recipe: schema, validation and a typed, immutable recipe object."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import MergeError
+from .methods import get_method
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+TOP_KEYS = ("base_model", "models", "method", "parameters", "dtype", "output")
+MODEL_KEYS = ("model", "weight")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One fine-tuned model of the recipe."""
+
+    model: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. ``params`` holds the method's parameters with defaults filled in."""
+
+    base_model: str
+    models: tuple[ModelEntry, ...]
+    method: str
+    params: dict[str, Any]
+    dtype: str | None = None
+    output: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else DTYPES[self.dtype]
+
+
+def _reference(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MergeError(f"{key}: expected a local path or Hub id (a non-empty string), got {value!r}")
+    return value.strip()
+
+
+def _unknown(keys: Any, allowed: tuple[str, ...], where: str) -> None:
+    for key in keys:
+        if key not in allowed:
+            raise MergeError(f"{where}{key}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def parse_recipe(data: Any) -> Recipe:
+    """Validate a recipe given as parsed YAML; every error names the key at fault."""
+    if not isinstance(data, dict):
+        raise MergeError(f"recipe: expected a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
+    _unknown(data, TOP_KEYS, "")
+    for key in ("base_model", "models", "method"):
+        if key not in data:
+            raise MergeError(f"{key}: missing (required keys: base_model, models, method)")
+    base = _reference(data["base_model"], "base_model")
+    models_raw = data["models"]
+    if not isinstance(models_raw, list) or not models_raw:
+        raise MergeError("models: expected a non-empty list of {model: PATH_OR_ID, weight: NUMBER}")
+    models = []
+    for i, entry in enumerate(models_raw):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict):
+            raise MergeError(f"{where}: expected a mapping with 'model' (and optional 'weight'), got {entry!r}")
+        _unknown(entry, MODEL_KEYS, f"{where}.")
+        if "model" not in entry:
+            raise MergeError(f"{where}.model: missing")
+        ref = _reference(entry["model"], f"{where}.model")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise MergeError(f"{where}.weight: expected a finite number, got {weight!r}")
+        if ref == base:
+            raise MergeError(f"{where}.model: '{ref}' is the base model; list only fine-tuned models")
+        models.append(ModelEntry(ref, float(weight)))
+    method_name = data["method"]
+    if not isinstance(method_name, str):
+        raise MergeError(f"method: expected a method name, got {method_name!r}")
+    method = get_method(method_name)
+    if len(models) < method.min_models or (method.max_models is not None and len(models) > method.max_models):
+        want = method.min_models if method.max_models == method.min_models else f"at least {method.min_models}"
+        raise MergeError(f"models: method '{method.name}' takes {want} model(s), got {len(models)}")
+    for i, m in enumerate(models):
+        if method.positive_weights and m.weight <= 0:
+            raise MergeError(f"models[{i}].weight: method '{method.name}' needs a weight > 0, got {m.weight:g}")
+    raw_params = data.get("parameters") or {}
+    if not isinstance(raw_params, dict):
+        raise MergeError(f"parameters: expected a mapping, got {raw_params!r}")
+    params = method.parse_params(raw_params)
+    dtype = data.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"dtype: unknown dtype {dtype!r} (allowed: float32, float16, bfloat16)")
+    output = data.get("output")
+    if output is not None and (not isinstance(output, str) or not output.strip()):
+        raise MergeError(f"output: expected a folder path, got {output!r}")
+    return Recipe(base, tuple(models), method.name, params, dtype, output, dict(data))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{p}: cannot read recipe ({exc.__class__.__name__}: {exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MergeError(f"{p}: malformed YAML{where}: {problem}") from None
+    return parse_recipe(data)
