@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import MergeError
-from .base import Method, TensorJob, TensorResult
+from .base import Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .linear import Linear
 from .task_arithmetic import TaskArithmetic
@@ -22,4 +22,4 @@ def get_method(name: str) -> Method:
         raise MergeError(f"method: unknown method '{name}' (known: {', '.join(METHODS)})") from None
 
 
-__all__ = ["METHODS", "Method", "TensorJob", "TensorResult", "get_method"]
+__all__ = ["METHODS", "Method", "TensorJob", "TensorParts", "TensorResult", "get_method"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,6 +34,26 @@ class TensorResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TensorParts:
+    """A merged task vector before its global scales: delta = Σ_k scales[k] · parts[k].
+
+    Methods whose scale parameters (λ, λ1, λ2, …) only scale parts of the result return this, so
+    that a sweep over those parameters computes the parts once and writes every point from them.
+    """
+
+    parts: dict[str, torch.Tensor]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def combine(self, scales: dict[str, float]) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for key, part in self.parts.items():
+            term = part * scales[key]
+            out = term if out is None else out.add_(term)
+        assert out is not None, "a method returned no parts"
+        return out
+
+
 class Method(ABC):
     """A merge method. Subclasses set ``name``, ``summary`` and ``params`` and write ``merge``."""
 
@@ -43,6 +63,7 @@ class Method(ABC):
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
     positive_weights: ClassVar[bool] = True
+    scale_params: ClassVar[tuple[str, ...]] = ()  # parameters that only scale parts of the result
 
     def parse_params(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Check the recipe's ``parameters`` against this method's; fill defaults."""
@@ -73,9 +94,18 @@ class Method(ABC):
         """The whole-model statistics this method needs before its merge pass."""
         return []
 
-    @abstractmethod
     def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
-        """Merge one tensor."""
+        """Merge one tensor. Methods with ``scale_params`` write ``merge_parts`` instead."""
+        split = self.merge_parts(job, params)
+        return TensorResult(split.combine(self.scales(params, job.stats)), split.stats)
+
+    def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
+        """The unscaled parts of one tensor's merged task vector, keyed by scale parameter."""
+        raise NotImplementedError(f"method '{self.name}' defines neither merge nor merge_parts")
+
+    def scales(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, float]:
+        """The value of each scale parameter (a method resolves 'auto' values here)."""
+        return {p: params[p] for p in self.scale_params}
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
         """Method-level figures for merge_report.json (e.g. σ_t, λ2)."""

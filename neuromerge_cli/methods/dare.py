@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Method, TensorJob, TensorResult
+from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MERGE_FN, SEED, dare_drop, density
 from .elect import merge_values, sign_conflict_rate
 
@@ -16,19 +16,21 @@ class DareLinear(Method):
     summary = "DARE drop-and-rescale, then task arithmetic: θ = θ0 + λ Σ w_t DARE(τ_t)"
     params = (KEEP, LAMBDA, SEED)
     positive_weights = False
+    scale_params = ("lambda",)
 
-    def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
+    def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name)
         w = job.weights.reshape((-1,) + (1,) * (dropped.ndim - 1))
-        return TensorResult(params["lambda"] * (dropped * w).sum(0))
+        return TensorParts({"lambda": (dropped * w).sum(0)})
 
 
 class DareTies(Method):
     name = "dare_ties"
     summary = "DARE drop-and-rescale, then TIES sign election and merge: θ = θ0 + λ τ̄"
     params = (KEEP, LAMBDA, MERGE_FN, SEED)
+    scale_params = ("lambda",)
 
-    def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
+    def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name)
         merged = merge_values(dropped, job.weights, params["merge_fn"])
-        return TensorResult(params["lambda"] * merged, {"sign_conflict": sign_conflict_rate(dropped)})
+        return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(dropped)})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Method, TensorJob, TensorResult
+from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA
 
 
@@ -13,7 +13,8 @@ class TaskArithmetic(Method):
     summary = "sum of task vectors: θ = θ0 + λ Σ w_t τ_t"
     params = (LAMBDA,)
     positive_weights = False
+    scale_params = ("lambda",)
 
-    def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
+    def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         w = job.weights.reshape((-1,) + (1,) * (job.deltas.ndim - 1))
-        return TensorResult(params["lambda"] * (job.deltas * w).sum(0))
+        return TensorParts({"lambda": (job.deltas * w).sum(0)})

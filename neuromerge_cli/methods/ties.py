@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..stats import GlobalStat, MajoritySignStat, TrimStat
-from .base import Method, TensorJob, TensorResult
+from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MASK_SCOPE, MERGE_FN, density
 from .elect import merge_values, sign_conflict_rate
 
@@ -23,11 +23,13 @@ class Ties(Method):
             return [trim, MajoritySignStat(trim)]
         return [trim]
 
-    def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
+    scale_params = ("lambda",)
+
+    def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         trimmed = job.stats["trim"].mask(job.deltas)
         majority = job.stats["majority"].sign if "majority" in job.stats else None
         merged = merge_values(trimmed, job.weights, params["merge_fn"], majority=majority)
-        return TensorResult(params["lambda"] * merged, {"sign_conflict": sign_conflict_rate(trimmed)})
+        return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
         return {k: s.summary() for k, s in stats.items()}
