@@ -18,9 +18,17 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(BIN)/python -m pytest
 
-demo: setup
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev,demo]"
+	touch $@
+
+# Fine-tunes all-MiniLM-L6-v2 briefly on two real tasks (cached in demo_models/), merges the
+# fine-tuned encoders, and scores the merged encoder with each task's own head.
+demo: $(VENV)/.demo-installed
 	$(BIN)/python scripts/make_demo_models.py
 	$(BIN)/neuromerge run recipes/demo.yaml --overwrite
+	$(BIN)/python scripts/make_demo_models.py eval merged/demo
 
 clean:
 	rm -rf $(VENV) merged demo_models .pytest_cache
+	@echo "(downloaded data and benchmark models stay in .cache/; rm -rf .cache to drop them)"
