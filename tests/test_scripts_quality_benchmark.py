@@ -12,18 +12,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import quality_benchmark as qb  # noqa: E402
 from finetune import Head, save_head  # noqa: E402
-from task_data import Example, Splits  # noqa: E402
+import task_data  # noqa: E402
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "very", "dull", "a", "plot", "news"]
-TEXTS = ["good film", "very dull plot", "bad", "a good plot", "dull news", "very good news", "a bad film", "plot"]
+TASKS = ("rotten_tomatoes", "bbc_news")  # real names, fake data: subprocesses find them through the env
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    """BENCH/models with a tiny base, two 'fine-tuned' encoders and their heads; two toy tasks."""
+    """A data cache with two small fake tasks; BENCH/models with a tiny base, two 'fine-tuned' encoders, heads."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     bench = tmp_path_factory.mktemp("bench")
+    data = tmp_path_factory.mktemp("data")
+    (data / "tasks").mkdir()
+    texts = [f"{a} {b} {c}" for a in WORDS[5:9] for b in WORDS[9:] for c in ("film", "plot", "news")][:40]
+    for i, name in enumerate(TASKS):
+        examples = [[t, (j + i) % 2] for j, t in enumerate(texts)]
+        (data / "tasks" / f"{name}.json").write_text(json.dumps({"labels": ["no", "yes"], "examples": examples}))
     root = bench / "models"
     vocab = bench / "vocab.txt"
     vocab.write_text("\n".join(WORDS) + "\n")
@@ -32,8 +38,9 @@ def family(tmp_path_factory):
     config = BertConfig(vocab_size=len(WORDS), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=16, max_position_embeddings=32)
     base = BertModel(config).eval()
-    for name, model in [("base", base), ("t1", None), ("t2", None)]:
-        if model is None:
+    for name in ("base",) + TASKS:
+        model = base
+        if name != "base":
             model = BertModel(config).eval()
             model.load_state_dict(base.state_dict())
             with torch.no_grad():
@@ -44,21 +51,21 @@ def family(tmp_path_factory):
         if name != "base":
             (root / name / "finetune.json").write_text(json.dumps({"hash": f"hash-{name}"}))
             save_head(root / "heads" / f"{name}.safetensors", Head(torch.randn(2, 8), torch.randn(2), ("no", "yes"), 8))
-    examples = tuple(Example(t, i % 2) for i, t in enumerate(TEXTS))
-    splits = {n: (("no", "yes"), Splits(examples, examples[:4], examples)) for n in ("t1", "t2")}
-    return bench, splits
+    return bench, data
 
 
 @pytest.fixture
 def bench(family, monkeypatch):
-    path, splits = family
+    path, data = family
+    monkeypatch.setenv("NEUROMERGE_BENCH_CACHE", str(path))
+    monkeypatch.setenv("NEUROMERGE_DATA_CACHE", str(data))
     monkeypatch.setattr(qb, "BENCH", path)
-    monkeypatch.setattr(qb, "task_splits", lambda names=("t1", "t2"): {n: splits[n] for n in names})
+    monkeypatch.setattr(task_data, "CACHE", data)
     return path
 
 
 def test_task_arithmetic_with_lambda_zero_scores_like_the_base_and_is_cached(bench, monkeypatch):
-    tasks = ("t1", "t2")
+    tasks = ("rotten_tomatoes", "bbc_news")
     base = qb.folder_scores(bench / "models" / "base", "test", tasks)
     merged = qb.merged_scores(qb.Merge("task_arithmetic", {"lambda": 0.0}, tasks), "test", tasks)
     assert merged["accuracy"] == base
@@ -69,21 +76,21 @@ def test_task_arithmetic_with_lambda_zero_scores_like_the_base_and_is_cached(ben
 
 
 def test_one_model_linear_merge_scores_like_that_model(bench):
-    merged = qb.merged_scores(qb.Merge("linear", {}, ("t1",)), "validation", ("t1",))
-    assert merged["accuracy"] == qb.evaluate(bench / "models" / "t1", "validation", ("t1",))
+    merged = qb.merged_scores(qb.Merge("linear", {}, ("rotten_tomatoes",)), "validation", ("rotten_tomatoes",))
+    assert merged["accuracy"] == qb.evaluate(bench / "models" / "rotten_tomatoes", "validation", ("rotten_tomatoes",))
 
 
 def test_merge_failure_names_the_merge(bench):
     with pytest.raises(RuntimeError, match="neuromerge run failed"):
-        qb.merged_scores(qb.Merge("ties", {"density": 7}, ("t1", "t2")), "test", ("t1", "t2"))
+        qb.merged_scores(qb.Merge("ties", {"density": 7}, ("rotten_tomatoes", "bbc_news")), "test", ("rotten_tomatoes", "bbc_news"))
 
 
 def test_merge_key_depends_on_method_parameters_models_and_their_hashes(bench):
-    key = qb.Merge("ties", {"density": 0.2}, ("t1", "t2")).key()
-    assert key == qb.Merge("ties", {"density": 0.2}, ("t1", "t2")).key()
-    assert key != qb.Merge("ties", {"density": 0.1}, ("t1", "t2")).key()
-    assert key != qb.Merge("dare_ties", {"density": 0.2}, ("t1", "t2")).key()
-    assert key != qb.Merge("ties", {"density": 0.2}, ("t1",)).key()
+    key = qb.Merge("ties", {"density": 0.2}, ("rotten_tomatoes", "bbc_news")).key()
+    assert key == qb.Merge("ties", {"density": 0.2}, ("rotten_tomatoes", "bbc_news")).key()
+    assert key != qb.Merge("ties", {"density": 0.1}, ("rotten_tomatoes", "bbc_news")).key()
+    assert key != qb.Merge("dare_ties", {"density": 0.2}, ("rotten_tomatoes", "bbc_news")).key()
+    assert key != qb.Merge("ties", {"density": 0.2}, ("rotten_tomatoes",)).key()
 
 
 def test_table_mean_and_normalized_accuracy(monkeypatch):
@@ -99,8 +106,20 @@ def test_table_mean_and_normalized_accuracy(monkeypatch):
 
 
 def test_eval_command_prints_the_mean_as_its_last_line(bench, capsys):
-    qb.main(["eval", str(bench / "models" / "t1"), "--split", "validation", "--tasks", "t1,t2"])
+    qb.main(["eval", str(bench / "models" / "rotten_tomatoes"), "--split", "validation", "--tasks", "rotten_tomatoes,bbc_news"])
     lines = capsys.readouterr().out.strip().splitlines()
-    scores = qb.evaluate(bench / "models" / "t1", "validation", ("t1", "t2"))
-    assert lines[:2] == [f"t1: {scores['t1']:.4f}", f"t2: {scores['t2']:.4f}"]
-    assert float(lines[-1]) == pytest.approx((scores["t1"] + scores["t2"]) / 2, abs=1e-6)
+    scores = qb.evaluate(bench / "models" / "rotten_tomatoes", "validation", ("rotten_tomatoes", "bbc_news"))
+    assert lines[:2] == [f"{t}: {scores[t]:.4f}" for t in TASKS]
+    assert float(lines[-1]) == pytest.approx(sum(scores.values()) / 2, abs=1e-6)
+
+
+def test_tuned_row_picks_the_best_validation_point_of_a_sweep(bench):
+    tasks = ("rotten_tomatoes", "bbc_news")
+    row, points = qb.tuned_row("ta tuned", "task_arithmetic", {"lambda": [0.0, 1.0]}, tasks)
+    val = {lam: qb.merged_scores(qb.Merge("task_arithmetic", {"lambda": lam}, tasks), "validation", tasks)["accuracy"]
+           for lam in (0.0, 1.0)}
+    means = {lam: sum(v.values()) / 2 for lam, v in val.items()}
+    assert [(p["lambda"], pytest.approx(p["validation_mean"])) for p in points] == [(lam, means[lam]) for lam in (0.0, 1.0)]
+    best = max((0.0, 1.0), key=lambda lam: (means[lam], -lam))
+    assert row.note == f"lambda={best}"
+    assert row.accuracy == qb.merged_scores(qb.Merge("task_arithmetic", {"lambda": best}, tasks), "test", tasks)["accuracy"]
