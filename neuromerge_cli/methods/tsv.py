@@ -1,0 +1,47 @@
+"""tsv: TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference").
+
+For each 2-D tensor (m×n, r = min(m, n)) and T tasks, as in the authors' code
+(AntoAndGar/task_singular_vectors, ``compute_and_sum_svd_mem_reduction``):
+- SVD of each task's τ_t; keep its top k = ⌊r/T⌋ singular triplets (so that T·k ≤ r and the
+  concatenation can be orthonormal);
+- concatenate U (m×Tk), Σ (Tk) and Vᵀ (Tk×n) across tasks; replace U and Vᵀ by their orthonormal
+  polar factors (SVD: U = P S Qᵀ → P Qᵀ); delta = U⊥ diag(Σ) V⊥ᵀ; θ = θ0 + α·delta.
+Tensors that are not 2-D (biases, norms, conv kernels), and matrices with r < T (k would be 0;
+the authors' code then returns zero), get the weighted average of the τ_t, scaled by α.
+Recipe weights multiply τ_t after scaling to mean 1 (all-equal weights change nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Method, TensorJob, TensorParts
+from .svd import ALPHA, SVD_DTYPE, SVD_DTYPES, TaskMatrices, average, is_matrix, polar, top_svd
+
+
+def tsv_merge(tasks: TaskMatrices, k: int) -> torch.Tensor:
+    """U⊥ diag(Σ) V⊥ᵀ from each task matrix's top-k singular triplets."""
+    triplets = [top_svd(tau, k) for tau in tasks]
+    u = torch.cat([t[0] for t in triplets], dim=1)
+    s = torch.cat([t[1] for t in triplets])
+    vh = torch.cat([t[2] for t in triplets], dim=0)
+    del triplets
+    return (polar(u) * s) @ polar(vh)
+
+
+class Tsv(Method):
+    name = "tsv"
+    summary = "TSV-Merge: each task's top ⌊r/T⌋ singular vectors, orthogonalised across tasks; θ = θ0 + α τ̄"
+    params = (ALPHA, SVD_DTYPE)
+    scale_params = ("alpha",)
+
+    def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
+        num_tasks = job.deltas.shape[0]
+        k = min(job.deltas.shape[1:]) // num_tasks if is_matrix(job.deltas) else 0
+        if k == 0:
+            return TensorParts({"alpha": average(job.deltas, job.weights)}, {"svd_rank_per_task": 0})
+        tasks = TaskMatrices(job.deltas, job.weights, SVD_DTYPES[params["svd_dtype"]])
+        delta = tsv_merge(tasks, k).to(job.deltas.dtype)
+        return TensorParts({"alpha": delta}, {"svd_rank_per_task": k})
