@@ -124,8 +124,9 @@ def key_values(keys: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
 
 
-def column_chunks(n: int, size: int = SELECT_CHUNK) -> list[slice]:
-    """Slices covering range(n) in pieces of at most ``size``."""
+def column_chunks(n: int, size: int | None = None) -> list[slice]:
+    """Slices covering range(n) in pieces of at most ``size`` (default SELECT_CHUNK)."""
+    size = size or SELECT_CHUNK
     return [slice(i, min(n, i + size)) for i in range(0, n, size)] or [slice(0, 0)]
 
 
@@ -176,21 +177,20 @@ class StreamingSelect:
         wanted = self._ranks.expand(self.num_tasks, -1).contiguous()
         self._bin = torch.searchsorted(cum, wanted).clamp(max=SELECT_BINS - 1)
         self._below = cum.gather(1, self._bin) - counts.gather(1, self._bin)
-        self._fine = torch.zeros(self.num_tasks * len(ranks) * SELECT_BINS, dtype=torch.int64, device=self.device)
+        self._fine = torch.zeros(self.num_tasks, len(ranks), SELECT_BINS, dtype=torch.int64, device=self.device)
 
     def observe_fine(self, values: torch.Tensor) -> None:
         """Pass 2: count the low key bits of the values inside each rank's bin."""
         assert self._bin is not None and self._fine is not None, "end_coarse() first"
         flat = self._flat(values)
-        num_ranks = self._bin.shape[1]
-        task_slot = (torch.arange(self.num_tasks, device=self.device) * num_ranks).unsqueeze(1)
+        offsets = (torch.arange(self.num_tasks, device=self.device) * SELECT_BINS).unsqueeze(1)
         for sl in column_chunks(flat.shape[1]):
             keys = order_keys(flat[:, sl])
-            high, low = keys >> 16, keys & 0xFFFF
-            for r in range(num_ranks):
+            high, low = keys >> 16, (keys & 0xFFFF) + offsets
+            for r in range(self._bin.shape[1]):
                 inside = high == self._bin[:, r:r + 1]
-                idx = ((task_slot + r) * SELECT_BINS + low)[inside]
-                self._fine += torch.bincount(idx, minlength=self._fine.numel())
+                counts = torch.bincount(low[inside], minlength=self.num_tasks * SELECT_BINS)
+                self._fine[:, r] += counts.view(self.num_tasks, SELECT_BINS)
 
     def end_fine(self) -> None:
         """The exact selected values and the count of values at or below each."""
@@ -199,8 +199,7 @@ class StreamingSelect:
             self.values = torch.zeros(self._bin.shape, dtype=torch.float32, device=self.device)
             self.at_or_below = torch.zeros(self._bin.shape, dtype=torch.int64, device=self.device)
             return
-        fine = self._fine.view(self.num_tasks, -1, SELECT_BINS)
-        cum = fine.cumsum(2) + self._below.unsqueeze(2)
+        cum = self._fine.cumsum(2) + self._below.unsqueeze(2)
         wanted = self._ranks.expand(self.num_tasks, -1).unsqueeze(2).contiguous()
         low = torch.searchsorted(cum, wanted).squeeze(2)
         self.values = key_values((self._bin << 16) | low)
