@@ -104,3 +104,14 @@ def test_unequal_weights_scale_the_tasks(tmp_path):
     taus = [r * d for r, d in zip(rel, task_deltas(base, tasks, "w"))]
     np.testing.assert_allclose(merged["w"].double().numpy(), base["w"].double().numpy() + reference_tsv(taus),
                                rtol=1e-5, atol=2e-6)
+
+
+def test_a_failed_svd_is_a_merge_error_naming_the_tensor(monkeypatch):
+    from neuromerge_cli.errors import MergeError
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    with pytest.raises(MergeError, match="tensor 'w': SVD failed .*svd_dtype: float64"):
+        merge_job(torch.randn(2, 4, 4))

@@ -22,7 +22,7 @@ import torch
 
 from .base import Method, TensorJob, TensorParts
 from .params import number
-from .svd import ALPHA, SVD_DTYPE, SVD_DTYPES, TaskMatrices, average, is_matrix, polar, top_svd
+from .svd import ALPHA, SVD_DTYPE, SVD_DTYPES, TaskMatrices, average, is_matrix, polar, svd_errors, top_svd
 
 
 def split_rank(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -44,7 +44,8 @@ def iso_cts_merge(tasks: TaskMatrices, common_fraction: float) -> torch.Tensor:
     if per_task == 0:
         return iso_c_merge(tasks)
     u, s, vh = top_svd(tasks.total(), common)
-    triplets = [top_svd(tau - u @ (u.T @ tau), per_task) for tau in tasks]
+    # τ_t − U_c U_cᵀ τ_t, in place: each task matrix is a fresh copy
+    triplets = [top_svd(tau.addmm_(u, u.T @ tau, alpha=-1), per_task) for tau in tasks]
     u_all = torch.cat([t[0] for t in triplets] + [u], dim=1)
     s_all = torch.cat([t[1] for t in triplets] + [s])
     vh_all = torch.cat([t[2] for t in triplets] + [vh], dim=0)
@@ -62,7 +63,9 @@ class IsoC(Method):
         if not is_matrix(job.deltas):
             return TensorParts({"alpha": average(job.deltas, job.weights)})
         tasks = TaskMatrices(job.deltas, job.weights, SVD_DTYPES[params["svd_dtype"]])
-        return TensorParts({"alpha": iso_c_merge(tasks).to(job.deltas.dtype)})
+        with svd_errors(job.name):
+            delta = iso_c_merge(tasks).to(job.deltas.dtype)
+        return TensorParts({"alpha": delta})
 
 
 class IsoCts(Method):
@@ -80,5 +83,6 @@ class IsoCts(Method):
             return TensorParts({"alpha": average(job.deltas, job.weights)})
         tasks = TaskMatrices(job.deltas, job.weights, SVD_DTYPES[params["svd_dtype"]])
         common, per_task = split_rank(min(job.deltas.shape[1:]), len(tasks), params["common_fraction"])
-        delta = iso_cts_merge(tasks, params["common_fraction"]).to(job.deltas.dtype)
+        with svd_errors(job.name):
+            delta = iso_cts_merge(tasks, params["common_fraction"]).to(job.deltas.dtype)
         return TensorParts({"alpha": delta}, {"common_rank": common, "svd_rank_per_task": per_task})

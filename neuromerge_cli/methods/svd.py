@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
+from ..errors import MergeError
 from .params import choice, number
 
 SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -13,9 +15,19 @@ SVD_DTYPE = choice("svd_dtype", "float32", "precision of the SVDs (on the merge 
 ALPHA = number("alpha", 1.0, "scale of the merged task vector: θ = θ0 + α·τ̄", lo=0.0)
 
 
-def is_matrix(job_deltas: torch.Tensor) -> bool:
+def is_matrix(deltas: torch.Tensor) -> bool:
     """Whether the merged tensor is 2-D (deltas are (T, m, n)); the authors decompose only these."""
-    return job_deltas.ndim == 3
+    return deltas.ndim == 3
+
+
+@contextmanager
+def svd_errors(name: str) -> Iterator[None]:
+    """Turn a failed SVD (no convergence, e.g. on extreme values) into a MergeError naming the tensor."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as exc:
+        raise MergeError(f"tensor '{name}': SVD failed ({str(exc).splitlines()[0]}); "
+                         "try parameters.svd_dtype: float64") from None
 
 
 def relative_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -60,7 +72,7 @@ class TaskMatrices(Sequence[torch.Tensor]):
     def __getitem__(self, t: int) -> torch.Tensor:  # type: ignore[override]
         if not 0 <= t < len(self):
             raise IndexError(t)
-        return self._deltas[t].to(self._dtype) * self._weights[t]
+        return self._deltas[t].to(self._dtype) * self._weights[t]  # always a fresh copy
 
     @property
     def shape(self) -> torch.Size:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .base import Method, TensorJob, TensorParts
-from .svd import ALPHA, SVD_DTYPE, SVD_DTYPES, TaskMatrices, average, is_matrix, polar, top_svd
+from .svd import ALPHA, SVD_DTYPE, SVD_DTYPES, TaskMatrices, average, is_matrix, polar, svd_errors, top_svd
 
 
 def tsv_merge(tasks: TaskMatrices, k: int) -> torch.Tensor:
@@ -28,7 +28,7 @@ def tsv_merge(tasks: TaskMatrices, k: int) -> torch.Tensor:
     s = torch.cat([t[1] for t in triplets])
     vh = torch.cat([t[2] for t in triplets], dim=0)
     del triplets
-    return (polar(u) * s) @ polar(vh)
+    return polar(u).mul_(s) @ polar(vh)
 
 
 class Tsv(Method):
@@ -43,5 +43,6 @@ class Tsv(Method):
         if k == 0:
             return TensorParts({"alpha": average(job.deltas, job.weights)}, {"svd_rank_per_task": 0})
         tasks = TaskMatrices(job.deltas, job.weights, SVD_DTYPES[params["svd_dtype"]])
-        delta = tsv_merge(tasks, k).to(job.deltas.dtype)
+        with svd_errors(job.name):
+            delta = tsv_merge(tasks, k).to(job.deltas.dtype)
         return TensorParts({"alpha": delta}, {"svd_rank_per_task": k})
