@@ -9,8 +9,9 @@ Per task t over its whole flattened task vector (N entries), following the autho
 2. intra_t = exp(T·m_t²), m_t = (|τ̃_t| − lo_t)/(hi_t − lo_t) (min-max of |τ̃_t|, whose min and max
    are lo_t and hi_t; 0 where hi_t = lo_t); T = number of tasks, as in their ``exp(n·…)``.
 3. inter_t = tanh(τ_t · Σ_s τ_s) (unclamped, unweighted); β_t = intra_t·inter_t.
-4. q_t = the (⌊(1−ratio)N⌋+1)-th smallest β_t (capped at N; their ``sorted[int(N·(1−ratio))]``),
-   M_t = max β_t; b_t = (max(β_t, q_t) − q_t)/(M_t − q_t) (0 where M_t = q_t).
+4. q_t = the (⌊(1−ratio)N⌋+1)-th smallest β_t (capped at N; their ``sorted[int(N·(1−ratio))]``,
+   but with (1−ratio)·N exact from the decimal given, where their float product can land one rank
+   lower), M_t = max β_t; b_t = (max(β_t, q_t) − q_t)/(M_t − q_t) (0 where M_t = q_t).
 5. θ = θ0 + λ Σ_t w_t b_t τ̃_t / max(Σ_t w_t b_t, 1e-12). Recipe weights w_t scale b_t (all 1: the
    authors' formula; a common factor cancels).
 
@@ -48,10 +49,6 @@ def clamp_ranks(n: int) -> tuple[int, int]:
 def score_rank(n: int, ratio: float) -> int:
     """Rank of q_t: β below it is raised to it, so about ``ratio`` of the entries keep b_t > 0."""
     return rank_below(n, 1 - Fraction(str(ratio)))
-
-
-def _per_task(x: torch.Tensor, ndim: int) -> torch.Tensor:
-    return x.reshape((-1,) + (1,) * (ndim - 1))
 
 
 def balance(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
