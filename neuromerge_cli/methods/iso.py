@@ -35,7 +35,7 @@ def split_rank(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, 
 def iso_c_merge(tasks: TaskMatrices) -> torch.Tensor:
     """mean(S)·U Vᵀ of M = Σ_t τ_t."""
     u, s, vh = torch.linalg.svd(tasks.total(), full_matrices=False)
-    return s.mean() * (u @ vh)
+    return (u @ vh).mul_(s.mean())
 
 
 def iso_cts_merge(tasks: TaskMatrices, common_fraction: float) -> torch.Tensor:
@@ -50,7 +50,7 @@ def iso_cts_merge(tasks: TaskMatrices, common_fraction: float) -> torch.Tensor:
     s_all = torch.cat([t[1] for t in triplets] + [s])
     vh_all = torch.cat([t[2] for t in triplets] + [vh], dim=0)
     del triplets
-    return s_all.mean() * (polar(u_all) @ polar(vh_all))
+    return (polar(u_all) @ polar(vh_all)).mul_(s_all.mean())
 
 
 class IsoC(Method):
