@@ -151,6 +151,7 @@ class StreamingSelect:
         self._ranks: torch.Tensor | None = None  # (R,) int64
         self._bin: torch.Tensor | None = None  # (T, R) high 16 bits of each selected key
         self._below: torch.Tensor | None = None  # (T, R) count of values in lower bins
+        self._n_box: torch.Tensor | None = None  # n as a tensor, while partials are being summed
         self.values: torch.Tensor | None = None  # (T, R) float32: the selected values
         self.at_or_below: torch.Tensor | None = None  # (T, R) int64: count of values <= each
 
@@ -166,8 +167,19 @@ class StreamingSelect:
             idx = (order_keys(flat[:, sl]) >> 16) + offsets
             self._coarse += torch.bincount(idx.flatten(), minlength=self._coarse.numel())
 
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        """The counts of pass ``pass_index`` (0: coarse, 1: fine); summed in place across processes
+        that each observed part of the stream, they give every process the whole stream's result."""
+        if pass_index == 0:
+            self._n_box = torch.tensor([self.n], dtype=torch.int64, device=self.device)
+            return [self._coarse, self._n_box]
+        assert self._fine is not None, "end_coarse() first"
+        return [self._fine]
+
     def end_coarse(self) -> None:
         """Find, per task and rank, the high-bits bin that holds the ranked value."""
+        if self._n_box is not None:  # the count summed across processes
+            self.n, self._n_box = int(self._n_box.item()), None
         ranks = [int(k) for k in self._ranks_of(self.n)]
         if self.n and not all(1 <= k <= self.n for k in ranks):
             raise ValueError(f"ranks {ranks} outside 1..{self.n}")

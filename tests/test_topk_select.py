@@ -71,3 +71,26 @@ def test_ranks_outside_the_count_are_refused():
 def test_column_chunks_cover_the_range():
     assert column_chunks(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
     assert column_chunks(0, 4) == [slice(0, 0)]
+
+
+def test_partials_summed_across_processes_give_the_whole_streams_result():
+    """Two 'processes' see different chunks; summing their partials in place after each pass
+    gives both the result of one selector over everything (what a distributed all-reduce does)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 900, generator=g)
+    x[:, 100:200] = 0.25
+    parts = [x[:, :350], x[:, 350:]]
+    ranks = lambda n: [1, n // 3, n]
+    procs = [StreamingSelect(2, ranks) for _ in parts]
+    for pass_index, (observe, end) in enumerate([("observe_coarse", "end_coarse"), ("observe_fine", "end_fine")]):
+        for proc, part in zip(procs, parts):
+            getattr(proc, observe)(part)
+        summed = [sum(ts) for ts in zip(*(proc.partials(pass_index) for proc in procs))]
+        for proc in procs:
+            for mine, total in zip(proc.partials(pass_index), summed):
+                mine.copy_(total)
+            getattr(proc, end)()
+    expected = x.sort(1).values[:, [k - 1 for k in ranks(900)]]
+    for proc in procs:
+        assert proc.n == 900
+        assert torch.equal(proc.values, expected)

@@ -68,6 +68,7 @@ class ClampBounds(GlobalStat):
 
     key = "pcb_clamp"
     passes = 2
+    rowwise = True  # order statistics of entries: blocks of rows may be observed separately
 
     def __init__(self, num_tasks: int, device: torch.device) -> None:
         self._select = StreamingSelect(num_tasks, clamp_ranks, device)
@@ -78,6 +79,9 @@ class ClampBounds(GlobalStat):
 
     def end_pass(self, pass_index: int) -> None:
         (self._select.end_coarse if pass_index == 0 else self._select.end_fine)()
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        return self._select.partials(pass_index)
 
     @property
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +99,7 @@ class ScoreThreshold(GlobalStat):
 
     key = "pcb_score"
     passes = 2
+    rowwise = True  # β of an entry needs only that entry across the tasks
 
     def __init__(self, clamp: ClampBounds, ratio: float, num_tasks: int, device: torch.device) -> None:
         self.after = clamp
@@ -111,6 +116,9 @@ class ScoreThreshold(GlobalStat):
 
     def end_pass(self, pass_index: int) -> None:
         (self._select.end_coarse if pass_index == 0 else self._select.end_fine)()
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        return self._select.partials(pass_index)
 
     @property
     def threshold_and_max(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +151,9 @@ class Pcb(Method):
     def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
         clamp = ClampBounds(num_tasks, device)
         return [clamp, ScoreThreshold(clamp, params["ratio"], num_tasks, device)]
+
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        return True  # entry by entry, given the global statistics; the kept fraction is a mean
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         lo, hi = job.stats["pcb_clamp"].bounds
