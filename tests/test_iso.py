@@ -17,11 +17,17 @@ def polar_np(a: np.ndarray) -> np.ndarray:
     return p @ qh
 
 
+def defined(s: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Singular values that define their vectors (numpy's matrix_rank tolerance, in float32)."""
+    return s > max(shape) * np.finfo(np.float32).eps * (s[0] if s.size else 0.0)
+
+
 def reference_iso_c(taus: list[np.ndarray]) -> np.ndarray:
     if taus[0].ndim != 2:
         return np.mean(taus, axis=0)
     u, s, vh = np.linalg.svd(np.sum(taus, axis=0), full_matrices=False)
-    return s.mean() * u @ vh
+    keep = defined(s, taus[0].shape)
+    return s.mean() * u[:, keep] @ vh[keep]
 
 
 def reference_iso_cts(taus: list[np.ndarray], fraction: float) -> np.ndarray:
@@ -33,13 +39,16 @@ def reference_iso_cts(taus: list[np.ndarray], fraction: float) -> np.ndarray:
     k = min(round((rank - common) / num_tasks), rank // num_tasks)
     common = rank - num_tasks * k
     u, s, vh = np.linalg.svd(np.sum(taus, axis=0), full_matrices=False)
-    us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
+    keep = defined(s, taus[0].shape)[:common]
+    u_c = u[:, :common][:, keep]
+    us, ss, vhs = [u_c], [s[:common]], [vh[:common][keep]]
     for tau in taus:
-        residual = tau - u[:, :common] @ u[:, :common].T @ tau
+        residual = tau - u_c @ u_c.T @ tau
         ut, st, vht = np.linalg.svd(residual, full_matrices=False)
-        us.append(ut[:, :k])
-        ss.append(st[:k])
-        vhs.append(vht[:k])
+        keep = defined(st, tau.shape)[:k]
+        us.append(ut[:, :k][:, keep])
+        ss.append(st[:k])  # the mean counts every singular value, defined or not
+        vhs.append(vht[:k][keep])
     return np.concatenate(ss).mean() * polar_np(np.hstack(us)) @ polar_np(np.vstack(vhs))
 
 
@@ -127,3 +136,27 @@ def test_zero_task_vectors_give_zero():
 def test_common_fraction_is_checked():
     with pytest.raises(MergeError, match="parameters.common_fraction"):
         get_method("iso_cts").parse_params({"common_fraction": 1.5})
+
+
+def test_a_task_that_left_the_layer_frozen_adds_no_arbitrary_directions():
+    """τ_3 = 0: its residual's singular vectors are arbitrary; they are left out of the merge
+    (the authors' code would give them the full mean value), while its zero singular values still
+    count in the mean."""
+    g = torch.Generator().manual_seed(8)
+    deltas = torch.randn(3, 12, 10, generator=g)
+    deltas[2] = 0.0
+    out = merge_job(deltas, "iso_cts")
+    expected = reference_iso_cts([d.double().numpy() for d in deltas], 0.8)
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    common, per_task = split_rank(10, 3, 0.8)
+    assert int(torch.linalg.matrix_rank(out)) == common + 2 * per_task
+
+
+def test_iso_c_of_an_exactly_low_rank_sum_stays_in_its_span():
+    g = torch.Generator().manual_seed(9)
+    a, mix, b = torch.randn(8, 2, generator=g), torch.randn(2, 2, 2, generator=g), torch.randn(2, 6, generator=g)
+    deltas = a @ mix @ b  # two rank-2 task vectors in the same 2-D column and row spaces
+    out = merge_job(deltas, "iso_c")
+    expected = reference_iso_c([d.double().numpy() for d in deltas])
+    np.testing.assert_allclose(out.double().numpy(), expected, rtol=1e-4, atol=1e-5)
+    assert int(torch.linalg.matrix_rank(out)) == 2

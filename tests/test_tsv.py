@@ -115,3 +115,13 @@ def test_a_failed_svd_is_a_merge_error_naming_the_tensor(monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", fail)
     with pytest.raises(MergeError, match="tensor 'w': SVD failed .*svd_dtype: float64"):
         merge_job(torch.randn(2, 4, 4))
+
+
+def test_a_task_that_left_the_layer_frozen_does_not_bend_the_others():
+    """τ_2 = 0 has arbitrary singular vectors; left out, TSV gives τ_1's top-⌊r/T⌋ truncation."""
+    tau = torch.randn(10, 8, generator=torch.Generator().manual_seed(10))
+    deltas = torch.stack([tau, torch.zeros_like(tau)])
+    u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
+    truncated = (u[:, :4] * s[:4]) @ vh[:4]  # k = ⌊8/2⌋
+    torch.testing.assert_close(merge_job(deltas).double(), truncated, rtol=1e-4, atol=1e-5)
+    assert torch.equal(merge_job(torch.zeros(2, 6, 5)), torch.zeros(6, 5))

@@ -9,7 +9,10 @@ As in the authors' code (danielm1405/iso-merging, via AntoAndGar/task_singular_v
   c = r − T·k. Each task's residual R_t = τ_t − U_c U_cᵀ τ_t gives its top-k singular triplets;
   [U_1..U_T, U_c] and [V_1..V_T, V_c] are orthogonalised (polar factors), and the spectrum is
   made isotropic: delta = mean(S_1..S_T, S_c)·U⊥ V⊥ᵀ. With k = 0 this is ``iso_c``.
-θ = θ0 + α·delta. α = 1 by default: the authors always pick α on validation data (a grid); with
+Singular directions with a negligible singular value (arbitrary vectors: a zero residual, a layer
+left frozen, an exactly low-rank M) are left out of U⊥ V⊥ᵀ; the mean still counts their (zero)
+singular values, as the authors' code does — which instead gives those arbitrary directions the
+full mean value. θ = θ0 + α·delta. α = 1 by default: the authors always pick α on validation data (a grid); with
 none, 1 is the unscaled merge. Other tensors get the weighted average of the τ_t, scaled by α.
 Recipe weights multiply τ_t after scaling to mean 1 (all-equal weights change nothing).
 """
@@ -33,9 +36,10 @@ def split_rank(rank: int, num_tasks: int, common_fraction: float) -> tuple[int, 
 
 
 def iso_c_merge(tasks: TaskMatrices) -> torch.Tensor:
-    """mean(S)·U Vᵀ of M = Σ_t τ_t."""
-    u, s, vh = torch.linalg.svd(tasks.total(), full_matrices=False)
-    return (u @ vh).mul_(s.mean())
+    """mean(S)·U Vᵀ of M = Σ_t τ_t (over the defined singular directions)."""
+    total = tasks.total()
+    u, s, vh, keep = top_svd(total, min(total.shape))
+    return (u[:, keep] @ vh[keep]).mul_(s.mean())
 
 
 def iso_cts_merge(tasks: TaskMatrices, common_fraction: float) -> torch.Tensor:
@@ -43,13 +47,17 @@ def iso_cts_merge(tasks: TaskMatrices, common_fraction: float) -> torch.Tensor:
     common, per_task = split_rank(min(tasks.shape), len(tasks), common_fraction)
     if per_task == 0:
         return iso_c_merge(tasks)
-    u, s, vh = top_svd(tasks.total(), common)
+    u, s, vh, keep = top_svd(tasks.total(), common)
+    u_common = u[:, keep]
     # τ_t − U_c U_cᵀ τ_t, in place: each task matrix is a fresh copy
-    triplets = [top_svd(tau.addmm_(u, u.T @ tau, alpha=-1), per_task) for tau in tasks]
-    u_all = torch.cat([t[0] for t in triplets] + [u], dim=1)
+    triplets = [top_svd(tau.addmm_(u_common, u_common.T @ tau, alpha=-1), per_task) for tau in tasks]
+    keep_all = torch.cat([t[3] for t in triplets] + [keep])
+    u_all = torch.cat([t[0] for t in triplets] + [u], dim=1)[:, keep_all]
     s_all = torch.cat([t[1] for t in triplets] + [s])
-    vh_all = torch.cat([t[2] for t in triplets] + [vh], dim=0)
+    vh_all = torch.cat([t[2] for t in triplets] + [vh], dim=0)[keep_all]
     del triplets
+    if u_all.shape[1] == 0:  # Σ τ_t and every residual are zero
+        return torch.zeros(tasks.shape, dtype=u.dtype, device=u.device)
     return (polar(u_all) @ polar(vh_all)).mul_(s_all.mean())
 
 

@@ -41,10 +41,20 @@ def average(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (deltas * w).sum(0) / weights.sum()
 
 
-def top_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top-k singular triplets (U_k m×k, S_k, Vh_k k×n), copied so the full factors can be freed."""
+def top_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k singular triplets (U_k m×k, S_k, Vh_k k×n), copied so the full factors can be freed,
+    and which of them are defined (see ``defined``)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u[:, :k].clone(), s[:k].clone(), vh[:k].clone()
+    return u[:, :k].clone(), s[:k].clone(), vh[:k].clone(), defined(s[:k], matrix.shape)
+
+
+def defined(s: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Which singular values are large enough to define their singular vectors:
+    s > max(m, n)·eps·s_max (numpy's matrix_rank tolerance). The others (every one of a zero matrix,
+    e.g. a layer one task left frozen) come with arbitrary vectors, which the methods leave out."""
+    if s.numel() == 0:
+        return torch.ones(0, dtype=torch.bool, device=s.device)
+    return s > max(shape) * torch.finfo(s.dtype).eps * s[0]
 
 
 def polar(a: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ For each 2-D tensor (m×n, r = min(m, n)) and T tasks, as in the authors' code
   polar factors (SVD: U = P S Qᵀ → P Qᵀ); delta = U⊥ diag(Σ) V⊥ᵀ; θ = θ0 + α·delta.
 Tensors that are not 2-D (biases, norms, conv kernels), and matrices with r < T (k would be 0;
 the authors' code then returns zero), get the weighted average of the τ_t, scaled by α.
+Triplets with a negligible singular value (e.g. all of a task that left this layer frozen) have
+arbitrary singular vectors; they are left out before orthogonalising (they add nothing to the sum,
+but in the authors' code their arbitrary vectors would bend the other tasks' ones).
 Recipe weights multiply τ_t after scaling to mean 1 (all-equal weights change nothing).
 """
 
@@ -22,12 +25,15 @@ from .svd import ALPHA, SVD_DTYPE, SVD_DTYPES, TaskMatrices, average, is_matrix,
 
 
 def tsv_merge(tasks: TaskMatrices, k: int) -> torch.Tensor:
-    """U⊥ diag(Σ) V⊥ᵀ from each task matrix's top-k singular triplets."""
+    """U⊥ diag(Σ) V⊥ᵀ from each task matrix's top-k singular triplets (the defined ones)."""
     triplets = [top_svd(tau, k) for tau in tasks]
-    u = torch.cat([t[0] for t in triplets], dim=1)
-    s = torch.cat([t[1] for t in triplets])
-    vh = torch.cat([t[2] for t in triplets], dim=0)
+    keep = torch.cat([t[3] for t in triplets])
+    u = torch.cat([t[0] for t in triplets], dim=1)[:, keep]
+    s = torch.cat([t[1] for t in triplets])[keep]
+    vh = torch.cat([t[2] for t in triplets], dim=0)[keep]
     del triplets
+    if s.numel() == 0:  # every task vector is zero here
+        return torch.zeros(tasks.shape, dtype=u.dtype, device=u.device)
     return polar(u).mul_(s) @ polar(vh)
 
 
