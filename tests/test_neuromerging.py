@@ -4,64 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import neuro_reference as ref
 from helpers import toy_family, toy_tensors, write_recipe
-from neuromerge_cli.engine import schedule
-from neuromerge_cli.methods import TensorJob, get_method
+from method_harness import family, merge_in_memory
+from neuromerge_cli.cli import app
+from neuromerge_cli.methods import get_method
 from neuromerge_cli.methods.subspaces import neuron_merge, orthogonal_merge
 
 FNS = ("elect_mean", "elect_sum", "mean", "sum")
-
-
-def merge_in_memory(method: str, raw: dict[str, Any], base: dict[str, torch.Tensor],
-                    tasks: list[dict[str, torch.Tensor]], weights: list[float] | None = None,
-                    device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Run a method like the engine does (statistics passes, then one job per tensor), without files."""
-    m = get_method(method)
-    params = m.parse_params(raw)
-    dev = torch.device(device)
-    w = torch.tensor(weights or [1.0] * len(tasks), dtype=torch.float32, device=dev)
-    names = [n for n, t in base.items() if t.is_floating_point()]
-
-    def deltas(n: str) -> torch.Tensor:
-        b = base[n].to(dev).float()
-        return torch.stack([tk[n].to(dev).float() for tk in tasks]).sub_(b)
-
-    stats = m.global_stats(params, len(tasks), dev)
-    for active in schedule(stats):
-        for n in names:
-            for stat, p in active:
-                stat.observe(p, n, deltas(n), w)
-        for stat, p in active:
-            stat.end_pass(p)
-    by_key = {s.key: s for s in stats}
-    out, tensor_stats = {}, {}
-    for n in names:
-        job = TensorJob(n, "neuron" if base[n].ndim >= 2 else "point", base[n].to(dev).float(), deltas(n), w, by_key)
-        result = m.merge(job, params)
-        out[n] = result.delta.cpu()
-        tensor_stats[n] = result.stats
-    return out, m.report(params, by_key), tensor_stats
-
-
-def family(num_tasks: int, seed: int = 0, dtype: torch.dtype = torch.float32, out: int = 12, width: int = 10
-           ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """A base with a Linear-like weight, a conv weight and a bias, and ``num_tasks`` random fine-tunes."""
-    g = torch.Generator().manual_seed(seed)
-    base = {"lin.weight": torch.randn(out, width, generator=g), "conv.weight": torch.randn(4, 2, 3, 3, generator=g),
-            "lin.bias": torch.randn(out, generator=g)}
-    tasks = [{n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base.items()} for _ in range(num_tasks)]
-    cast = lambda d: {n: t.to(dtype) for n, t in d.items()}  # noqa: E731
-    return cast(base), [cast(t) for t in tasks]
 
 
 def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:
@@ -240,9 +197,8 @@ def test_cli_run_matches_reference(tmp_path: Path) -> None:
     base_dir, task_dirs = toy_family(tmp_path, num_tasks=3)
     recipe = write_recipe(tmp_path / "r.yaml", base_dir, task_dirs, "neuromerging",
                           {"density": 0.3, "lambda1": 0.5}, output=tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-m", "neuromerge_cli", "run", str(recipe)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = CliRunner().invoke(app, ["run", str(recipe)])
+    assert proc.exit_code == 0, proc.output
     base = load_file(str(base_dir / "model.safetensors"))
     tasks = [load_file(str(d / "model.safetensors")) for d in task_dirs]
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -255,4 +211,4 @@ def test_cli_run_matches_reference(tmp_path: Path) -> None:
     assert all("kept_fraction" in r and "threshold" in r for r in report["tasks"])
     assert report["tensors"]["layer.0.weight"]["role"] == "neuron"
     assert "mean_orthogonal_rank" in report["tensors"]["layer.0.weight"]
-    assert f"lambda2={lam2:.4g} (auto)" in proc.stdout and "most sign conflict" in proc.stdout
+    assert f"lambda2={lam2:.4g} (auto)" in proc.output and "most sign conflict" in proc.output
