@@ -76,28 +76,31 @@ def decompose_row(w0: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, to
     return a, tau - a.unsqueeze(1) * w0
 
 
-def orthogonal_row(p: torch.Tensor, w: list[float], merge_fn: str, flips: torch.Tensor | None = None
-                   ) -> torch.Tensor:
-    """V ψ(C) for one row's orthogonal parts P (T, d) via its SVD; ``flips`` (±1) flips basis vectors."""
+def orthogonal_row(p: torch.Tensor, w: list[float], merge_fn: str, flips: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """V ψ(C) for one row's orthogonal parts P (T, d) via its SVD; ``flips`` (±1) flips basis vectors.
+
+    ``scale``: ‖τ‖_F of the row's task rows (default ‖P‖_F): singular values <= RANK_RTOL·scale are
+    negligible.
+    """
+    scale = float(p.norm()) if scale is None else scale
     _, s, vh = torch.linalg.svd(p, full_matrices=False)
-    smax = float(s.max()) if s.numel() else 0.0
-    keep = s > RANK_RTOL * smax if smax > 0 else torch.zeros_like(s, dtype=torch.bool)
-    v = vh[keep].T
+    v = vh[s > RANK_RTOL * scale].T
     if flips is not None:
         v = v * flips[: v.shape[1]]
-    return merge_in_basis(p, v, w, merge_fn, smax)
+    return merge_in_basis(p, v, w, merge_fn, scale)
 
 
-def merge_in_basis(p: torch.Tensor, v: torch.Tensor, w: list[float], merge_fn: str, smax: float,
+def merge_in_basis(p: torch.Tensor, v: torch.Tensor, w: list[float], merge_fn: str, scale: float,
                    tie_sign: str = "zero") -> torch.Tensor:
     """V ψ(P V) for an orthonormal basis V (d, r) of P's rows.
 
-    Coordinates <= COORD_RTOL·σ_max count as zero; a direction whose weighted coordinates sum to
+    Coordinates <= COORD_RTOL·scale count as zero; a direction whose weighted coordinates sum to
     (TIE_RTOL-relatively) zero is a tie: 0 there (``tie_sign='majority'``: the SPEC's literal
     fallback, the majority sign over the neuron's directions, exact ties only).
     """
     c = p @ v
-    c[c.abs() <= COORD_RTOL * smax] = 0.0
+    c[c.abs() <= COORD_RTOL * scale] = 0.0
     weighted = c * torch.tensor(w, dtype=c.dtype).unsqueeze(1)
     ties = weighted.sum(0).abs() <= TIE_RTOL * weighted.abs().sum(0)
     signs = torch.where(ties, 0.0, torch.sign(weighted.sum(0)))
@@ -115,7 +118,8 @@ def neuron_merge(base: torch.Tensor, tau: torch.Tensor, w: list[float], merge_fn
     coeffs = torch.stack([decompose_row(w0s[k], taus[:, k])[0] for k in range(shape[0])], dim=1)  # (T, out)
     m = majority(coeffs, w)
     parallel = torch.stack([psi(coeffs[:, k].tolist(), w, merge_fn, m) * w0s[k] for k in range(shape[0])])
-    orthogonal = torch.stack([orthogonal_row(decompose_row(w0s[k], taus[:, k])[1], w, merge_fn)
+    orthogonal = torch.stack([orthogonal_row(decompose_row(w0s[k], taus[:, k])[1], w, merge_fn,
+                                             scale=float(taus[:, k].norm()))
                               for k in range(shape[0])])
     return parallel.reshape(shape), orthogonal.reshape(shape)
 
