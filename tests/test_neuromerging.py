@@ -212,3 +212,23 @@ def test_cli_run_matches_reference(tmp_path: Path) -> None:
     assert report["tensors"]["layer.0.weight"]["role"] == "neuron"
     assert "mean_orthogonal_rank" in report["tensors"]["layer.0.weight"]
     assert f"lambda2={lam2:.4g} (auto)" in proc.output and "most sign conflict" in proc.output
+
+
+def test_scale_variants_share_one_merge_pass(tmp_path: Path) -> None:
+    """λ values for a sweep come from the same parts: each variant equals the reference at its λs."""
+    from neuromerge_cli.engine import MergeOptions, Variant, merge_variants, prepare
+    from neuromerge_cli.recipe import load_recipe
+
+    base_dir, task_dirs = toy_family(tmp_path, num_tasks=2)
+    recipe = write_recipe(tmp_path / "r.yaml", base_dir, task_dirs, "neuromerging", {"density": 0.4})
+    variants = [Variant(tmp_path / "auto"), Variant(tmp_path / "fixed", {"lambda1": 0.5, "lambda2": 2.0}),
+                Variant(tmp_path / "point", {"lambda_point": 0.25})]
+    reports = merge_variants(prepare(load_recipe(recipe)), MergeOptions(output=tmp_path / "auto"), variants)
+    base = load_file(str(base_dir / "model.safetensors"))
+    tasks = [load_file(str(d / "model.safetensors")) for d in task_dirs]
+    for v, kwargs in zip(variants, [{}, {"lambda1": 0.5, "lambda2": 2.0}, {"lambda_point": 0.25}]):
+        merged = load_file(str(v.output / "model.safetensors"))
+        want, _, lam2 = ref.neuromerging(base, tasks, density=0.4, **kwargs)
+        assert_close({n: merged[n].double() - base[n].double() for n in want}, want)
+    assert reports[1]["global"]["lambda2"] == 2.0 and reports[1]["global"]["lambda2_auto"] is False
+    assert reports[2]["global"]["lambda_point"] == 0.25 and reports[2]["global"]["lambda2_auto"] is True
