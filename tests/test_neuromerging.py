@@ -146,7 +146,7 @@ def test_basis_sign_flips_do_not_change_the_reference() -> None:
         for _ in range(4):
             flips = torch.where(torch.rand(5, generator=g) < 0.5, -1.0, 1.0).double()
             assert torch.allclose(ref.orthogonal_row(p, w, fn, flips), plain, atol=1e-12)
-        got = orthogonal_merge(p.unsqueeze(0), torch.tensor(w), fn).merged[0]
+        got = orthogonal_merge(p.unsqueeze(0), torch.tensor(w), fn)[0]
         assert torch.allclose(got, plain, atol=1e-10)
 
 
@@ -159,7 +159,7 @@ def test_tie_direction_gives_zero_not_an_orientation_dependent_sign() -> None:
     literal = [ref.merge_in_basis(p, v * torch.tensor(f, dtype=torch.float64), w, "elect_mean", 2.0, "majority")
                for f in ([1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0])]
     assert max(float((a - b).abs().max()) for a in literal for b in literal) > 0.5
-    got = orthogonal_merge(p.unsqueeze(0), torch.ones(3), "elect_mean").merged[0]
+    got = orthogonal_merge(p.unsqueeze(0), torch.ones(3), "elect_mean")[0]
     assert torch.allclose(got, v[:, 1], atol=1e-10)  # direction 0 → 0, direction 1 → mean of (1, 1, 1)
     assert torch.allclose(got, ref.orthogonal_row(p, w, "elect_mean"), atol=1e-10)
 
