@@ -132,8 +132,9 @@ def _run(recipe_path: Path, output: Optional[Path], device: str, overwrite: bool
 
 def _push(folder: Path, repo_id: str, private: bool, revision: Optional[str], commit_message: Optional[str],
           quality: Optional[dict], quiet: bool, log: RunLog) -> None:
-    from .hub import push_folder
+    from .hub import check_folder, push_folder
 
+    check_folder(folder)  # before announcing anything
     branch = f" (branch {revision})" if revision else ""
     log.event("push", f"pushing {folder} to {repo_id}{branch}", folder=str(folder), repo_id=repo_id,
               private=private, revision=revision)
