@@ -190,12 +190,12 @@ def report(
     from .report_render import load_report, render
 
     data = load_report(path)
-    render(data, out, top, layers)
+    render(data, out if out.is_terminal else Console(width=160), top, layers)  # logs: room for tensor names
     if plot is not None:
         from .report_plot import plot_layers
 
         n = plot_layers(data, plot)
-        out.print(f"wrote {plot} ({n} layers)", markup=False, highlight=False)
+        out.print(f"wrote {plot} ({n} layers)", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,9 @@ def plot_layers(report: dict[str, Any], path: Path) -> int:
     axes[-1].set_xticks(x[::step])
     axes[-1].set_xticklabels([str(r.index) for r in rows][::step])
     axes[-1].set_xlabel("layer" + (f"   ({outside} tensors outside numbered layers not shown)" if outside else ""))
-    params = ", ".join(f"{k}={v}" for k, v in report.get("parameters", {}).items())
-    fig.suptitle(f"{report['method']} ({params})" if params else report["method"], fontsize=11)
+    params = ", ".join(f"{k}={v}" for k, v in report.get("parameters", {}).items() if v is not None)
+    title = f"{report['method']} ({params})" if params else str(report["method"])
+    fig.suptitle(textwrap.fill(title, 90), fontsize=10)
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
@@ -61,17 +64,23 @@ def _missing(ax: Any, what: str) -> None:
 
 
 def _shares(ax: Any, x: list[int], rows: list[LayerStats]) -> None:
+    """Both shares on a log axis: the parallel one is often a few percent, and its changes matter."""
     ax.set_ylabel("energy share")
-    ax.set_title("parallel / orthogonal energy of the task vectors", fontsize=9, loc="left")
+    ax.set_title("parallel / orthogonal energy of the task vectors (‖part‖² / ‖τ‖², log scale)", fontsize=9, loc="left")
     if all(r.parallel is None and r.orthogonal is None for r in rows):
         _missing(ax, "parallel/orthogonal split")
         return
-    par = [r.parallel or 0.0 for r in rows]
-    orth = [r.orthogonal or 0.0 for r in rows]
-    ax.bar(x, par, color="tab:blue", label="parallel ∥")
-    ax.bar(x, orth, bottom=par, color="tab:orange", label="orthogonal ⊥")
-    ax.set_ylim(0, 1.05)
-    ax.legend(loc="lower right", fontsize=8)
+    floor = 1e-4  # a share of 0 is drawn at 0.01 %
+    lowest = 1.0
+    for key, color, label in (("parallel", "tab:blue", "parallel ∥"), ("orthogonal", "tab:orange", "orthogonal ⊥")):
+        points = [(i, max(getattr(r, key), floor)) for i, r in zip(x, rows) if getattr(r, key) is not None]
+        lowest = min([lowest] + [p[1] for p in points])
+        ax.plot([p[0] for p in points], [p[1] * 100 for p in points], marker="o", ms=3, color=color, label=label)
+    ax.set_yscale("log")
+    ax.set_ylim(10 ** math.floor(math.log10(lowest * 100)), 150)  # whole decades, so that labels show
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}%")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="center right", fontsize=8)
 
 
 def _line(ax: Any, x: list[int], values: list[float | None], label: str, title: str, percent: bool = False,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import MergeError
@@ -164,18 +165,19 @@ def render(report: dict[str, Any], console: Console, top: int = 10, layers: bool
     """Print the report: overview, per-task trim, global scales, top tensors (and per layer)."""
     inputs, totals = report.get("inputs", {}), report.get("totals", {})
     params = ", ".join(f"{k}={v}" for k, v in report.get("parameters", {}).items())
-    console.print(f"[bold]{report['method']}[/bold]" + (f" ({params})" if params else "")
-                  + f" on {report.get('device', '?')}, neuromerge {report.get('neuromerge_version', '?')}", highlight=False)
+    console.print(f"[bold]{escape(str(report['method']))}[/bold]" + escape(f" ({params})" if params else "")
+                  + escape(f" on {report.get('device', '?')}, neuromerge {report.get('neuromerge_version', '?')}"),
+                  highlight=False, soft_wrap=True)
     if totals:
         console.print(f"{totals.get('merged_parameters', 0):,} of {totals.get('parameters', 0):,} parameters merged; "
                       f"{totals.get('tensors', 0)} tensors, {len(totals.get('tied', {}))} tied, "
                       f"{totals.get('shards', '?')} shard(s); read {format_bytes(totals.get('bytes_in', 0))}, "
-                      f"wrote {format_bytes(totals.get('bytes_out', 0))}", highlight=False)
+                      f"wrote {format_bytes(totals.get('bytes_out', 0))}", highlight=False, soft_wrap=True)
     timings, peak = report.get("timings", {}), report.get("peak_memory", {})
     if timings:
         total_s = sum(v for k, v in timings.items() if k.endswith("_s"))
         mem = f", peak RSS {format_bytes(peak['rss_bytes'])}" if "rss_bytes" in peak else ""
-        console.print(f"took {format_duration(total_s)} ({total_s:.1f} s){mem}", highlight=False)
+        console.print(f"took {format_duration(total_s)} ({total_s:.1f} s){mem}", highlight=False, soft_wrap=True)
     console.print()
     _tasks_table(report, inputs, console)
     g = report.get("global", {})
@@ -184,7 +186,7 @@ def render(report: dict[str, Any], console: Console, top: int = 10, layers: bool
               if isinstance(g.get(k), (int, float)) and not isinstance(g.get(k), bool)]
     if scales:
         console.print(", ".join(scales) + (" (λ2 automatic: 1/(1 − σ))" if g.get("lambda2_auto") else ""),
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         console.print()
     tensors = report["tensors"]
     for title, key in (("sign conflict", "sign_conflict"), ("mean orthogonal rank", "rank"), ("delta norm", None)):
@@ -209,11 +211,12 @@ def _tasks_table(report: dict[str, Any], inputs: dict[str, Any], console: Consol
     models = inputs.get("models", [{}] * len(rows))
     keys = [k for k in ("sigma", "threshold", "kept_fraction") if any(k in r for r in rows)]
     for col in ["model", "revision", "weight", *(("σ_t" if k == "sigma" else k.replace("_", " ")) for k in keys)]:
-        table.add_column(col, justify="left" if col in ("model", "revision") else "right")
-    table.add_row(_short(str(base.get("reference", "?"))) + " (base)", (base.get("revision") or "local")[:12], "",
+        table.add_column(col, justify="left" if col in ("model", "revision") else "right",
+                         overflow="fold" if col == "model" else "ellipsis")
+    table.add_row(escape(_short(str(base.get("reference", "?")))) + " (base)", (base.get("revision") or "local")[:12], "",
                   *[""] * len(keys))
     for row, m in zip(rows, models):
-        table.add_row(_short(str(row.get("model", m.get("reference", "?")))), (m.get("revision") or "local")[:12],
+        table.add_row(escape(_short(str(row.get("model", m.get("reference", "?"))))), (m.get("revision") or "local")[:12],
                       _fmt(m.get("weight")), *[_fmt(row.get(k)) if row.get(k) is not None else "per tensor" for k in keys])
     console.print(table)
     console.print()
@@ -222,9 +225,10 @@ def _tasks_table(report: dict[str, Any], inputs: dict[str, Any], console: Consol
 def _tensor_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("tensor", "role", "shape", "sign conflict", "⊥ rank", "∥ share", "⊥ share", "delta norm"):
-        table.add_column(col, justify="left" if col in ("tensor", "role", "shape") else "right")
+        table.add_column(col, justify="left" if col in ("tensor", "role", "shape") else "right",
+                         overflow="fold" if col == "tensor" else "ellipsis")  # a name is never cut short
     for name, e in rows:
-        table.add_row(name, str(e.get("role", "")), "×".join(str(s) for s in e.get("shape", [])),
+        table.add_row(escape(name), str(e.get("role", "")), "×".join(str(s) for s in e.get("shape", [])),
                       _fmt(metric(e, "sign_conflict"), ".1%"), _fmt(metric(e, "rank"), ".2f"),
                       _fmt(metric(e, "parallel"), ".1%"), _fmt(metric(e, "orthogonal"), ".1%"),
                       _fmt(e.get("delta_norm")))
@@ -235,7 +239,7 @@ def _layer_table(rows: list[LayerStats], outside: int) -> Table:
     caption = f"{outside} merged tensor(s) outside numbered layers not shown" if outside else None
     table = Table(title="per layer", title_justify="left", caption=caption)
     for col in ("layer", "tensors", "∥ share", "⊥ share", "sign conflict", "⊥ rank", "delta norm"):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold" if col == "layer" else "ellipsis")
     for r in rows:
         table.add_row(r.label, str(r.tensors), _fmt(r.parallel, ".1%"), _fmt(r.orthogonal, ".1%"),
                       _fmt(r.sign_conflict, ".1%"), _fmt(r.rank, ".2f"), _fmt(r.delta_norm))

@@ -6,10 +6,13 @@ import math
 
 
 def format_bytes(n: float) -> str:
-    """1536 → '1.5 KiB'; binary units, three significant digits."""
+    """1536 → '1.50 KiB'; binary units, three significant digits (never an exponent)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+            if unit == "B":
+                return f"{n:.0f} B"
+            digits = 2 if abs(n) < 10 else 1 if abs(n) < 100 else 0
+            return f"{n:.{digits}f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 
