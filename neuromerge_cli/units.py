@@ -6,13 +6,14 @@ import math
 
 
 def format_bytes(n: float) -> str:
-    """1536 → '1.50 KiB'; binary units, three significant digits (never an exponent)."""
+    """1536 → '1.5 KiB', 1023.5 KiB → '1024 KiB'; binary units, three significant digits (never an exponent)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             if unit == "B":
                 return f"{n:.0f} B"
             digits = 2 if abs(n) < 10 else 1 if abs(n) < 100 else 0
-            return f"{n:.{digits}f} {unit}"
+            text = f"{n:.{digits}f}"
+            return (text.rstrip("0").rstrip(".") if "." in text else text) + f" {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 
