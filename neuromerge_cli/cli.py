@@ -121,6 +121,7 @@ def _run(recipe_path: Path, output: Optional[Path], device: str, overwrite: bool
         return
     prepared = prepare(r, size)
     report = run_merge(prepared, MergeOptions(target, device, overwrite, size, allow_nonfinite, log.progress))
+    log.close()  # the live display ends before the summary is printed
     log.summary(report, str(target))
     if not quiet:
         for line in summary_lines(report):
