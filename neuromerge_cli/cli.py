@@ -128,7 +128,10 @@ def _run(recipe_path: Path, output: Optional[Path], device: str, overwrite: bool
             out.print(line, markup=False, highlight=False, soft_wrap=True)
         out.print(f"wrote {target}", markup=False, highlight=False)
     if hub is not None:
-        _push(target, hub.repo_id, hub.private, hub.revision, hub.commit_message, None, quiet, log)
+        try:
+            _push(target, hub.repo_id, hub.private, hub.revision, hub.commit_message, None, quiet, log)
+        except MergeError as exc:
+            raise MergeError(f"{exc}; the merge itself is complete: retry with `neuromerge push {target} {hub.repo_id}`") from None
 
 
 def _push(folder: Path, repo_id: str, private: bool, revision: Optional[str], commit_message: Optional[str],

@@ -358,3 +358,15 @@ def test_failed_merge_never_pushes(family, tmp_path: Path, hub_calls: list) -> N
     assert "contains NaN or Inf" in result.stderr
     assert not (tmp_path / "out").exists()
     assert hub_calls == []
+
+
+def test_failed_push_keeps_the_merge(family, tmp_path: Path, hub_calls: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(self, *args, **kwargs):
+        raise OSError("Hub unreachable")
+
+    monkeypatch.setattr(HfApi, "upload_folder", offline)
+    result = CliRunner().invoke(app, ["run", str(_hub_recipe(family, tmp_path)), "--quiet"])
+    assert result.exit_code == 1
+    assert "failed (OSError: Hub unreachable); the merge itself is complete: retry with " \
+           f"`neuromerge push {tmp_path / 'out'} user/merged`" in result.stderr
+    assert (tmp_path / "out" / "merge_report.json").exists()
