@@ -35,9 +35,9 @@ def plot_layers(report: dict[str, Any], path: Path) -> int:
     x = list(range(len(rows)))
     fig, axes = plt.subplots(4, 1, figsize=(max(7.0, 0.28 * len(rows) + 3), 11), sharex=True)
     _shares(axes[0], x, rows)
-    _line(axes[1], x, [r.sign_conflict for r in rows], "sign-conflict rate", "sign conflicts of the elections",
+    _line(axes[1], x, rows, [r.sign_conflict for r in rows], "sign-conflict rate", "sign conflicts of the elections",
           percent=True, color="tab:red")
-    _line(axes[2], x, [r.rank for r in rows], "mean ⊥ rank", "mean orthogonal rank per neuron", color="tab:purple")
+    _line(axes[2], x, rows, [r.rank for r in rows], "mean ⊥ rank", "mean orthogonal rank per neuron", color="tab:purple")
     _norms(axes[3], x, rows, [m.get("reference", f"task {i + 1}") for i, m in
                               enumerate(report.get("inputs", {}).get("models", []))])
     _stack_marks(axes, rows)
@@ -58,6 +58,20 @@ def plot_layers(report: dict[str, Any], path: Path) -> int:
     return len(rows)
 
 
+def _plot(ax: Any, x: list[int], values: list[float | None], rows: list[LayerStats], **style: Any) -> None:
+    """One line per stack (an encoder's last layer does not lead into the decoder's first); gaps skipped."""
+    label = style.pop("label", None)
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end < len(rows) and rows[end].stack == rows[start].stack:
+            continue
+        points = [(x[i], values[i]) for i in range(start, end) if values[i] is not None]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=label, **style)
+            label = None  # one legend entry per series
+        start = end
+
+
 def _missing(ax: Any, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in this report", ha="center", va="center", transform=ax.transAxes, color="gray")
     ax.set_yticks([])
@@ -73,9 +87,9 @@ def _shares(ax: Any, x: list[int], rows: list[LayerStats]) -> None:
     floor = 1e-4  # a share of 0 is drawn at 0.01 %
     lowest = 1.0
     for key, color, label in (("parallel", "tab:blue", "parallel ∥"), ("orthogonal", "tab:orange", "orthogonal ⊥")):
-        points = [(i, max(getattr(r, key), floor)) for i, r in zip(x, rows) if getattr(r, key) is not None]
-        lowest = min([lowest] + [p[1] for p in points])
-        ax.plot([p[0] for p in points], [p[1] * 100 for p in points], marker="o", ms=3, color=color, label=label)
+        values = [None if getattr(r, key) is None else max(getattr(r, key), floor) * 100 for r in rows]
+        lowest = min([lowest] + [v / 100 for v in values if v is not None])
+        _plot(ax, x, values, rows, marker="o", ms=3, color=color, label=label)
     ax.set_yscale("log")
     ax.set_ylim(10 ** math.floor(math.log10(lowest * 100)), 150)  # whole decades, so that labels show
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}%")
@@ -83,30 +97,30 @@ def _shares(ax: Any, x: list[int], rows: list[LayerStats]) -> None:
     ax.legend(loc="center right", fontsize=8)
 
 
-def _line(ax: Any, x: list[int], values: list[float | None], label: str, title: str, percent: bool = False,
+def _line(ax: Any, x: list[int], rows: list[LayerStats], values: list[float | None], label: str, title: str, percent: bool = False,
           color: str = "tab:blue") -> None:
     ax.set_ylabel(label)
     ax.set_title(title, fontsize=9, loc="left")
-    points = [(i, v) for i, v in zip(x, values) if v is not None]
-    if not points:
+    if all(v is None for v in values):
         _missing(ax, label)
         return
-    ax.plot([p[0] for p in points], [p[1] * (100 if percent else 1) for p in points], marker="o", ms=3, color=color)
+    _plot(ax, x, [None if v is None else v * (100 if percent else 1) for v in values], rows,
+          marker="o", ms=3, color=color)
     if percent:
-        ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0f}%")
+        ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}%")
     ax.grid(alpha=0.3)
 
 
 def _norms(ax: Any, x: list[int], rows: list[LayerStats], names: list[str]) -> None:
     ax.set_ylabel("L2 norm")
     ax.set_title("norm of the merged delta and of each task vector", fontsize=9, loc="left")
-    ax.plot(x, [r.delta_norm for r in rows], marker="o", ms=3, color="black", label="merged delta")
+    _plot(ax, x, [r.delta_norm for r in rows], rows, marker="o", ms=3, color="black", label="merged delta")
     tasks = max((len(r.task_norms) for r in rows), default=0)
     for t in range(tasks):
         label = names[t] if t < len(names) else f"task {t + 1}"
         label = label if len(label) <= 30 else "…" + label[-29:]
-        ax.plot(x, [r.task_norms[t] if t < len(r.task_norms) else float("nan") for r in rows],
-                lw=1, alpha=0.7, label=label)
+        _plot(ax, x, [r.task_norms[t] if t < len(r.task_norms) else None for r in rows], rows,
+              lw=1, alpha=0.7, color=f"C{t % 10}", label=label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
 

@@ -196,3 +196,16 @@ def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert result.exit_code == 1
     assert result.stderr.strip() == "error: --plot needs matplotlib: pip install 'neuromerge[plot]'"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_encoder_decoder_stacks_stay_apart(tmp_path: Path) -> None:
+    report = neuro_report()
+    entry = report["tensors"]["model.layers.1.mlp.down_proj.weight"]
+    report["tensors"] = {f"{stack}.block.{i}.layer.0.SelfAttention.q.weight": entry
+                         for stack in ("encoder", "decoder") for i in (1, 0)}
+    rows, outside = by_layer(report)
+    assert [r.label for r in rows] == ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]
+    assert outside == 0
+    from neuromerge_cli.report_plot import plot_layers
+
+    assert plot_layers(report, tmp_path / "t5.png") == 4
