@@ -1,7 +1,7 @@
 """How a run reports itself: a live display on a terminal, plain lines in a log, JSON events for CI.
 
 Every log takes the engine's progress calls (engine.Progress: phase, tensors done/total, bytes
-done/total; done = 0 announces a pass) plus a few events of the run (plan, push, warnings, the
+done/total; done = 0 announces a pass; a caller without bytes or announcements still works) plus a few events of the run (plan, push, warnings, the
 final summary, errors). ``make_log`` picks one from the command-line flags.
 """
 
@@ -44,7 +44,7 @@ class PassTimer:
 class RunLog:
     """Shows nothing: the --quiet log. Errors are the caller's to print (see TextLog.error)."""
 
-    def progress(self, phase: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+    def progress(self, phase: str, done: int, total: int, bytes_done: int = 0, bytes_total: int = 0) -> None:
         pass
 
     def event(self, kind: str, message: str, **fields: Any) -> None:
@@ -73,18 +73,20 @@ class TextLog(RunLog):
         self.stream = stream
         self.clock = clock
         self._timer: PassTimer | None = None
+        self._phase: str | None = None
         self._next = 0.0
         self._last = 0.0
 
     def _print(self, line: str) -> None:
         print(line, file=self.stream or sys.stderr, flush=True)
 
-    def progress(self, phase: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
-        if done == 0:
-            self._timer = PassTimer(self.clock)
+    def progress(self, phase: str, done: int, total: int, bytes_done: int = 0, bytes_total: int = 0) -> None:
+        if done == 0 or phase != self._phase:  # a pass starts (announced with done = 0, or first seen now)
+            self._timer, self._phase = PassTimer(self.clock), phase
             self._next, self._last = self.STEP, self.clock()
             self._print(f"{phase}: {total} tensors, {format_bytes(bytes_total)} to read")
-            return
+            if done == 0:
+                return
         timer = self._timer or PassTimer(self.clock)
         if done == total:
             self._print(f"{phase}: done, {total} tensors, {format_bytes(bytes_done)} in "
@@ -121,7 +123,7 @@ class RichLog(TextLog):
     def _print(self, line: str) -> None:
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
-    def progress(self, phase: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+    def progress(self, phase: str, done: int, total: int, bytes_done: int = 0, bytes_total: int = 0) -> None:
         from rich.progress import (
             BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
             TransferSpeedColumn,
@@ -134,8 +136,9 @@ class RichLog(TextLog):
                                  console=self.console)
             self._bar.start()
         tensors = f"{done}/{total}"
-        if done == 0:
-            self._task = self._bar.add_task(phase, total=bytes_total or 1, tensors=tensors)
+        if done == 0 or phase != self._phase:
+            self._phase = phase
+            self._task = self._bar.add_task(phase, total=bytes_total or total or 1, tensors=tensors)
         self._bar.update(self._task, completed=bytes_done if bytes_total else done, tensors=tensors)
 
     def close(self) -> None:
@@ -156,19 +159,21 @@ class JsonLog(RunLog):
         self.clock = clock
         self.interval = interval
         self._timer: PassTimer | None = None
+        self._phase: str | None = None
         self._last = 0.0
 
     def emit(self, event: str, **fields: Any) -> None:
         line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str)
         print(line, file=self.stream or sys.stderr, flush=True)
 
-    def progress(self, phase: str, done: int, total: int, bytes_done: int, bytes_total: int) -> None:
+    def progress(self, phase: str, done: int, total: int, bytes_done: int = 0, bytes_total: int = 0) -> None:
         counts = {"phase": phase, "tensors_done": done, "tensors_total": total,
                   "bytes_done": bytes_done, "bytes_total": bytes_total}
-        if done == 0:
-            self._timer, self._last = PassTimer(self.clock), self.clock()
-            self.emit("pass_start", **counts)
-            return
+        if done == 0 or phase != self._phase:
+            self._timer, self._last, self._phase = PassTimer(self.clock), self.clock(), phase
+            self.emit("pass_start", **{**counts, "tensors_done": 0, "bytes_done": 0})
+            if done == 0:
+                return
         timer = self._timer or PassTimer(self.clock)
         if done == total:
             self.emit("pass_end", **counts, elapsed_s=round(timer.elapsed(), 3),

@@ -146,3 +146,23 @@ def test_warnings_go_to_the_log() -> None:
     assert warnings.showwarning is previous
     events = [json.loads(x) for x in stream.getvalue().splitlines()]
     assert [(e["event"], e["message"]) for e in events] == [("warning", "UserWarning: careful")]
+
+
+def test_logs_take_calls_without_bytes_or_announcement() -> None:
+    """A caller that only reports (phase, done, total) after each tensor still gets whole passes."""
+    stream, clock = io.StringIO(), FakeClock()
+    log = JsonLog(stream, clock, interval=0.0)
+    for phase in ("statistics pass 1/1", "merge"):
+        for done in range(1, 4):
+            clock.now += 1
+            log.progress(phase, done, 3)
+    kinds = [(e["event"], e["phase"]) for e in map(json.loads, stream.getvalue().splitlines())]
+    assert kinds == [("pass_start", "statistics pass 1/1"), ("progress", "statistics pass 1/1"),
+                     ("progress", "statistics pass 1/1"), ("pass_end", "statistics pass 1/1"),
+                     ("pass_start", "merge"), ("progress", "merge"), ("progress", "merge"), ("pass_end", "merge")]
+    text = io.StringIO()
+    plain = TextLog(text, clock)
+    for done in range(1, 4):
+        plain.progress("merge", done, 3)
+    lines = text.getvalue().splitlines()
+    assert lines[0] == "merge: 3 tensors, 0 B to read" and lines[-1].startswith("merge: done, 3 tensors")
