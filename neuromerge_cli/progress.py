@@ -126,20 +126,23 @@ class RichLog(TextLog):
     def progress(self, phase: str, done: int, total: int, bytes_done: int = 0, bytes_total: int = 0) -> None:
         from rich.progress import (
             BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-            TransferSpeedColumn,
         )
 
         if self._bar is None:
+            speed = TextColumn("{task.fields[speed]}", style="progress.data.speed")
             self._bar = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(binary_units=True),
-                                 TransferSpeedColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 speed, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  console=self.console)
             self._bar.start()
         tensors = f"{done}/{total}"
         if done == 0 or phase != self._phase:
             self._phase = phase
-            self._task = self._bar.add_task(phase, total=bytes_total or total or 1, tensors=tensors)
-        self._bar.update(self._task, completed=bytes_done if bytes_total else done, tensors=tensors)
+            self._task = self._bar.add_task(phase, total=bytes_total or total or 1, tensors=tensors, speed="")
+        task = self._bar.tasks[-1]
+        rate = task.finished_speed or task.speed
+        self._bar.update(self._task, completed=bytes_done if bytes_total else done, tensors=tensors,
+                         speed=f"{format_bytes(rate)}/s" if rate and bytes_total else "")
 
     def close(self) -> None:
         if self._bar is not None:
