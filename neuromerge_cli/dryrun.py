@@ -13,8 +13,8 @@ from .units import format_bytes
 # The float32 base + task vectors and the method's temporaries (magnitudes, masks, elections, parts,
 # histogram bins in the statistics passes), as a multiple of (T+1) × the largest tensor × 4 bytes.
 # Measured on CPU (4 tensors of 2048×2048, T = 3; peak RSS minus the ~260 MB of an idle run):
-# task_arithmetic ≈ 4, ties ≈ 7. The larger is used, so the estimate errs on the high side.
-WORKSPACE_FACTOR = 7
+# task_arithmetic ≈ 4, ties ≈ 7.6 (scripts/dryrun_memory.py). The larger, rounded up, is used.
+WORKSPACE_FACTOR = 8
 
 
 def memory_estimate(prepared: Prepared) -> dict[str, Any]:
