@@ -100,19 +100,36 @@ def model_card(report: dict[str, Any], quality: dict[str, dict[str, Any]] | None
     """README.md: Hub front matter (base_model, tags, library_name), then inputs with their resolved
     revisions, method and parameters, σ_t / λ2 where the method has them, the quality table when
     one is given, and the recipe to reproduce the merge. Built from merge_report.json alone."""
-    inputs, g = report["inputs"], report.get("global", {})
-    method, base = report["method"], inputs["base"]
-    models = inputs["models"]
+    base, models = report["inputs"]["base"], report["inputs"]["models"]
     lines = ["---", yaml.safe_dump(_front_matter(report), sort_keys=False).strip(), "---", "",
-             f"# {_title(base)} merged with {method}", "",
+             f"# {_title(base)} merged with {report['method']}", "",
              f"This model was made with neuromerge {report['neuromerge_version']} by merging {len(models)} "
-             f"fine-tuned model(s) of `{base['reference']}` with the `{method}` method, without training.", "",
-             "## Inputs", ""]
+             f"fine-tuned model(s) of `{base['reference']}` with the `{report['method']}` method, without training."]
+    lines += _inputs_section(base, models) + _method_section(report)
+    if quality:
+        columns = list(dict.fromkeys(c for cells in quality.values() for c in cells))
+        lines += ["", "## Quality", ""]
+        lines += _table([""] + columns, [[row] + [cells.get(c, "") for c in columns] for row, cells in quality.items()])
+    recipe = yaml.safe_dump(pinned_recipe(report), sort_keys=False, allow_unicode=True).strip()
+    lines += ["", "## Reproduce", "", "Hub inputs are pinned to the commits that were merged.", "",
+              "```yaml", recipe, "```", "", "```bash", "pip install neuromerge", "neuromerge run recipe.yaml", "```", "",
+              f"Per-tensor statistics are in `{REPORT_NAME}` (`neuromerge report {REPORT_NAME}`).", ""]
+    return "\n".join(lines)
+
+
+def _inputs_section(base: dict[str, Any], models: list[dict[str, Any]]) -> list[str]:
     rows = [["base", f"`{base['reference']}`", base.get("revision") or "(local folder)", ""]]
     rows += [[f"model {i + 1}", f"`{m['reference']}`", m.get("revision") or "(local folder)", m.get("weight", 1.0)]
              for i, m in enumerate(models)]
-    lines += _table(["role", "model", "revision", "weight"], rows)
-    lines += ["", "## Method", "", f"`{method}` with these parameters (defaults filled in):", ""]
+    return ["", "## Inputs", ""] + _table(["role", "model", "revision", "weight"], rows)
+
+
+SCALE_LABELS = {"sigma": "σ", "lambda1": "λ1", "lambda2": "λ2"}
+
+
+def _method_section(report: dict[str, Any]) -> list[str]:
+    """Parameters, then σ_t per task and σ, λ1, λ2 when the method reports them."""
+    lines = ["", "## Method", "", f"`{report['method']}` with these parameters (defaults filled in):", ""]
     lines += _table(["parameter", "value"], [[k, v] for k, v in report.get("parameters", {}).items()])
     task_rows = [r for r in report.get("tasks", []) if "sigma" in r]
     if task_rows:
@@ -120,22 +137,16 @@ def model_card(report: dict[str, Any], quality: dict[str, dict[str, Any]] | None
         lines += _table(["model", "σ_t", "threshold", "kept fraction"],
                         [[f"`{r['model']}`", r["sigma"], "per tensor" if r.get("threshold") is None else r["threshold"],
                           r.get("kept_fraction", "")] for r in task_rows])
-    scales = [f"{k} = {_cell(float(g[k]))}" for k in ("sigma", "lambda1", "lambda2") if isinstance(g.get(k), (int, float))]
+    g = report.get("global", {})
+    scales = [f"{label} = {_cell(float(g[k]))}" for k, label in SCALE_LABELS.items()
+              if isinstance(g.get(k), (int, float)) and not isinstance(g.get(k), bool)]
     if scales:
-        auto = " (λ2 = 1/(1 − σ), automatic)" if g.get("lambda2_auto") else ""
-        lines += ["", ", ".join(scales).replace("sigma", "σ").replace("lambda1", "λ1").replace("lambda2", "λ2") + auto]
+        lines += ["", ", ".join(scales) + (" (λ2 = 1/(1 − σ), automatic)" if g.get("lambda2_auto") else "")]
     totals = report.get("totals", {})
     if totals:
         lines += ["", f"{totals.get('merged_parameters', 0):,} of {totals.get('parameters', 0):,} parameters merged "
                       f"({totals.get('tensors', 0)} tensors, {totals.get('shards', 1)} shard(s))."]
-    if quality:
-        columns = list(dict.fromkeys(c for cells in quality.values() for c in cells))
-        lines += ["", "## Quality", ""]
-        lines += _table([""] + columns, [[row] + [cells.get(c, "") for c in columns] for row, cells in quality.items()])
-    lines += ["", "## Reproduce", "", "Hub inputs are pinned to the commits that were merged.", "", "```yaml", yaml.safe_dump(pinned_recipe(report), sort_keys=False, allow_unicode=True).strip(), "```", "",
-              "```bash", "pip install neuromerge", "neuromerge run recipe.yaml", "```", "",
-              f"Per-tensor statistics are in `{REPORT_NAME}` (`neuromerge report {REPORT_NAME}`).", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
