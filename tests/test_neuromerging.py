@@ -180,7 +180,7 @@ def test_bad_parameters_are_errors() -> None:
     from neuromerge_cli.errors import MergeError
 
     m = get_method("neuromerging")
-    for raw in ({"lambda2": "big"}, {"merge_fn": "max"}, {"density": 0}, {"lambda_point": -1}, {"lambda3": 1}):
+    for raw in ({"lambda2": "big"}, {"merge_fn": "max"}, {"density": 0}, {"lambda_point": -1}, {"lambda_point": "auto"}, {"lambda3": 1}):
         with pytest.raises(MergeError):
             m.parse_params(raw)
 

@@ -25,9 +25,14 @@ LAMBDA2 = number_or_auto("lambda2", "scale of the merged orthogonal parts τ̄�
 
 
 def _lambda_point() -> Param:
+    """A number, or 'lambda2' (the default): the same scale as the orthogonal parts."""
     inner = number("lambda_point", None, "", lo=0.0)
-    return Param("lambda_point", None, "scale of merged point parameters (biases, norms); default: λ2",
-                  inner.check, f"{inner.kind} (default: λ2)")
+
+    def check(value: Any) -> float | str:
+        return "lambda2" if value == "lambda2" else inner.check(value)
+
+    return Param("lambda_point", "lambda2", "scale of merged point parameters (biases, norms)", check,
+                 f"lambda2 | {inner.kind}")
 
 
 class NeuroMerging(Method):
@@ -57,9 +62,9 @@ class NeuroMerging(Method):
                 raise MergeError("parameters.lambda2: auto is undefined: the trim removed all of a task vector "
                                  "(σ = 1); give lambda2 a number")
             lambda2 = 1.0 / (1.0 - sigma)
-        point = params.get("lambda_point")
+        point = params["lambda_point"]
         return {"lambda1": params["lambda1"], "lambda2": lambda2,
-                "lambda_point": lambda2 if point is None else point}
+                "lambda_point": lambda2 if point == "lambda2" else point}
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
         scales = self.scales(params, stats)
