@@ -22,7 +22,9 @@ Numerical conventions (the SPEC leaves "non-negligible" open; the tests' referen
   the count of an elect_mean);
 - an elect_* tie in a direction (|Σ_t w_t c_tj| <= TIE_RTOL·Σ_t |w_t c_tj|) gives 0 there, not the
   neuron's majority sign: a basis vector's sign is arbitrary, so a majority over directions would
-  make the result depend on it; the tolerance keeps rounding from deciding a tie's sign.
+  make the result depend on it; the tolerance keeps rounding from deciding a tie's sign;
+- equal singular values leave the basis of their plane free, and elect_* depend on it: the basis
+  is then the one eigh returns (mean and sum never depend on the basis).
 """
 
 from __future__ import annotations
