@@ -7,13 +7,16 @@ from .base import Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .iso import IsoC, IsoCts
 from .linear import Linear
+from .neuromerging import NeuroMerging
 from .pcb import Pcb
+from .subspace import Subspace
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 from .tsv import Tsv
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, Pcb, Tsv, IsoC, IsoCts)
+    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, NeuroMerging, Subspace,
+                              Pcb, Tsv, IsoC, IsoCts)
 }
 
 
