@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fine_tune, run_engine_merge, toy_family, toy_tensors, write_model
+from helpers import fine_tune, run_engine_merge, toy_tensors, write_model
 
 from neuromerge_cli import topk
 from neuromerge_cli.errors import MergeError
