@@ -23,7 +23,7 @@ $(VENV)/.demo-installed: $(VENV)/.installed
 	touch $@
 
 # Fine-tunes all-MiniLM-L6-v2 briefly on two real tasks (cached in demo_models/), merges the
-# fine-tuned encoders, and scores the merged encoder with each task's own head.
+# fine-tuned encoders (NeuroMerging), and scores the merged encoder with each task's own head.
 demo: $(VENV)/.demo-installed
 	$(BIN)/python scripts/make_demo_models.py
 	$(BIN)/neuromerge run recipes/demo.yaml --overwrite

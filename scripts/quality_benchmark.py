@@ -185,12 +185,12 @@ def available_methods() -> set[str]:
 
 
 MERGE_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("linear (average)", "linear", {}),
+    ("neuromerging (defaults)", "neuromerging", {}),
+    ("ties (d=0.2, λ=1)", "ties", {}),
     ("task arithmetic λ=1", "task_arithmetic", {"lambda": 1.0}),
     ("task arithmetic λ=0.3", "task_arithmetic", {"lambda": 0.3}),
-    ("ties (d=0.2, λ=1)", "ties", {}),
+    ("linear (average)", "linear", {}),
     ("dare_ties (d=0.2, λ=1, seed 0)", "dare_ties", {}),
-    ("neuromerging (defaults)", "neuromerging", {}),
     ("pcb (defaults)", "pcb", {}),
     ("tsv (defaults)", "tsv", {}),
     ("iso_c (defaults)", "iso_c", {}),
@@ -199,13 +199,6 @@ MERGE_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
 GRID_DENSITY = (0.05, 0.1, 0.15, 0.2)
 GRID_LAMBDA2 = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0)
 ROW_GROUPS = ("reference", "baselines", "neuromerging", "tuned", "ablations")
-
-
-def reference_rows() -> list[Row]:
-    root = models_root()
-    fine = {t: folder_scores(root / t, "test", (t,))[t] for t in TASKS}
-    return [Row("base + fine-tuned heads", folder_scores(root / "base", "test", TASKS)),
-            Row("fine-tuned (each on its own task)", fine)]
 
 
 def merge_rows(methods: set[str], group: str) -> list[Row]:
@@ -286,26 +279,41 @@ def table(rows: Sequence[Row], fine: dict[str, float]) -> str:
 
 
 def run(groups: Sequence[str], densities: Sequence[float], lambdas: Sequence[float]) -> None:
+    """The rows of ``groups`` (NeuroMerging first), the table rewritten to BENCH/results.md after each."""
     start = time.time()
     finetune_all()
     methods = available_methods()
-    rows = reference_rows()
-    fine = rows[1].accuracy
+    root = models_root()
+    fine = Row("fine-tuned (each on its own task)", {t: folder_scores(root / t, "test", (t,))[t] for t in TASKS})
+    rows: list[Row] = [fine]
     grid: list[dict[str, Any]] = []
-    if "baselines" in groups:
-        rows += merge_rows(methods, "baselines")
+
+    def add(new: Sequence[Row]) -> None:
+        rows.extend(new)
+        write_results(rows, fine.accuracy, grid, time.time() - start)
+
+    add([])
     if "neuromerging" in groups:
-        rows += merge_rows(methods, "neuromerging")
-    if "tuned" in groups and "neuromerging" in methods:
-        row, grid = tuned_row("neuromerging (tuned on validation)", "neuromerging",
-                              {"density": list(densities), "lambda2": list(lambdas)})
-        rows.append(row)
+        add(merge_rows(methods, "neuromerging"))
+    if "baselines" in groups:
+        add(merge_rows(methods, "baselines"))
+    if "reference" in groups:
+        add([Row("base + fine-tuned heads", folder_scores(root / "base", "test", TASKS))])
     if "ablations" in groups and "subspace" in methods:
-        rows += ablation_rows()
-    text = table(rows, fine)
+        add(ablation_rows())
+    if "tuned" in groups and "neuromerging" in methods:
+        row, grid[:] = tuned_row("neuromerging (tuned on validation)", "neuromerging",
+                                 {"density": list(densities), "lambda2": list(lambdas)})
+        add([row])
+    print((BENCH / "results.md").read_text())
+
+
+def write_results(rows: Sequence[Row], fine: dict[str, float], grid: Sequence[dict[str, Any]],
+                  seconds: float) -> None:
+    """BENCH/results.md: the table, the split sizes, the validation grid, σ and λ2 of each row."""
     splits = task_splits()
     sizes = ", ".join(f"{SHORT[t]} {len(s.train)}/{len(s.validation)}/{len(s.test)}" for t, (_, s) in splits.items())
-    summary = [text, "", f"train/validation/test sizes: {sizes}"]
+    summary = [table(rows, fine), "", f"train/validation/test sizes: {sizes}"]
     if grid:
         summary.append("validation grid (mean accuracy): " + ", ".join(
             " ".join(f"{k}={v}" for k, v in g.items() if k != "validation_mean") + f": {g['validation_mean']:.3f}"
@@ -313,10 +321,8 @@ def run(groups: Sequence[str], densities: Sequence[float], lambdas: Sequence[flo
     for r in rows:
         if "lambda2" in r.details:
             summary.append(f"{r.name}: λ2={r.details['lambda2']:.3f}, σ={r.details.get('sigma', float('nan')):.3f}")
-    summary.append(f"total {time.time() - start:.0f} s (cached parts are not recomputed)")
-    out = "\n".join(summary)
-    (BENCH / "results.md").write_text(out + "\n")
-    print(out)
+    summary.append(f"{seconds:.0f} s so far in this run (cached parts are not recomputed)")
+    (BENCH / "results.md").write_text("\n".join(summary) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
