@@ -56,12 +56,13 @@ def evaluate(merged: Path) -> None:
     for name, (_, s) in splits.items():
         encoder, tokenizer = load_encoder(DEMO / name)
         scores[name]["fine-tuned"] = accuracy(encoder, tokenizer, _head(name), s.test)
-    method = json.loads((merged / "merge_report.json").read_text())["method"]
+    merged_label = f"merged ({json.loads((merged / 'merge_report.json').read_text())['method']})"
+    width = len(merged_label)
     print(f"test accuracy with each task's own head ({TEST} texts per task):")
-    print(f"  {'task':<16} {'base':>6} {'fine-tuned':>11} {'merged (' + method + ')':>20}")
+    print(f"  {'task':<16} {'base':>6} {'fine-tuned':>11} {merged_label:>{width}}")
     for name in TASKS:
         row = scores[name]
-        print(f"  {name:<16} {row['base']:>6.3f} {row['fine-tuned']:>11.3f} {row['merged']:>20.3f}")
+        print(f"  {name:<16} {row['base']:>6.3f} {row['fine-tuned']:>11.3f} {row['merged']:>{width}.3f}")
 
 
 def _head(name: str):
