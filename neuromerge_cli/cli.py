@@ -89,13 +89,13 @@ def run(
         out.print(f"wrote {target}", markup=False, highlight=False)
 
 
-def _progress_printer() -> Callable[[str, int, int], None]:
+def _progress_printer(unit: str = "tensors") -> Callable[[str, int, int], None]:
     state = {"phase": ""}
 
     def show(phase: str, done: int, total: int) -> None:
         if not err.is_terminal:
             if phase != state["phase"]:
-                err.print(f"{phase}: {total} tensors", markup=False, highlight=False)
+                err.print(f"{phase}: {total} {unit}", markup=False, highlight=False)
                 state["phase"] = phase
             return
         err.print(f"\r{phase}: {done}/{total}", end="", markup=False, highlight=False)
@@ -121,6 +121,57 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe.")) -> None:
     out.print(f"ok: {r.method} over {len(r.models)} models of {r.base_model}; {len(p.plan.tensors)} tensors "
               f"({counts['neuron']} neuron, {counts['point']} point, {counts['copy']} copied), "
               f"{len(p.plan.tied)} tied, {len(p.plan.shards)} output shard(s)", markup=False, highlight=False)
+
+
+@app.command()
+@guarded
+def classify(
+    recipe: Path = typer.Argument(..., help="YAML recipe with a 'classify' section."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Groups file (default: classify.output)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override classify.batch_size."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing groups file and summary."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Group the base model's MLP neurons by function over the recipe's exemplar corpora (NeuronMerge).
+
+    Writes a groups file (safetensors) for method neuronmerge and a JSON summary beside it.
+    Example: neuromerge classify recipes/neuronmerge.yaml --device cuda
+    """
+    import dataclasses
+
+    from .classify import check_output, classify as run_classify, write_classification
+    from .engine import pick_device
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    if r.classify is None:
+        raise MergeError(f"{recipe}: no 'classify' section (classify: {{corpora: {{general: FILE, TASK: FILE}}, ...}})")
+    config = r.classify if batch_size is None else dataclasses.replace(r.classify, batch_size=batch_size)
+    target = output if output is not None else (Path(config.output) if config.output else None)
+    if target is None:
+        raise MergeError("classify.output: no groups file (give --output or set classify.output)")
+    check_output(target, overwrite)
+    result = run_classify(r, config, pick_device(device), None if quiet else _progress_printer("exemplars"))
+    summary = write_classification(result, target, overwrite)
+    if quiet:
+        return
+    err.print()
+    table = Table(title=f"MLP neurons by category (top-{config.top_k} exemplars, {r.base_model})")
+    table.add_column("layer", justify="right")
+    for cat in result.groups.categories:
+        table.add_column(cat, justify="right")
+    for row in result.summary["layers"]:
+        table.add_row(str(row["layer"]), *(str(row["counts"][c]) for c in result.groups.categories))
+    totals = result.summary["totals"]
+    all_neurons = sum(totals.values())
+    table.add_row("all", *(f"{totals[c]} ({totals[c] / all_neurons:.1%})" for c in result.groups.categories),
+                  style="bold")
+    out.print(table)
+    t = result.summary["timings"]
+    out.print(f"{sum(result.summary['exemplars'].values())} exemplars, {result.summary['tokens']} tokens on "
+              f"{result.summary['device']} in {t['load_s'] + t['forward_s']:.1f} s; wrote {target} and {summary}",
+              markup=False, highlight=False)
 
 
 @app.command()

@@ -6,11 +6,12 @@ from ..errors import MergeError
 from .base import Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .linear import Linear
+from .neuronmerge import NeuronMerge
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies)
+    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, NeuronMerge)
 }
 
 
