@@ -182,9 +182,9 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
         classify(recipe, recipe.classify, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
 def test_other_llama_style_architectures(tmp_path: Path, model_type: str) -> None:
-    """Mistral and Qwen2 load and pass the φ check on the hooked down_proj input."""
+    """Mistral, Qwen2 and Qwen3 load and pass the φ check on the hooked down_proj input."""
     base = build_llama(tmp_path / model_type, model_type=model_type, layers=1)
     corpora = write_corpora(tmp_path / "corpora", {"general": 3, "code": 3})
     recipe = parse_recipe({"base_model": str(base), "models": ["x"], "method": "linear",
@@ -194,3 +194,25 @@ def test_other_llama_style_architectures(tmp_path: Path, model_type: str) -> Non
     write_classification(result, tmp_path / "g.safetensors", overwrite=False)
     with pytest.raises(MergeError, match="already exists"):
         write_classification(result, tmp_path / "g.safetensors", overwrite=False)
+
+
+def test_phi_check_refuses_another_activation() -> None:
+    """The hooked down_proj input must equal SiLU(gate·z)·(up·z); a GELU-gated MLP is refused."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from neuromerge_cli.classify import _ActivationScores
+
+    mlp = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=12, num_attention_heads=2))
+    hooks = _ActivationScores([(0, mlp)])
+    hooks.mask = torch.ones(1, 3, dtype=torch.bool)
+    z = torch.randn(1, 3, 8)
+    with torch.no_grad():
+        mlp(z)  # SiLU: passes and records the scores
+        want = (torch.nn.functional.silu(mlp.gate_proj(z)) * mlp.up_proj(z)).abs().amax(1)
+        torch.testing.assert_close(hooks.scores[0], want)
+        hooks.verify = True
+        mlp.act_fn = torch.nn.GELU()
+        with pytest.raises(MergeError, match="not SiLU"):
+            mlp(z)
+    hooks.remove()

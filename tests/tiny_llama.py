@@ -27,11 +27,12 @@ def build_tokenizer(folder: Path) -> None:
 
 def build_llama(folder: Path, seed: int = 0, layers: int = 2, intermediate: int = 24, model_type: str = "llama",
                 mlp_bias: bool = False) -> Path:
-    """A random Llama-family model (Llama, Mistral or Qwen2 config) saved with its tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random Llama-family model (Llama, Mistral, Qwen2 or Qwen3 config) saved with its tokenizer."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     config_cls, model_cls = classes[model_type]
     kwargs = dict(vocab_size=len(SPECIALS) + len(WORDS), hidden_size=16, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
