@@ -214,3 +214,13 @@ def test_unsupported_architecture(family: dict, tmp_path: Path) -> None:
                            "parameters": {"groups": family["groups"]}})
     with pytest.raises(MergeError, match="no Llama-style gated MLP weights .*supported: Llama, Mistral, Qwen2"):
         prepare(recipe)
+
+
+def test_context_follows_the_parameters(family: dict) -> None:
+    """A sweep reuses the bound method with other parameters: groups follow random_groups and seed."""
+    recipe = parse_recipe(_recipe(family, {"groups": family["groups"]}))
+    method = prepare(recipe).method
+    plain = method.context(recipe.params).groups
+    shuffled = method.context({**recipe.params, "random_groups": True, "seed": 5}).groups
+    assert torch.equal(plain.codes[0], family["codes"][0])
+    assert torch.equal(shuffled.codes[0], load_groups(family["groups"]).shuffled(5).codes[0])

@@ -88,7 +88,9 @@ class NeuronMerge(Method):
     uses_categories = True
 
     def __init__(self) -> None:
-        self._context: RunContext | None = None
+        self._widths: dict[int, int] | None = None  # MLP layer -> intermediate size (from bind)
+        self._categories: list[str | None] = []  # each model's category
+        self._contexts: dict[tuple[Any, ...], RunContext] = {}
 
     def check_params(self, values: dict[str, Any]) -> None:
         if values["groups"] is None:
@@ -99,68 +101,76 @@ class NeuronMerge(Method):
                                                               f"parameters.{scope}_params")
 
     def bind(self, recipe: "Recipe", plan: "Plan") -> None:
-        params = recipe.params
-        shapes = {t.name: t.shape for t in plan.merged}
         layers: dict[int, dict[str, tuple[int, ...]]] = {}
-        for name, shape in shapes.items():
-            slot = mlp_slot(name)
-            if slot is not None and name.endswith(".weight"):
-                layers.setdefault(slot.layer, {})[slot.proj] = shape
+        for t in plan.merged:
+            slot = mlp_slot(t.name)
+            if slot is not None and t.name.endswith(".weight"):
+                layers.setdefault(slot.layer, {})[slot.proj] = t.shape
         if not layers:
             raise MergeError(f"method neuronmerge: {recipe.base_model} has no Llama-style gated MLP weights "
                              f"(model.layers.N.mlp.gate_proj/up_proj/down_proj.weight); supported: {SUPPORTED_ARCHITECTURES}")
-        groups = load_groups(params["groups"])
-        where = f"parameters.groups ({params['groups']})"
+        widths = {}
         for layer, projs in sorted(layers.items()):
             missing = [p for p in ("gate", "up", "down") if p not in projs]
             if missing:
                 raise MergeError(f"method neuronmerge: layer {layer} has no mlp.{missing[0]}_proj.weight: not a gated "
                                  f"MLP (supported: {SUPPORTED_ARCHITECTURES})")
-            width = projs["gate"][0]
-            if projs["up"][0] != width or projs["down"][-1] != width:
+            widths[layer] = projs["gate"][0]
+            if projs["up"][0] != widths[layer] or projs["down"][-1] != widths[layer]:
                 raise MergeError(f"method neuronmerge: layer {layer}: gate_proj, up_proj and down_proj disagree on the "
                                  f"intermediate size ({projs['gate'][0]}, {projs['up'][0]}, {projs['down'][-1]})")
-            if layer not in groups.codes:
-                raise MergeError(f"{where}: no codes for MLP layer {layer} (classified with another model?)")
-            if groups.codes[layer].numel() != width:
-                raise MergeError(f"{where}: layer {layer} has {groups.codes[layer].numel()} neurons, the model "
-                                 f"has {width} (classified with another model?)")
-        extra = sorted(set(groups.codes) - set(layers))
-        if extra:
-            raise MergeError(f"{where}: codes for layer {extra[0]}, which the model does not have")
-        task_of_code = self._tasks_of_categories(recipe, groups, where)
-        if params["random_groups"]:
-            groups = groups.shuffled(params["seed"])
-        self._context = RunContext(groups, task_of_code)
+        self._widths = widths
+        self._categories = [m.category for m in recipe.models]
+        self._contexts.clear()
+        self.context(recipe.params)  # checks the groups file now (validate, before any statistics)
 
-    @staticmethod
-    def _tasks_of_categories(recipe: "Recipe", groups: NeuronGroups, where: str) -> dict[int, int]:
+    def context(self, params: dict[str, Any]) -> RunContext:
+        """The groups (shuffled for random_groups) and category -> model map for these parameters.
+
+        Built once per distinct (groups, random_groups, seed, specific): a sweep may vary them.
+        """
+        if self._widths is None:
+            raise RuntimeError("neuronmerge: bind() must run before statistics and merging")
+        key = (params["groups"], params["random_groups"], params["seed"], params["specific"])
+        if key not in self._contexts:
+            groups = load_groups(params["groups"])
+            where = f"parameters.groups ({params['groups']})"
+            for layer, width in self._widths.items():
+                if layer not in groups.codes:
+                    raise MergeError(f"{where}: no codes for MLP layer {layer} (classified with another model?)")
+                if groups.codes[layer].numel() != width:
+                    raise MergeError(f"{where}: layer {layer} has {groups.codes[layer].numel()} neurons, the model "
+                                     f"has {width} (classified with another model?)")
+            extra = sorted(set(groups.codes) - set(self._widths))
+            if extra:
+                raise MergeError(f"{where}: codes for layer {extra[0]}, which the model does not have")
+            task_of_code = self._tasks_of_categories(groups, params["specific"], where)
+            if params["random_groups"]:
+                groups = groups.shuffled(params["seed"])
+            self._contexts[key] = RunContext(groups, task_of_code)
+        return self._contexts[key]
+
+    def _tasks_of_categories(self, groups: NeuronGroups, specific: str, where: str) -> dict[int, int]:
         """Category code -> model index from the models' `category` keys; required for `choose`."""
         code_of = {c: i for i, c in enumerate(groups.categories)}
         out: dict[int, int] = {}
-        for i, m in enumerate(recipe.models):
-            if m.category is None:
+        for i, category in enumerate(self._categories):
+            if category is None:
                 continue
-            if m.category not in code_of or m.category == GENERAL:
-                raise MergeError(f"models[{i}].category: '{m.category}' is not a task category of {where} "
+            if category not in code_of or category == GENERAL:
+                raise MergeError(f"models[{i}].category: '{category}' is not a task category of {where} "
                                  f"(its categories: {', '.join(groups.categories[1:])})")
-            out[code_of[m.category]] = i
-        if recipe.params["specific"] == "choose":
+            out[code_of[category]] = i
+        if specific == "choose":
             for code, cat in enumerate(groups.categories[1:], start=1):
                 if code not in out:
                     raise MergeError(f"models: with specific: choose, every task category of {where} needs the model "
                                      f"it takes its neurons from; no model has category '{cat}' (set models[i].category)")
         return out
 
-    @property
-    def context(self) -> RunContext:
-        if self._context is None:
-            raise RuntimeError("neuronmerge: bind() must run before statistics and merging")
-        return self._context
-
     def _merged_codes(self, params: dict[str, Any], layer: int) -> torch.Tensor:
         """Boolean mask of the neurons of ``layer`` that ``general_method`` merges."""
-        codes = self.context.groups.codes[layer]
+        codes = self.context(params).groups.codes[layer]
         if params["specific"] == "merge":
             return torch.ones_like(codes, dtype=torch.bool)
         return codes == 0
@@ -206,7 +216,8 @@ class NeuronMerge(Method):
         return _delegate(params[f"{scope}_method"]).merge(sub, params[f"{scope}_params"])
 
     def _merge_mlp(self, job: TensorJob, slot: MlpSlot, params: dict[str, Any]) -> TensorResult:
-        codes = self.context.groups.codes[slot.layer].to(job.base.device)
+        context = self.context(params)
+        codes = context.groups.codes[slot.layer].to(job.base.device)
         delta = torch.zeros_like(job.base)
         stats: dict[str, Any] = {"group": "mlp"}
         merged = self._merged_codes(params, slot.layer).to(job.base.device)
@@ -217,11 +228,11 @@ class NeuronMerge(Method):
             delta.index_copy_(slot.axis, idx, result.delta)
             stats.update(result.stats)
         if params["specific"] == "choose":
-            for code, task in self.context.task_of_code.items():
+            for code, task in context.task_of_code.items():
                 idx = (codes == code).nonzero().flatten()
                 if idx.numel():
                     delta.index_copy_(slot.axis, idx, job.deltas[task].index_select(slot.axis, idx))
-        cats = self.context.groups.categories
+        cats = context.groups.categories
         stats["neurons"] = dict(zip(cats, torch.bincount(codes.cpu(), minlength=len(cats)).tolist()))
         return TensorResult(delta, stats)
 
@@ -233,7 +244,7 @@ class NeuronMerge(Method):
                      if k.startswith(prefix) and isinstance(s, ScopedStat)}
             out[f"{scope}_method"] = {"method": params[f"{scope}_method"],
                                       **_delegate(params[f"{scope}_method"]).report(params[f"{scope}_params"], inner)}
-        groups = self.context.groups
+        groups = self.context(params).groups
         out["groups"] = {"file": params["groups"], "categories": groups.categories, "totals": groups.totals(),
                          "random_groups": params["random_groups"], "specific": params["specific"]}
         return out
