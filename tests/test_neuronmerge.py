@@ -224,3 +224,18 @@ def test_context_follows_the_parameters(family: dict) -> None:
     shuffled = method.context({**recipe.params, "random_groups": True, "seed": 5}).groups
     assert torch.equal(plain.codes[0], family["codes"][0])
     assert torch.equal(shuffled.codes[0], load_groups(family["groups"]).shuffled(5).codes[0])
+
+
+@pytest.mark.parametrize("method, params", [
+    ("task_arithmetic", {"lambda": 0.7}), ("linear", {}), ("dare_linear", {"density": 0.6, "seed": 2}),
+    ("dare_ties", {"density": 0.6, "seed": 2}),
+])
+def test_merging_every_neuron_with_one_per_tensor_method_is_that_method(family: dict, tmp_path: Path, method: str,
+                                                                       params: dict) -> None:
+    """specific: merge with the same per-tensor method everywhere reproduces the method alone, bit for bit."""
+    nm = {"groups": family["groups"], "specific": "merge", "general_method": method, "general_params": params,
+          "other_method": method, "other_params": params}
+    out = merge(family, tmp_path / "nm", "neuronmerge", nm)
+    alone = merge(family, tmp_path / "alone", method, params)
+    for name in out:
+        assert torch.equal(out[name], alone[name]), name

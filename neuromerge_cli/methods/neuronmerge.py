@@ -37,7 +37,7 @@ GENERAL_SCOPE, OTHER_SCOPE = "general", "other"
 
 @dataclass
 class RunContext:
-    """What `bind` learnt about this run: the groups and which model each category maps to."""
+    """For one set of parameters: the groups (shuffled or not) and which model each category maps to."""
 
     groups: NeuronGroups
     task_of_code: dict[int, int]  # category code -> index of its model (for `choose`)
@@ -77,7 +77,7 @@ class NeuronMerge(Method):
         choice("general_method", "task_arithmetic", "method for the general MLP neurons", DELEGATES),
         mapping("general_params", "parameters of general_method (checked by that method)"),
         choice("specific", "drop", "task-specific neurons: reset to the base, take the model of their "
-               "category (models[i].category), or merge them like the general ones", SPECIFIC),
+               "category (its `category` key under models), or merge them like the general ones", SPECIFIC),
         choice("other_method", "dare_linear", "method for attention, embeddings, norms and other non-MLP tensors",
                DELEGATES),
         mapping("other_params", "parameters of other_method (checked by that method)"),
