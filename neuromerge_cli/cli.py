@@ -89,14 +89,19 @@ def run(
         out.print(f"wrote {target}", markup=False, highlight=False)
 
 
-def _progress_printer(unit: str = "tensors") -> Callable[[str, int, int], None]:
-    state = {"phase": ""}
+def _progress_printer(unit: str = "tensors", log_steps: int = 0) -> Callable[[str, int, int], None]:
+    """Progress on stderr: a live counter on a terminal; otherwise one line per phase, plus
+    ``log_steps`` evenly spaced lines (for long runs whose output goes to a log)."""
+    state = {"phase": "", "step": 0}
 
     def show(phase: str, done: int, total: int) -> None:
         if not err.is_terminal:
             if phase != state["phase"]:
                 err.print(f"{phase}: {total} {unit}", markup=False, highlight=False)
-                state["phase"] = phase
+                state.update(phase=phase, step=0)
+            if log_steps and done * log_steps >= (state["step"] + 1) * total:
+                state["step"] = done * log_steps // total
+                err.print(f"{phase}: {done}/{total} {unit}", markup=False, highlight=False)
             return
         err.print(f"\r{phase}: {done}/{total}", end="", markup=False, highlight=False)
         if done == total:
@@ -202,7 +207,7 @@ def classify(
     if target is None:
         raise MergeError("classify.output: no groups file (give --output or set classify.output)")
     check_output(target, overwrite)
-    result = run_classify(r, config, pick_device(device), None if quiet else _progress_printer("exemplars"))
+    result = run_classify(r, config, pick_device(device), None if quiet else _progress_printer("exemplars", log_steps=20))
     summary = write_classification(result, target, overwrite)
     if quiet:
         return
