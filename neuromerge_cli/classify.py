@@ -158,7 +158,10 @@ class _ActivationScores:
 
 
 def _load(path: Path, reference: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    try:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+    except ImportError:
+        raise MergeError("classify runs the base model with transformers: pip install 'neuromerge[hf]'") from None
 
     try:
         config = AutoConfig.from_pretrained(path)

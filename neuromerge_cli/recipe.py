@@ -14,6 +14,7 @@ import yaml
 from .errors import MergeError
 from .methods import get_method
 from .methods.params import choice, integer
+from .neuron_groups import GENERAL as GENERAL_CATEGORY
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -25,7 +26,6 @@ MODEL_KEYS = ("model", "weight", "category")
 HUB_KEYS = ("repo_id", "private", "revision", "commit_message")
 REPO_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 CLASSIFY_KEYS = ("corpora", "top_k", "max_tokens", "batch_size", "max_exemplars", "dtype", "output")
-GENERAL_CATEGORY = "general"
 CATEGORY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 CLASSIFY_PARAMS = (
     integer("top_k", 10, "exemplars per neuron that vote on its category", lo=1),

