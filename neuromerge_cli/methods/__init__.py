@@ -6,12 +6,14 @@ from ..errors import MergeError
 from .base import Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .linear import Linear
+from .neuromerging import NeuroMerging
 from .neuronmerge import NeuronMerge
+from .subspace import Subspace
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, NeuronMerge)
+    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, NeuroMerging, Subspace, NeuronMerge)
 }
 
 
