@@ -121,6 +121,16 @@ def _sliced_family(family: dict, root: Path, keep_mlp: bool) -> tuple[Path, list
     return base, [write_model(root / f"t{i}", cut(t)) for i, t in enumerate(family["tasks"])]
 
 
+def test_neuromerging_for_the_other_tensors_equals_it_alone_on_them(family: dict, tmp_path: Path) -> None:
+    params = {"density": 0.3}
+    out = merge(family, tmp_path / "nm", "neuronmerge", {"groups": family["groups"], "other_method": "neuromerging",
+                                                         "other_params": params})
+    b, ts = _sliced_family(family, tmp_path / "rest", keep_mlp=False)
+    other = merge(family, tmp_path / "o", "neuromerging", params, base=b, models=ts)
+    for name in other:
+        torch.testing.assert_close(out[name], other[name], rtol=0, atol=1e-6)
+
+
 def test_ties_scopes_are_general_neurons_and_other_tensors(family: dict, tmp_path: Path) -> None:
     """general_method=ties trims over the general neurons only; other_method=ties over the rest only."""
     ties = {"density": 0.3}

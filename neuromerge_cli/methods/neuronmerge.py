@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ..recipe import Recipe
 
 DELEGATES = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "linear")
+# NeuroMerging works on whole rows (neurons of the next layer), so only on the non-MLP tensors.
+OTHER_DELEGATES = DELEGATES + ("neuromerging",)
 SPECIFIC = ("drop", "choose", "merge")
 GENERAL_SCOPE, OTHER_SCOPE = "general", "other"
 
@@ -79,7 +81,7 @@ class NeuronMerge(Method):
         choice("specific", "drop", "task-specific neurons: reset to the base, take the model of their "
                "category (its `category` key under models), or merge them like the general ones", SPECIFIC),
         choice("other_method", "dare_linear", "method for attention, embeddings, norms and other non-MLP tensors",
-               DELEGATES),
+               OTHER_DELEGATES),
         mapping("other_params", "parameters of other_method (checked by that method)"),
         boolean("random_groups", False, "control experiment: shuffle the neurons among the groups of each layer "
                 "(same group sizes), seeded by `seed`"),
