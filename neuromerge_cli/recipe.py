@@ -103,7 +103,7 @@ def parse_recipe(data: Any) -> Recipe:
         raise MergeError(f"parameters: expected a mapping, got {raw_params!r}")
     params = method.parse_params(raw_params)
     dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise MergeError(f"dtype: unknown dtype {dtype!r} (allowed: float32, float16, bfloat16)")
     output = data.get("output")
     if output is not None and (not isinstance(output, str) or not output.strip()):
