@@ -1,0 +1,91 @@
+"""Exact top-k thresholds: the streamed global threshold equals torch.kthvalue on the concatenation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuromerge_cli.topk import StreamingTopK, kept_count, tensor_thresholds
+
+SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (2, 3, 3, 3), (40, 9)]
+
+
+def chunks(num_tasks: int, kind: str, seed: int) -> list[torch.Tensor]:
+    """Magnitude chunks (T, *shape) of several shapes: continuous, tied, or spanning many exponents."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in SHAPES:
+        if kind == "ties":  # few distinct values: many ties at any threshold, zeros included
+            x = torch.randint(0, 4, (num_tasks, *shape), generator=g).float() * 0.25
+        elif kind == "wide":  # exponents from 1e-30 to 1e6, subnormals and exact zeros
+            x = torch.randn(num_tasks, *shape, generator=g) * 10 ** torch.randint(-40, 7, (num_tasks, *shape), generator=g).float()
+            x[..., 0] = 0.0
+        else:
+            x = torch.randn(num_tasks, *shape, generator=g)
+        out.append(x.abs())
+    return out
+
+
+def streamed(parts: list[torch.Tensor], density: float) -> StreamingTopK:
+    topk = StreamingTopK(parts[0].shape[0], density)
+    for p in parts:
+        topk.observe_coarse(p)
+    topk.end_coarse()
+    for p in parts:
+        topk.observe_fine(p)
+    topk.end_fine()
+    return topk
+
+
+def test_kept_count() -> None:
+    assert kept_count(100, 0.2) == 20
+    assert kept_count(100, 0.199) == 19  # floor
+    assert kept_count(100, 1e-9) == 1  # at least one
+    assert kept_count(100, 1.0) == 100
+    assert kept_count(7, 0.5) == 3
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "wide"])
+@pytest.mark.parametrize("density", [1e-6, 0.01, 0.15, 0.2, 0.5, 0.999, 1.0])
+def test_streamed_threshold_equals_kthvalue_of_the_concatenation(kind: str, density: float) -> None:
+    parts = chunks(3, kind, seed=int(density * 1000) + len(kind))
+    flat = torch.cat([p.reshape(3, -1) for p in parts], dim=1)
+    n = flat.shape[1]
+    k = max(1, int(density * n)) if density < 1 else n
+    expected = torch.kthvalue(flat, n - k + 1, dim=1).values
+    topk = streamed(parts, density)
+    assert topk.n == n
+    assert torch.equal(topk.thresholds, expected)
+    keep = flat >= expected[:, None]
+    assert topk.kept == keep.sum(1).tolist()
+    assert all(kept >= k for kept in topk.kept)  # ties at the threshold are all kept
+    removed = torch.where(keep, 0.0, flat).double().sum(1)
+    assert torch.allclose(torch.tensor(topk.removed_l1, dtype=torch.float64), removed, rtol=1e-12, atol=0)
+    assert torch.allclose(torch.tensor(topk.total_l1, dtype=torch.float64), flat.double().sum(1), rtol=1e-12, atol=0)
+
+
+def test_ties_at_the_threshold_keep_the_whole_tied_set() -> None:
+    # 10 entries of one task: 1, 0.5 x 6, 0 x 3; d = 0.3 → k = 3; the 3rd largest is 0.5 → keep 7
+    x = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0]])
+    topk = streamed([x[:, :4], x[:, 4:]], 0.3)
+    assert topk.thresholds.tolist() == [0.5]
+    assert topk.kept == [7]
+    assert topk.removed_l1 == [0.0]
+
+
+def test_one_entry_per_task_and_all_zero_tasks() -> None:
+    topk = streamed([torch.tensor([[3.0], [0.0]])], 0.2)
+    assert topk.thresholds.tolist() == [3.0, 0.0]
+    assert topk.kept == [1, 1]
+
+
+@pytest.mark.parametrize("density", [1e-6, 0.1, 0.5, 1.0])
+def test_tensor_thresholds_are_the_kth_largest_per_row(density: float) -> None:
+    g = torch.Generator().manual_seed(1)
+    mags = torch.randint(0, 5, (3, 6, 7), generator=g).float()
+    n = 42
+    k = n if density >= 1 else max(1, int(density * n))
+    thr = tensor_thresholds(mags, density)
+    for t in range(3):
+        values = sorted(mags[t].reshape(-1).tolist(), reverse=True)
+        assert thr[t].item() == values[k - 1]
