@@ -163,12 +163,14 @@ def inspect(model: str = typer.Argument(..., help="Local folder or Hub id[@revis
         key = str(info.dtype).removeprefix("torch.")
         dtypes[key] = dtypes.get(key, 0) + info.numel
     total = sum(roles.values())
-    out.print(f"{model} -> {ck.path}" + (f" (revision {ck.source.revision})" if ck.source.revision else ""), markup=False)
+    out.print(f"{model} -> {ck.path}" + (f" (revision {ck.source.revision})" if ck.source.revision else ""),
+              markup=False, highlight=False, soft_wrap=True)
     out.print(f"architecture: {(ck.config or {}).get('model_type', 'unknown')}; {len(ck.tensors)} tensors, "
-              f"{total:,} parameters in {len(files)} file(s)", markup=False)
-    out.print("dtypes: " + ", ".join(f"{k} {v:,}" for k, v in dtypes.items()), markup=False)
+              f"{total:,} parameters in {len(files)} file(s)", markup=False, highlight=False, soft_wrap=True)
+    out.print("dtypes: " + ", ".join(f"{k} {v:,}" for k, v in dtypes.items()),
+              markup=False, highlight=False, soft_wrap=True)
     out.print(f"neuron parameters {roles['neuron']:,}, point parameters {roles['point']:,}, "
-              f"copied (integer) {roles['copy']:,}", markup=False)
+              f"copied (integer) {roles['copy']:,}", markup=False, highlight=False, soft_wrap=True)
     table = Table(show_edge=False)
     for col in ("tensor", "role", "dtype", "shape", "file"):
         table.add_column(col)
