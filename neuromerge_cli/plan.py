@@ -101,13 +101,15 @@ def find_tied(base: Checkpoint, tasks: list[Checkpoint]) -> dict[str, str]:
         groups.setdefault((info.shape, info.dtype), []).append(n)
     tied: dict[str, str] = {}
     for names in groups.values():
-        if len(names) < 2:
-            continue
-        primary, *others = names
-        for ck in (base, *tasks):
-            ref = ck.read(primary)
-            others = [o for o in others if torch.equal(ref, ck.read(o))]
-        tied.update({o: primary for o in others})
+        # split each group into classes of equal tensors: e.g. (decoder, embed = lm_head)
+        while len(names) > 1:
+            primary, *others = names
+            same = others
+            for ck in (base, *tasks):
+                ref = ck.read(primary)
+                same = [o for o in same if torch.equal(ref, ck.read(o))]
+            tied.update({o: primary for o in same})
+            names = [o for o in others if o not in same]
     return tied
 
 
