@@ -11,6 +11,7 @@ from .errors import MergeError
 
 ROLES = ("neuron", "point", "copy")
 TIE_SUFFIXES = ("embed_tokens.weight", "shared.weight", "word_embeddings.weight", "wte.weight",
+                "tok_embeddings.weight", "embed_in.weight",
                 "lm_head.weight", "embed_out.weight", "decoder.weight", "output.weight")
 
 
