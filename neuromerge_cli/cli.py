@@ -120,7 +120,8 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe.")) -> None:
     counts = {role: sum(1 for t in p.plan.tensors if t.role == role) for role in ("neuron", "point", "copy")}
     out.print(f"ok: {r.method} over {len(r.models)} models of {r.base_model}; {len(p.plan.tensors)} tensors "
               f"({counts['neuron']} neuron, {counts['point']} point, {counts['copy']} copied), "
-              f"{len(p.plan.tied)} tied, {len(p.plan.shards)} output shard(s)", markup=False, highlight=False)
+              f"{len(p.plan.tied)} tied, {len(p.plan.shards)} output shard(s)", markup=False, highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -132,7 +133,7 @@ def methods() -> None:
     from .methods import METHODS
 
     for cls in METHODS.values():
-        out.print(f"{cls.name}: {cls.summary}", markup=False, highlight=False)
+        out.print(f"{cls.name}: {cls.summary}", markup=False, highlight=False, soft_wrap=True)
         table = Table(show_edge=False, box=None, padding=(0, 2))
         for col in ("parameter", "default", "values", "meaning"):
             table.add_column(col)
