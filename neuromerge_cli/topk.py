@@ -9,6 +9,7 @@ values in that bin, which pins the exact bit pattern of the k-th largest value.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -17,8 +18,14 @@ LOW_BINS = 1 << 16
 
 
 def kept_count(n: int, density: float) -> int:
-    """k = max(1, ⌊d·N⌋), or N when d >= 1."""
-    return n if density >= 1.0 else min(n, max(1, math.floor(density * n)))
+    """k = max(1, ⌊d·N⌋), or N when d >= 1.
+
+    d·N is taken exactly for the decimal d the user wrote (0.29 · 100 = 29, where float
+    arithmetic gives 28.999999999999996).
+    """
+    if density >= 1.0:
+        return n
+    return min(n, max(1, math.floor(Fraction(repr(float(density))) * n)))
 
 
 def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ reproducibility contract.
 from __future__ import annotations
 
 import hashlib
+from fractions import Fraction
 import json
 from pathlib import Path
 
@@ -55,11 +56,14 @@ class Vectors:
         return out
 
 
+def kept_k(n: int, density: float) -> int:
+    """SPEC: k = max(1, ⌊d·N⌋) for the decimal d as written, N when d >= 1."""
+    return n if density >= 1 else max(1, int(Fraction(str(density)) * n))
+
+
 def kth_largest_threshold(mags: torch.Tensor, density: float) -> float:
-    """SPEC: k = max(1, ⌊d·N⌋) (N when d >= 1); the threshold is the k-th largest |τ|."""
-    n = mags.numel()
-    k = n if density >= 1 else max(1, int(density * n))
-    return float(torch.sort(mags, descending=True).values[k - 1])
+    """The k-th largest |τ|."""
+    return float(torch.sort(mags, descending=True).values[kept_k(mags.numel(), density) - 1])
 
 
 def trim(tau: torch.Tensor, density: float, segments: list[slice] | None) -> torch.Tensor:

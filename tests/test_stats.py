@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from neuromerge_cli.stats import GlobalStat, MajoritySignStat, TrimStat
+from reference import kept_k
 
 SHAPES = [(6, 5), (11,), (2, 3, 4), ()]
 
@@ -30,8 +31,7 @@ def run_passes(stats: list[GlobalStat], tensors: list[torch.Tensor], weights: to
 
 
 def kth_largest(v: torch.Tensor, density: float) -> float:
-    k = v.numel() if density >= 1 else max(1, int(density * v.numel()))
-    return sorted(v.tolist(), reverse=True)[k - 1]
+    return sorted(v.tolist(), reverse=True)[kept_k(v.numel(), density) - 1]
 
 
 @pytest.mark.parametrize("density", [0.05, 0.2, 0.6])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from neuromerge_cli.topk import StreamingTopK, kept_count, tensor_thresholds
+from reference import kept_k
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (2, 3, 3, 3), (40, 9)]
 
@@ -43,6 +44,8 @@ def test_kept_count() -> None:
     assert kept_count(100, 1e-9) == 1  # at least one
     assert kept_count(100, 1.0) == 100
     assert kept_count(7, 0.5) == 3
+    # ⌊d·N⌋ of the decimal d as written: float arithmetic would give 0.29 * 100 = 28.999999999999996
+    assert kept_count(100, 0.29) == 29
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "wide"])
@@ -51,7 +54,7 @@ def test_streamed_threshold_equals_kthvalue_of_the_concatenation(kind: str, dens
     parts = chunks(3, kind, seed=int(density * 1000) + len(kind))
     flat = torch.cat([p.reshape(3, -1) for p in parts], dim=1)
     n = flat.shape[1]
-    k = max(1, int(density * n)) if density < 1 else n
+    k = kept_k(n, density)
     expected = torch.kthvalue(flat, n - k + 1, dim=1).values
     topk = streamed(parts, density)
     assert topk.n == n
@@ -84,7 +87,7 @@ def test_tensor_thresholds_are_the_kth_largest_per_row(density: float) -> None:
     g = torch.Generator().manual_seed(1)
     mags = torch.randint(0, 5, (3, 6, 7), generator=g).float()
     n = 42
-    k = n if density >= 1 else max(1, int(density * n))
+    k = kept_k(n, density)
     thr = tensor_thresholds(mags, density)
     for t in range(3):
         values = sorted(mags[t].reshape(-1).tolist(), reverse=True)
