@@ -65,7 +65,7 @@ def resolve(reference: str) -> Source:
 def _resolve_hub(reference: str) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
     repo_id, _, revision = reference.partition("@")
@@ -75,6 +75,8 @@ def _resolve_hub(reference: str) -> Source:
         if not any(path.glob("*.safetensors")):
             path = Path(snapshot_download(repo_id, revision=revision or None,
                                           allow_patterns=META_PATTERNS + BIN_PATTERNS))
+    except HFValidationError as exc:
+        raise MergeError(f"{reference}: no such folder, and not a valid Hub id ({str(exc).splitlines()[0]})") from None
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "not in the Hub cache and HF_HUB_OFFLINE is set" if offline else "not in the Hub cache and the Hub cannot be reached"

@@ -160,6 +160,8 @@ def test_local_references(tmp_path: Path) -> None:
         resolve(str(tmp_path / "m" / "config.json"))
     with pytest.raises(MergeError, match="no such folder"):
         resolve("./does/not/exist")
+    with pytest.raises(MergeError, match=r"^my--model: no such folder, and not a valid Hub id \(Cannot have -- or \.\."):
+        resolve("my--model")  # huggingface_hub's own id validation, not a traceback
     (tmp_path / "empty").mkdir()
     with pytest.raises(MergeError, match="no weights found"):
         open_checkpoint(resolve(str(tmp_path / "empty")))
