@@ -77,14 +77,15 @@ def write_recipe(path: Path, base: Path, tasks: list[Path], method: str, paramet
     return path
 
 
-def merge(recipe: dict | Path, output: Path, shard_size: int | None = None, **options: object) -> dict:
-    """Parse a recipe (a dict or a file), plan and run it on the CPU; returns the report."""
+def merge(recipe: dict | Path, output: Path, shard_size: int | None = None, device: str = "cpu",
+          **options: object) -> dict:
+    """Parse a recipe (a dict or a file), plan and run it (on the CPU by default); returns the report."""
     from neuromerge_cli.engine import DEFAULT_SHARD_SIZE, MergeOptions, prepare, run_merge
     from neuromerge_cli.recipe import load_recipe, parse_recipe
 
     r = load_recipe(recipe) if isinstance(recipe, Path) else parse_recipe(recipe)
     size = shard_size or DEFAULT_SHARD_SIZE
-    return run_merge(prepare(r, size), MergeOptions(output, "cpu", shard_size=size, **options))  # type: ignore[arg-type]
+    return run_merge(prepare(r, size), MergeOptions(output, device, shard_size=size, **options))  # type: ignore[arg-type]
 
 
 def recipe_dict(base: Path, tasks: list[Path], method: str, parameters: dict | None = None,

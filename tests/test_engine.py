@@ -107,3 +107,17 @@ def test_output_inside_an_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MergeError, match="overlaps the input folder"):
         merge(recipe_dict(base, tasks, "linear"), base / "merged")
     assert not (base / "merged").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.2}), ("ties", {"mask_scope": "tensor"}),
+                                            ("dare_ties", {"density": 0.5, "seed": 1})])
+def test_cuda_gives_the_cpu_result(tmp_path: Path, method: str, params: dict) -> None:
+    base, tasks = toy_family(tmp_path, 3)
+    cpu = merge(recipe_dict(base, tasks, method, params), tmp_path / "cpu")
+    gpu = merge(recipe_dict(base, tasks, method, params), tmp_path / "gpu", device="cuda")
+    assert gpu["device"].startswith("cuda") and "cuda_bytes" in gpu["peak_memory"]
+    assert [r.get("threshold") for r in gpu["tasks"]] == [r.get("threshold") for r in cpu["tasks"]]
+    a, b = load_output(tmp_path / "cpu"), load_output(tmp_path / "gpu")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
