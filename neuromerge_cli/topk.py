@@ -33,6 +33,8 @@ def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     flat = magnitudes.reshape(magnitudes.shape[0], -1)
     n = flat.shape[1]
     k = kept_count(n, density)
+    if n == 0:  # an empty tensor: nothing to keep or trim
+        return flat.new_zeros(flat.shape[0])
     if k >= n:
         return flat.amin(dim=1)
     return torch.kthvalue(flat, n - k + 1, dim=1).values

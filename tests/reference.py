@@ -72,6 +72,8 @@ def trim(tau: torch.Tensor, density: float, segments: list[slice] | None) -> tor
     for t in range(tau.shape[0]):
         for seg in segments or [slice(None)]:
             x = tau[t, seg]
+            if x.numel() == 0:
+                continue
             thr = kth_largest_threshold(x.abs(), density)
             out[t, seg] = torch.where(x.abs() >= thr, x, torch.zeros_like(x))
     return out

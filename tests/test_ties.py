@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import dyadic_family, load_output, merge, recipe_dict, toy_family
+from helpers import dyadic_family, load_output, merge, recipe_dict, toy_family, write_model
 from reference import load_folder, reference_merge
 
 WEIGHTS = (1.0, 0.5, 2.0)
@@ -90,3 +90,18 @@ def test_lambda_zero_gives_the_base_and_one_dense_task_gives_that_task(tmp_path:
         merge(recipe_dict(base, tasks[:1], "ties", {"density": 1.0, "merge_fn": fn}), tmp_path / fn)
         task = load_folder(tasks[0])
         assert all(torch.equal(t, task[n]) for n, t in load_output(tmp_path / fn).items()), fn
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_scalar_and_empty_tensors(tmp_path: Path, scope: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4), "w": torch.randn(5, 3, generator=g),
+            "b": torch.randn(3, generator=g)}
+    write_model(tmp_path / "base", base)
+    tasks = [write_model(tmp_path / f"t{i}", {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()})
+             for i in range(2)]
+    params = {"mask_scope": scope, "density": 0.4}
+    merge(recipe_dict(tmp_path / "base", tasks, "ties", params), tmp_path / "out")
+    out = load_output(tmp_path / "out")
+    assert out["empty"].shape == (0, 4) and out["scalar"].shape == ()
+    assert_matches(out, reference_merge(tmp_path / "base", tasks, "ties", params))

@@ -92,3 +92,7 @@ def test_tensor_thresholds_are_the_kth_largest_per_row(density: float) -> None:
     for t in range(3):
         values = sorted(mags[t].reshape(-1).tolist(), reverse=True)
         assert thr[t].item() == values[k - 1]
+
+
+def test_empty_tensors_have_a_zero_threshold() -> None:
+    assert tensor_thresholds(torch.zeros(2, 0, 4), 0.2).tolist() == [0.0, 0.0]
