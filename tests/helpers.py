@@ -110,10 +110,10 @@ def load_output(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def tiny_hf_family(root: Path, kind: str, num_tasks: int = 2, tie: bool = False, scale: float = 0.02
-                   ) -> tuple[Path, list[Path]]:
+def tiny_hf_family(root: Path, kind: str, num_tasks: int = 2, tie: bool = False, scale: float = 0.02,
+                   max_shard_size: str | None = None) -> tuple[Path, list[Path]]:
     """A tiny random transformers model (``bert`` or ``llama``) saved with save_pretrained, plus
-    ``num_tasks`` perturbed copies."""
+    ``num_tasks`` perturbed copies (sharded by transformers when ``max_shard_size`` is given)."""
     import transformers
 
     torch.manual_seed(0)
@@ -126,7 +126,8 @@ def tiny_hf_family(root: Path, kind: str, num_tasks: int = 2, tie: bool = False,
                                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                                           tie_word_embeddings=tie)
         model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(root / "base")
+    save = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(root / "base", **save)
     tasks = []
     for t in range(num_tasks):
         g = torch.Generator().manual_seed(100 + t)
@@ -135,7 +136,7 @@ def tiny_hf_family(root: Path, kind: str, num_tasks: int = 2, tie: bool = False,
             copy.load_state_dict(model.state_dict())
             for p in copy.parameters():
                 p.add_(scale * torch.randn(p.shape, generator=g))
-        copy.save_pretrained(root / f"task{t}")
+        copy.save_pretrained(root / f"task{t}", **save)
         tasks.append(root / f"task{t}")
     return root / "base", tasks
 

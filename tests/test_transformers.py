@@ -41,7 +41,8 @@ def test_bert_dare_ties(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_llama_ties_tied_and_untied_embeddings(tmp_path: Path, tie: bool) -> None:
-    base, tasks = tiny_hf_family(tmp_path, "llama", num_tasks=2, tie=tie)
+    base, tasks = tiny_hf_family(tmp_path, "llama", num_tasks=2, tie=tie, max_shard_size=None if tie else "20KB")
+    assert (base / "model.safetensors.index.json").exists() is not tie
     params = {"density": 0.3}
     dtype = "bfloat16" if not tie else None
     merge(recipe_dict(base, tasks, "ties", params, **({"dtype": dtype} if dtype else {})), tmp_path / "out")
@@ -49,6 +50,11 @@ def test_llama_ties_tied_and_untied_embeddings(tmp_path: Path, tie: bool) -> Non
     # transformers >= 4.56 writes "dtype", older versions "torch_dtype"
     assert config["tie_word_embeddings"] is tie and config.get("dtype", config.get("torch_dtype")) == (dtype or "float32")
     assert (tmp_path / "out" / "generation_config.json").read_bytes() == (base / "generation_config.json").read_bytes()
+    index = tmp_path / "out" / "model.safetensors.index.json"
+    if not tie:  # laid out like the sharded base
+        base_map = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+        assert json.loads(index.read_text())["weight_map"] == base_map
+    assert index.exists() is not tie
     model, _ = load(tmp_path / "out", transformers.AutoModelForCausalLM)
     state = model.state_dict()
     ref = reference_merge(base, tasks, "ties", params)
