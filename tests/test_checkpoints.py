@@ -231,7 +231,8 @@ REPO_FILES = [
     "vocab.txt", "merges.txt", "spiece.model", "model.safetensors", "model-00001-of-00002.safetensors",
     "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
     "flax_model.msgpack", "rust_model.ot", "model.onnx", "onnx/model.onnx", "README.md", ".gitattributes",
-    "training_args.bin", "optimizer.pt", "model.gguf",
+    "training_args.bin", "optimizer.pt", "model.gguf", "consolidated.safetensors", "adapter_model.safetensors",
+    "model.fp16.safetensors",
 ]
 WANTED = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "vocab.txt", "merges.txt", "spiece.model"}
