@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from helpers import load_output, toy_family, write_recipe
+from helpers import hub_cache, load_output, toy_family, write_recipe
 from neuromerge_cli.cli import app, parse_size
 from neuromerge_cli.errors import MergeError
 from neuromerge_cli.methods import METHODS
@@ -25,17 +26,31 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     return toy_family(tmp_path_factory.mktemp("cli"), 2)
 
 
-def test_run_end_to_end_in_a_subprocess(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+def test_run_end_to_end_in_a_subprocess(family: tuple[Path, list[Path]], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real process, with the base taken from an offline Hub cache set through the environment
+    (huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE at import)."""
     base, tasks = family
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub_cache(tmp_path / "hub", "org/base", base, commit)
     recipe = write_recipe(tmp_path / "r.yaml", base, tasks, "task_arithmetic", {"lambda": 0.5},
                           output=tmp_path / "from-recipe")
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "base_model": "org/base"}))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "neuromerge_cli", "run", str(recipe), "--device", "cpu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "method task_arithmetic" in done.stdout and f"wrote {tmp_path / 'from-recipe'}" in done.stdout
     out, ref = load_output(tmp_path / "from-recipe"), reference_merge(base, tasks, "task_arithmetic", {"lambda": 0.5})
     assert all(float((t.double() - ref[n].double()).abs().max()) < 1e-6 for n, t in out.items())
-    again = runner.invoke(app, cmd[3:])
+    report = json.loads((tmp_path / "from-recipe" / "merge_report.json").read_text())
+    assert report["inputs"]["base"]["revision"] == commit and report["inputs"]["base"]["source"] == "hub"
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # in this process: patch the constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    again = runner.invoke(app, [str(a) for a in cmd[3:]])
     assert again.exit_code == 1 and again.stdout == ""
     assert again.stderr == f"error: output: {tmp_path / 'from-recipe'} already exists (use --overwrite to replace it)\n"
 
