@@ -144,3 +144,28 @@ def test_a_failed_merge_leaves_nothing_and_keeps_an_existing_output(tmp_path: Pa
     merge(recipe_dict(base, tasks[:1], "task_arithmetic"), tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+
+
+def test_tied_weights_sharing_storage_in_a_bin(tmp_path: Path) -> None:
+    """torch.save of a tied model's state dict stores one storage under two names."""
+    plain = toy_tensors()
+    write_model(tmp_path / "plain" / "base", plain)
+    tasks_plain = [write_model(tmp_path / "plain" / f"t{t}", fine_tune(plain, t)) for t in range(2)]
+    folders = []
+    for i, src in enumerate([tmp_path / "plain" / "base", *tasks_plain]):
+        state = load_folder(src)
+        state["model.embed_tokens.weight"] = state.pop("embed.weight")
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # the same tensor object: shared storage
+        folder = tmp_path / "bin" / str(i)
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "pytorch_model.bin")
+        folders.append(folder)
+    report = merge(recipe_dict(folders[0], folders[1:], "ties", {"density": 0.2}), tmp_path / "out")
+    assert set(report["totals"]["tied"].items()) in (
+        {("lm_head.weight", "model.embed_tokens.weight")}, {("model.embed_tokens.weight", "lm_head.weight")})
+    out = load_output(tmp_path / "out")
+    ref = reference_merge(tmp_path / "plain" / "base", tasks_plain, "ties", {"density": 0.2})
+    ref["model.embed_tokens.weight"] = ref["lm_head.weight"] = ref.pop("embed.weight")
+    assert set(out) == set(ref)
+    for name in out:
+        torch.testing.assert_close(out[name].double(), ref[name].double(), rtol=0, atol=1e-6, msg=name)
