@@ -133,6 +133,20 @@ def test_inspect(family: tuple[Path, list[Path]]) -> None:
     assert result.exit_code == 1 and result.stderr == "error: ./no/such/model: no such folder\n"
 
 
+def test_inspect_a_hub_id_offline(family: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = hub_cache(tmp_path / "hub", "org/base", family[0], commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = runner.invoke(app, ["inspect", f"org/base@{commit}"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"org/base@{commit} -> {snapshot} (revision {commit})"
+    result = runner.invoke(app, ["inspect", "org/other"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: org/other: ") and result.stderr.count("\n") == 1
+
+
 def test_parse_size() -> None:
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("500MiB") == 500 * 2**20
