@@ -107,8 +107,9 @@ def test_model_card_and_summary(hub_merge: tuple) -> None:
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
     assert meta["base_model"] == "org/base" and {"merge", "neuromerge", "ties"} <= set(meta["tags"])
-    assert f"revision `{COMMITS[0]}`" in body
-    assert yaml.safe_load(body.split("```yaml\n")[1].split("```")[0]) == recipe
+    assert all(commit in body for commit in COMMITS)
+    pinned = yaml.safe_load(body.split("```yaml\n")[1].split("```")[0])  # the recipe, pinned to the commits
+    assert pinned["base_model"] == f"org/base@{COMMITS[0]}" and pinned["method"] == recipe["method"]
     lines = summary_lines(report)
     assert lines[0].startswith("method ties:") and "from 2 models on cpu" in lines[0]
     assert any(line.strip().startswith("org/ft-a: sigma=") for line in lines)
