@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neuromerge_cli.topk import StreamingTopK, kept_count, tensor_thresholds
 from reference import kept_k
@@ -96,3 +98,22 @@ def test_tensor_thresholds_are_the_kth_largest_per_row(density: float) -> None:
 
 def test_empty_tensors_have_a_zero_threshold() -> None:
     assert tensor_thresholds(torch.zeros(2, 0, 4), 0.2).tolist() == [0.0, 0.0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    values=st.lists(st.floats(min_value=0.0, max_value=2.0**127, allow_subnormal=True, width=32), min_size=2, max_size=60),
+    cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=4),
+    density=st.floats(min_value=1e-4, max_value=1.0),
+)
+def test_streamed_threshold_on_arbitrary_magnitudes(values: list[float], cuts: list[int], density: float) -> None:
+    """Any non-negative float32 values (zeros, subnormals, huge), any chunking, any density."""
+    x = torch.tensor(values, dtype=torch.float32)
+    flat = torch.stack([x, x.flip(0)])  # two tasks
+    bounds = sorted({0, len(values), *[min(c, len(values)) for c in cuts]})
+    parts = [flat[:, a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    topk = streamed(parts, density)
+    n = len(values)
+    expected = torch.kthvalue(flat, n - kept_k(n, density) + 1, dim=1).values
+    assert torch.equal(topk.thresholds, expected)
+    assert topk.kept == (flat >= expected[:, None]).sum(1).tolist()
