@@ -100,7 +100,7 @@ def test_empty_tensors_have_a_zero_threshold() -> None:
     assert tensor_thresholds(torch.zeros(2, 0, 4), 0.2).tolist() == [0.0, 0.0]
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     values=st.lists(st.floats(min_value=0.0, max_value=2.0**127, allow_subnormal=True, width=32), min_size=2, max_size=60),
     cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=4),
