@@ -196,3 +196,19 @@ def dyadic_family(root: Path, weights: tuple[float, ...] = (1.0, 1.0, 1.0), seed
         tensors = {n: (t + d[n] if n in d else t.clone()) for n, t in base.items()}
         tasks.append(write_model(root / f"task{i}", tensors, shards=shards))
     return root / "base", tasks
+
+
+def run_engine_merge(root: Path, base: Path, tasks: list[Path], method: str, parameters: dict | None = None,
+                     weights: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Merge through the engine (CPU) and return (the output's tensors, merge_report.json)."""
+    from safetensors.torch import load_file
+
+    from neuromerge_cli.engine import MergeOptions, prepare, run_merge
+    from neuromerge_cli.recipe import load_recipe
+
+    root.mkdir(parents=True, exist_ok=True)
+    extra = {} if weights is None else {"models": [{"model": str(t), "weight": w} for t, w in zip(tasks, weights)]}
+    recipe_path = write_recipe(root / f"{method}.yaml", base, tasks, method, parameters, **extra)
+    out = root / f"out_{method}"
+    report = run_merge(prepare(load_recipe(recipe_path)), MergeOptions(output=out, device="cpu", overwrite=True))
+    return load_file(str(out / "model.safetensors")), report
