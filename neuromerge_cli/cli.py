@@ -290,7 +290,8 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe.")) -> None:
     counts = {role: sum(1 for t in p.plan.tensors if t.role == role) for role in ("neuron", "point", "copy")}
     out.print(f"ok: {r.method} over {len(r.models)} models of {r.base_model}; {len(p.plan.tensors)} tensors "
               f"({counts['neuron']} neuron, {counts['point']} point, {counts['copy']} copied), "
-              f"{len(p.plan.tied)} tied, {len(p.plan.shards)} output shard(s)", markup=False, highlight=False)
+              f"{len(p.plan.tied)} tied, {len(p.plan.shards)} output shard(s)", markup=False, highlight=False,
+              soft_wrap=True)
 
 
 @app.command()
@@ -360,7 +361,7 @@ def methods() -> None:
     from .methods import METHODS
 
     for cls in METHODS.values():
-        out.print(f"{cls.name}: {cls.summary}", markup=False, highlight=False)
+        out.print(f"{cls.name}: {cls.summary}", markup=False, highlight=False, soft_wrap=True)
         table = Table(show_edge=False, box=None, padding=(0, 2))
         for col in ("parameter", "default", "values", "meaning"):
             table.add_column(col)
@@ -394,12 +395,14 @@ def inspect(model: str = typer.Argument(..., help="Local folder or Hub id[@revis
         key = str(info.dtype).removeprefix("torch.")
         dtypes[key] = dtypes.get(key, 0) + info.numel
     total = sum(roles.values())
-    out.print(f"{model} -> {ck.path}" + (f" (revision {ck.source.revision})" if ck.source.revision else ""), markup=False)
+    out.print(f"{model} -> {ck.path}" + (f" (revision {ck.source.revision})" if ck.source.revision else ""),
+              markup=False, highlight=False, soft_wrap=True)
     out.print(f"architecture: {(ck.config or {}).get('model_type', 'unknown')}; {len(ck.tensors)} tensors, "
-              f"{total:,} parameters in {len(files)} file(s)", markup=False)
-    out.print("dtypes: " + ", ".join(f"{k} {v:,}" for k, v in dtypes.items()), markup=False)
+              f"{total:,} parameters in {len(files)} file(s)", markup=False, highlight=False, soft_wrap=True)
+    out.print("dtypes: " + ", ".join(f"{k} {v:,}" for k, v in dtypes.items()),
+              markup=False, highlight=False, soft_wrap=True)
     out.print(f"neuron parameters {roles['neuron']:,}, point parameters {roles['point']:,}, "
-              f"copied (integer) {roles['copy']:,}", markup=False)
+              f"copied (integer) {roles['copy']:,}", markup=False, highlight=False, soft_wrap=True)
     table = Table(show_edge=False)
     for col in ("tensor", "role", "dtype", "shape", "file"):
         table.add_column(col)

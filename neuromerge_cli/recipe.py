@@ -152,7 +152,7 @@ def parse_recipe(data: Any) -> Recipe:
     classify = parse_classify(data["classify"]) if data.get("classify") is not None else None
     _check_categories(models, method.name, method.uses_categories, classify)
     dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise MergeError(f"dtype: unknown dtype {dtype!r} (allowed: float32, float16, bfloat16)")
     output = data.get("output")
     if output is not None and (not isinstance(output, str) or not output.strip()):
