@@ -1,8 +1,22 @@
 """The one exception type a user can cause; the CLI prints it as a single line."""
 
+import difflib
+from typing import Any, Iterable
+
 
 class MergeError(Exception):
     """A problem with the user's input (recipe, checkpoint, output path).
 
     The message names the file, key or tensor at fault and is printed as one line.
     """
+
+
+def key_text(key: Any) -> str:
+    """A recipe key or name as it goes into a one-line message: plain if printable, else its repr."""
+    return key if isinstance(key, str) and key and key.isprintable() and key.strip() == key else repr(key)
+
+
+def did_you_mean(key: Any, allowed: Iterable[str]) -> str:
+    """'did you mean 'x'? ' when ``key`` is a near-miss of an allowed name, else ''."""
+    close = difflib.get_close_matches(key, list(allowed), n=1) if isinstance(key, str) else []
+    return f"did you mean '{close[0]}'? " if close else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,9 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import MergeError
+from .errors import MergeError, did_you_mean, key_text
 from .methods import get_method
+from .methods.params import as_number
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -48,21 +48,26 @@ class Recipe:
 
 
 def _reference(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise MergeError(f"{key}: expected a local path or Hub id (a non-empty string), got {value!r}")
+    if not isinstance(value, str) or not value.strip() or not value.strip().isprintable():
+        raise MergeError(f"{key}: expected a local path or Hub id (a non-empty, one-line string), got {value!r}")
     return value.strip()
 
 
 def _unknown(keys: Any, allowed: tuple[str, ...], where: str) -> None:
     for key in keys:
         if key not in allowed:
-            raise MergeError(f"{where}{key}: unknown key (allowed: {', '.join(allowed)})")
+            raise MergeError(f"{where}{key_text(key)}: unknown key ({did_you_mean(key, allowed)}allowed: {', '.join(allowed)})")
 
 
-def parse_recipe(data: Any) -> Recipe:
-    """Validate a recipe given as parsed YAML; every error names the key at fault."""
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as parsed YAML; every error names the key at fault.
+
+    ``source`` names the recipe (its file) in errors about the recipe as a whole.
+    """
+    if data is None:
+        raise MergeError(f"{source}: the recipe is empty (expected a mapping with keys base_model, models, method)")
     if not isinstance(data, dict):
-        raise MergeError(f"recipe: expected a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
+        raise MergeError(f"{source}: expected a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
     _unknown(data, TOP_KEYS, "")
     for key in ("base_model", "models", "method"):
         if key not in data:
@@ -82,9 +87,10 @@ def parse_recipe(data: Any) -> Recipe:
         if "model" not in entry:
             raise MergeError(f"{where}.model: missing")
         ref = _reference(entry["model"], f"{where}.model")
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise MergeError(f"{where}.weight: expected a finite number, got {weight!r}")
+        try:
+            weight = as_number(entry.get("weight", 1.0))
+        except ValueError as exc:
+            raise MergeError(f"{where}.weight: {exc}") from None
         if ref == base:
             raise MergeError(f"{where}.model: '{ref}' is the base model; list only fine-tuned models")
         models.append(ModelEntry(ref, float(weight)))
@@ -103,7 +109,7 @@ def parse_recipe(data: Any) -> Recipe:
         raise MergeError(f"parameters: expected a mapping, got {raw_params!r}")
     params = method.parse_params(raw_params)
     dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise MergeError(f"dtype: unknown dtype {dtype!r} (allowed: float32, float16, bfloat16)")
     output = data.get("output")
     if output is not None and (not isinstance(output, str) or not output.strip()):
@@ -125,4 +131,8 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise MergeError(f"{p}: malformed YAML{where}: {problem}") from None
-    return parse_recipe(data)
+    except RecursionError:
+        raise MergeError(f"{p}: malformed YAML: nested too deeply") from None
+    except Exception as exc:  # the YAML constructors raise ValueError, AttributeError, ... on bad scalars
+        raise MergeError(f"{p}: malformed YAML: {type(exc).__name__}: {exc}") from None
+    return parse_recipe(data, str(p))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import MergeError
+from ..errors import MergeError, did_you_mean
 from .base import Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .linear import Linear
@@ -19,7 +19,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]()
     except KeyError:
-        raise MergeError(f"method: unknown method '{name}' (known: {', '.join(METHODS)})") from None
+        raise MergeError(f"method: unknown method {name!r} ({did_you_mean(name, METHODS)}known: {', '.join(METHODS)})") from None
 
 
 __all__ = ["METHODS", "Method", "TensorJob", "TensorParts", "TensorResult", "get_method"]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import MergeError
+from ..errors import MergeError, did_you_mean, key_text
 from ..stats import GlobalStat
 from .params import Param
 
@@ -72,7 +72,7 @@ class Method(ABC):
             if key not in known:
                 allowed = ", ".join(known) or "none"
                 raise MergeError(
-                    f"parameters.{key}: method '{self.name}' takes no parameter '{key}' (allowed: {allowed})"
+                    f"parameters.{key_text(key)}: method '{self.name}' takes no parameter {key!r} ({did_you_mean(key, known)}allowed: {allowed})"
                 )
         values: dict[str, Any] = {}
         for p in self.params:
