@@ -22,7 +22,7 @@ from .errors import MergeError
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -133,11 +133,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     end = 0
     for name, entry in header.items():
         try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            dtype_name = entry["dtype"]
             shape = tuple(int(s) for s in entry["shape"])
             begin, stop = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise MergeError(f"{path}: corrupted safetensors header entry for tensor '{name}'") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise MergeError(f"{path}: tensor '{name}' has dtype {dtype_name!r}, which neuromerge does not support "
+                             f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+        dtype = SAFETENSORS_DTYPES[dtype_name]
         info = TensorInfo(name, path, dtype, shape, 8 + n + begin)
         if stop - begin != info.nbytes or begin < 0:
             raise MergeError(f"{path}: corrupted safetensors header: tensor '{name}' has a wrong byte range")
@@ -157,10 +161,12 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad pickles
-        text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
-            raise MergeError(f"{path}: refused: the file needs code to unpickle (only plain tensors are loaded)") from None
-        raise MergeError(f"{path}: cannot read PyTorch checkpoint ({type(exc).__name__})") from None
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if needs:
+            raise MergeError(f"{path}: refused: the file needs code to unpickle ({needs.group(1)}); only plain "
+                             "tensors are loaded (convert it to safetensors where you trust it)") from None
+        raise MergeError(f"{path}: cannot read PyTorch checkpoint: corrupted or not a checkpoint "
+                         f"({type(exc).__name__})") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -36,21 +36,30 @@ def parse_size(text: str) -> int:
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command; a user error becomes one line on stderr and exit code 1."""
-    import functools
+    """Run a command; a user error becomes one line on stderr and exit code 1.
 
-    from .writer import Interrupted
+    An interrupted merge exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    import functools
+    import signal
+
+    from .errors import Interrupted
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except MergeError as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            message = " ".join(str(exc).split("\n"))
+            err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except (Interrupted, KeyboardInterrupt) as exc:
-            err.print(f"interrupted ({exc or 'SIGINT'}): nothing was written", markup=False, highlight=False)
-            raise typer.Exit(130) from None
+            signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+            what = ("the output was already complete and is kept" if getattr(exc, "published", False)
+                    else "no output was written and any previous output is unchanged")
+            err.print(f"interrupted ({signal.Signals(signum).name}): {what}", markup=False, highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(128 + signum) from None
 
     return wrapper
 

@@ -18,7 +18,7 @@ from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
 from .stats import GlobalStat
-from .writer import ShardWriter, atomic_folder, check_output_location, signals_as_exceptions
+from .writer import ShardWriter, atomic_folder, check_free_space, check_output_location, signals_as_exceptions
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2
@@ -148,11 +148,12 @@ def _tensor_report(t: TensorPlan, deltas: torch.Tensor, delta: torch.Tensor, ext
 
 def run_merge(prepared: Prepared, options: MergeOptions) -> dict[str, Any]:
     """Merge and publish the output folder; returns the report that was written with it."""
-    from .report import build_report, write_metadata
+    from .report import build_report, metadata_bytes, write_metadata
 
     recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
     device = pick_device(options.device)
     check_output_location(options.output, [prepared.base.path] + [t.path for t in prepared.tasks], options.overwrite)
+    check_free_space(options.output, plan.bytes_out + metadata_bytes(prepared.base.path))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)

@@ -1,6 +1,7 @@
-"""The one exception type a user can cause; the CLI prints it as a single line."""
+"""The exception a user can cause (printed by the CLI as one line), and the one a signal causes."""
 
 import difflib
+import signal
 from typing import Any, Iterable
 
 
@@ -9,6 +10,15 @@ class MergeError(Exception):
 
     The message names the file, key or tensor at fault and is printed as one line.
     """
+
+
+class Interrupted(Exception):
+    """SIGINT, SIGTERM or SIGHUP arrived during a merge; cleanup has run when the CLI sees it."""
+
+    def __init__(self, signum: int, published: bool = False) -> None:
+        self.signum = signum
+        self.published = published  # the signal came while the finished output was being published
+        super().__init__(signal.Signals(signum).name)
 
 
 def key_text(key: Any) -> str:

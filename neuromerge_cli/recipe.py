@@ -122,8 +122,12 @@ def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{p}: cannot read recipe ({exc.__class__.__name__}: {exc})") from None
+    except FileNotFoundError:
+        raise MergeError(f"{p}: no such recipe file") from None
+    except UnicodeDecodeError:
+        raise MergeError(f"{p}: not a recipe (not UTF-8 text)") from None
+    except OSError as exc:
+        raise MergeError(f"{p}: cannot read recipe ({exc.strerror or exc})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
