@@ -266,8 +266,9 @@ def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
                 published = True
                 _fsync(parent)
         except OSError as exc:
-            where = exc.filename or output
-            raise MergeError(f"{where}: {exc.strerror or exc} (while writing the output {output})") from None
+            if exc.filename:
+                raise MergeError(f"{exc.filename}: {exc.strerror or exc} (while writing the output {output})") from None
+            raise MergeError(f"output: cannot write {output} ({exc.strerror or exc})") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -132,7 +132,7 @@ def complex_tensor(path: Path) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:] + bytes(16))
 
 
-def set_value(name: str, value: float, task: int | None = 0) -> Callable[[Path], list[str]]:
+def set_value(name: str, value: float, task: int | None = 0, output: str = "merged") -> Callable[[Path], list[str]]:
     """A family where one entry of ``name`` in a task (or the base when task is None) is NaN or Inf."""
     def build(d: Path) -> list[str]:
         base, tasks = family(d)
@@ -141,7 +141,7 @@ def set_value(name: str, value: float, task: int | None = 0) -> Callable[[Path],
         tensors[name].view(-1)[3] = value
         shutil.rmtree(target)
         write_model(target, tensors)
-        return recipe_args(d, base, tasks)
+        return recipe_args(d, base, tasks, output=str(d / output))
     return build
 
 
@@ -375,7 +375,7 @@ CASES = [
     Case("nan_in_task", set_value("layer.0.weight", float("nan")),
          rf"{P}task0: tensor 'layer\.0\.weight' contains NaN or Inf \(use --allow-nonfinite to merge anyway\)$",
          "`<model>: tensor '<name>' contains NaN or Inf (use --allow-nonfinite to merge anyway)`", sub=True),
-    Case("inf_in_base", set_value("norm.weight", float("inf"), task=None),
+    Case("inf_in_base", set_value("norm.weight", float("inf"), task=None, output="new/folders/merged"),
          rf"{P}base: tensor 'norm\.weight' contains NaN or Inf \(use --allow-nonfinite to merge anyway\)$",
          "`<model>: tensor '<name>' contains NaN or Inf (use --allow-nonfinite to merge anyway)`"),
     # -- the output ---------------------------------------------------------------------------------------
@@ -488,3 +488,58 @@ def test_progress_output_then_one_error_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
     assert result.stderr.splitlines()[-1].startswith(f"error: {tmp_path / 'task0'}: tensor 'layer.0.weight'")
     assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".merged*"))
+
+
+def _needed(base: Path) -> int:
+    """What the merge of the toy family writes: the base's tensors in their dtype, plus its config.json."""
+    return sum(t.numel() * t.element_size() for t in toy_tensors(0).values()) + (base / "config.json").stat().st_size
+
+
+@pytest.mark.parametrize("short", [True, False], ids=["one-byte-short", "just-enough"])
+def test_free_disk_space_is_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    short: bool) -> None:
+    import neuromerge_cli.engine as engine
+
+    base, tasks = family(tmp_path)
+    args = recipe_args(tmp_path, base, tasks, output=str(tmp_path / "new" / "merged"))
+    needed = _needed(base)
+    margin = max(needed // 100, 16 * 2**20)
+    probed = []
+
+    def disk_usage(path: str | Path) -> shutil._ntuple_diskusage:
+        probed.append(Path(path))
+        free = needed + margin - (1 if short else 0)
+        return shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    if short:
+        monkeypatch.setattr(engine, "run_statistics", lambda *a, **k: pytest.fail("work started"))
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["run", *args])
+    assert probed == [tmp_path]  # the nearest existing folder on the output's path
+    if short:
+        assert result.exit_code == 1 and "Traceback" not in result.stderr
+        assert re.fullmatch(rf"error: output: not enough free disk space in {re.escape(str(tmp_path))}: the merge "
+                            r"writes [\d.]+ KiB \(\+16\.0 MiB margin\) but [\d.]+ MiB are free\n", result.stderr)
+        assert snapshot(tmp_path) == before
+    else:
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "new" / "merged" / "model.safetensors").exists()
+
+
+def test_disk_full_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails mid-merge (the disk filled up meanwhile) is one clear line and leaves nothing."""
+    import errno
+
+    base, tasks = family(tmp_path)
+    args = recipe_args(tmp_path, base, tasks)
+    before = snapshot(tmp_path)
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    result = CliRunner().invoke(app, ["run", *args])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr == f"error: output: cannot write {tmp_path / 'merged'} (No space left on device)\n"
+    assert snapshot(tmp_path) == before
