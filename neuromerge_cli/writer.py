@@ -193,15 +193,27 @@ def _sync_tree(folder: Path) -> None:
     for root, _, files in os.walk(folder):
         for name in files:
             _fsync(Path(root) / name)
-        _fsync(Path(root))
+        _fsync(Path(root), folder=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, folder: bool = False) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not folder:  # some file systems cannot sync a folder; a file that cannot be synced is an error
+            raise
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder we made (or a link that was swapped into its place); never follows a link."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -236,7 +248,7 @@ def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
         except OSError:
             os.rename(old, output)
             raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 @contextlib.contextmanager
@@ -264,14 +276,13 @@ def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
             with deferred_signals():
                 _publish(tmp, output, overwrite)
                 published = True
-                _fsync(parent)
+                _fsync(parent, folder=True)
         except OSError as exc:
             if exc.filename:
                 raise MergeError(f"{exc.filename}: {exc.strerror or exc} (while writing the output {output})") from None
             raise MergeError(f"output: cannot write {output} ({exc.strerror or exc})") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         if not published:
             for folder in created:  # deepest first; stops at the first one that is not empty
                 try:

@@ -211,3 +211,16 @@ def test_overwrite_replaces_only_after_a_successful_run(tmp_path: Path) -> None:
     assert snapshot(out) != previous
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "fresh" / "model.safetensors").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "fresh", "in", "linear.yaml", "merged", "ties.yaml"]
+
+
+def test_overwrite_of_a_link_replaces_the_link_not_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "weights").write_text("kept")
+    out = tmp_path / "merged"
+    out.symlink_to(target, target_is_directory=True)
+    with atomic_folder(out, overwrite=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert not out.is_symlink() and (out / "weights").read_text() == "new"
+    assert (target / "weights").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "merged"]
