@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -135,38 +136,72 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
     return len(passes)
 
 
-def _tensor_report(t: TensorPlan, deltas: torch.Tensor, delta: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
+def _tensor_report(t: TensorPlan, deltas: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
     flat = deltas.reshape(deltas.shape[0], -1)
     return {
         "role": t.role, "shape": list(t.shape),
         "task_l1": [float(x) for x in flat.abs().sum(1).tolist()],
         "task_l2": [float(x) for x in flat.norm(dim=1).tolist()],
-        "delta_norm": float(delta.norm()),
         **extra,
     }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One output of a merge pass: a folder, and values for the method's scale parameters.
+
+    Several variants share one read of the inputs and one computation of each tensor's parts; only
+    the final scaled sum differs (a λ sweep).
+    """
+
+    output: Path
+    scales: dict[str, Any] = field(default_factory=dict)
+
+
+def _variant_recipe(recipe: Recipe, scales: dict[str, Any]) -> Recipe:
+    if not scales:
+        return recipe
+    raw = {**recipe.raw, "parameters": {**(recipe.raw.get("parameters") or {}), **scales}}
+    return replace(recipe, params={**recipe.params, **scales}, raw=raw)
+
+
 def run_merge(prepared: Prepared, options: MergeOptions) -> dict[str, Any]:
-    """Merge and publish the output folder; returns the report that was written with it."""
+    """Merge and publish ``options.output``; returns the report that was written with it."""
+    return merge_variants(prepared, options, [Variant(options.output)])[0]
+
+
+def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Variant]) -> list[dict[str, Any]]:
+    """Merge once and publish one folder per variant; returns the report written with each."""
     from .report import build_report, metadata_bytes, write_metadata
 
     recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
+    if any(v.scales for v in targets):
+        extra = sorted({k for v in targets for k in v.scales} - set(method.scale_params))
+        if extra:
+            raise MergeError(f"parameters.{extra[0]}: not a scale parameter of method '{method.name}' "
+                             f"(scale parameters: {', '.join(method.scale_params) or 'none'})")
+    recipes = [_variant_recipe(recipe, v.scales) for v in targets]
     device = pick_device(options.device)
-    check_output_location(options.output, [prepared.base.path] + [t.path for t in prepared.tasks], options.overwrite)
-    check_free_space(options.output, plan.bytes_out + metadata_bytes(prepared.base.path))
+    inputs = [prepared.base.path] + [t.path for t in prepared.tasks]
+    for v in targets:
+        check_output_location(v.output, inputs, options.overwrite)
+    check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)
     loader = TensorLoader(prepared, device, options.allow_nonfinite)
     timings = dict(prepared.timings)
-    tensor_stats: dict[str, dict[str, Any]] = {}
-    with signals_as_exceptions(), atomic_folder(options.output, options.overwrite) as folder:
+    tensor_stats: list[dict[str, dict[str, Any]]] = [{} for _ in targets]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(signals_as_exceptions())
+        folders = [stack.enter_context(atomic_folder(v.output, options.overwrite)) for v in targets]
         t0 = time.perf_counter()
         stats = method.global_stats(recipe.params, len(recipe.models), device)
         reads = run_statistics(prepared, stats, loader, weights, options.progress)
         by_key = {s.key: s for s in stats}
+        scales = [method.scales(r.params, by_key) for r in recipes] if method.scale_params else []
         t1 = time.perf_counter()
-        writer = ShardWriter(folder, plan)
+        writers = [ShardWriter(folder, plan) for folder in folders]
         try:
             aliases = {t.alias_of: [] for t in plan.tensors if t.alias_of}
             for t in plan.tensors:
@@ -177,29 +212,44 @@ def run_merge(prepared: Prepared, options: MergeOptions) -> dict[str, Any]:
             for i, (name, tensors) in enumerate(loader.stream(names)):
                 t = by_name[name]
                 if t.role == "copy":
-                    out = tensors[0]
+                    outs = [tensors[0]] * len(targets)
                 else:
                     base, deltas = loader.as_float(tensors)
                     job = TensorJob(name, t.role, base, deltas, weights, by_key,
                                     tensor_seed(recipe.params.get("seed", 0), name, -1))
-                    result = method.merge(job, recipe.params)
-                    out = (base + result.delta).to(t.dtype).cpu()
-                    tensor_stats[name] = _tensor_report(t, deltas, result.delta, result.stats)
-                writer.write(name, out)
-                for alias in aliases.get(name, ()):
-                    writer.write(alias, out)
+                    if scales:
+                        split = method.merge_parts(job, recipe.params)
+                        merged, extra = [split.combine(s) for s in scales], split.stats
+                    else:
+                        result = method.merge(job, recipe.params)
+                        merged, extra = [result.delta], result.stats
+                    common = _tensor_report(t, deltas, extra)
+                    outs = []
+                    for k, delta in enumerate(merged):
+                        outs.append((base + delta).to(t.dtype).cpu())
+                        tensor_stats[k][name] = {**common, "delta_norm": float(delta.norm())}
+                for writer, out in zip(writers, outs):
+                    writer.write(name, out)
+                    for alias in aliases.get(name, ()):
+                        writer.write(alias, out)
                 if options.progress:
                     options.progress("merge", i + 1, len(names))
-            writer.close()
+            for writer in writers:
+                writer.close()
         except BaseException:
-            writer.abort()
+            for writer in writers:
+                writer.abort()
             raise
         t2 = time.perf_counter()
         timings.update({"statistics_s": t1 - t0, "merge_s": t2 - t1, "statistics_reads": reads})
         peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if device.type == "cuda":
             peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-        report = build_report(prepared, method.report(recipe.params, by_key), tensor_stats,
-                              str(device), timings, peak)
-        write_metadata(folder, prepared, report)
-    return report
+        reports = []
+        for k, (folder, r) in enumerate(zip(folders, recipes)):
+            variant = replace(prepared, recipe=r)
+            report = build_report(variant, method.report(r.params, by_key), tensor_stats[k],
+                                  str(device), timings, peak)
+            write_metadata(folder, variant, report)
+            reports.append(report)
+    return reports

@@ -170,22 +170,33 @@ def format_size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_free_space(output: Path, needed: int) -> None:
-    """Refuse to start when the output's file system has less room than the merge will write.
+def _existing_ancestor(path: Path) -> Path:
+    probe = path.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_free_space(outputs: list[Path], needed_each: int) -> None:
+    """Refuse to start when a file system has less room than the outputs planned on it will take.
 
     An existing output is only removed once the new one is complete, so it does not count as room.
     """
-    probe = output.absolute().parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    margin = max(needed // 100, 16 * 2**20)  # the report and file-system overhead
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return  # no figure to check against: the write itself will report a full disk
-    if free < needed + margin:
-        raise MergeError(f"output: not enough free disk space in {probe}: the merge writes {format_size(needed)} "
-                         f"(+{format_size(margin)} margin) but {format_size(free)} are free")
+    plans: dict[int, tuple[Path, int]] = {}  # file system (device id) -> (a folder on it, bytes planned)
+    for output in outputs:
+        probe = _existing_ancestor(output)
+        device = probe.stat().st_dev
+        folder, needed = plans.get(device, (probe, 0))
+        plans[device] = (folder, needed + needed_each)
+    for probe, needed in plans.values():
+        margin = max(needed // 100, 16 * 2**20)  # the report and file-system overhead
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            continue  # no figure to check against: the write itself will report a full disk
+        if free < needed + margin:
+            raise MergeError(f"output: not enough free disk space in {probe}: the merge writes {format_size(needed)} "
+                             f"(+{format_size(margin)} margin) but {format_size(free)} are free")
 
 
 def _sync_tree(folder: Path) -> None:
