@@ -143,7 +143,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                              f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
         dtype = SAFETENSORS_DTYPES[dtype_name]
         info = TensorInfo(name, path, dtype, shape, 8 + n + begin)
-        if stop - begin != info.nbytes or begin < 0:
+        if stop - begin != info.nbytes or begin < 0 or any(d < 0 for d in shape):
             raise MergeError(f"{path}: corrupted safetensors header: tensor '{name}' has a wrong byte range")
         end = max(end, stop)
         tensors[name] = info
@@ -212,9 +212,13 @@ def _index_files(folder: Path, index_name: str) -> list[Path] | None:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise MergeError(f"{index}: corrupted index (expected a JSON object with 'weight_map')") from None
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MergeError(f"{index}: corrupted index (expected a JSON object with 'weight_map')")
     files = []
     for shard in dict.fromkeys(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise MergeError(f"{index}: shard '{shard}' is not a file name in the model folder")
         path = folder / shard
         if not path.exists():
             raise MergeError(f"{index}: points at missing shard '{shard}'")
@@ -224,6 +228,13 @@ def _index_files(folder: Path, index_name: str) -> list[Path] | None:
 
 def open_checkpoint(source: Source) -> Checkpoint:
     """Index a model folder: safetensors (single or sharded) or pytorch_model*.bin."""
+    try:
+        return _open_checkpoint(source)
+    except OSError as exc:  # an unreadable folder or file (permissions, I/O error)
+        raise MergeError(f"{exc.filename or source.path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _open_checkpoint(source: Source) -> Checkpoint:
     folder = source.path
     config = None
     if (folder / "config.json").exists():
@@ -231,6 +242,8 @@ def open_checkpoint(source: Source) -> Checkpoint:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             raise MergeError(f"{folder / 'config.json'}: not valid JSON") from None
+        if not isinstance(config, dict):
+            raise MergeError(f"{folder / 'config.json'}: expected a JSON object, got {type(config).__name__}")
     tensors: dict[str, TensorInfo] = {}
     bins: dict[Path, dict[str, torch.Tensor]] = {}
     files = _index_files(folder, "model.safetensors.index.json")

@@ -30,7 +30,7 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         value = -1
-    if unit not in SIZE_UNITS or value <= 0:
+    if unit not in SIZE_UNITS or not 0 < value < float("inf"):
         raise MergeError(f"--shard-size: expected a size such as 5GB or 500MiB, got {text!r}")
     return int(value * SIZE_UNITS[unit])
 

@@ -112,7 +112,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise MergeError(f"dtype: unknown dtype {dtype!r} (allowed: float32, float16, bfloat16)")
     output = data.get("output")
-    if output is not None and (not isinstance(output, str) or not output.strip()):
+    if output is not None and (not isinstance(output, str) or not output.strip() or not output.isprintable()):
         raise MergeError(f"output: expected a folder path, got {output!r}")
     return Recipe(base, tuple(models), method.name, params, dtype, output, dict(data))
 

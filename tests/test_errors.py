@@ -543,3 +543,29 @@ def test_disk_full_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert result.stderr == f"error: output: cannot write {tmp_path / 'merged'} (No space left on device)\n"
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1GB", "0", "5XB", "", "GB"])
+def test_bad_shard_sizes(text: str) -> None:
+    from neuromerge_cli.cli import parse_size
+    from neuromerge_cli.errors import MergeError
+
+    with pytest.raises(MergeError, match=r"^--shard-size: expected a size such as 5GB or 500MiB"):
+        parse_size(text)
+
+
+def test_index_and_config_of_the_wrong_shape(tmp_path: Path) -> None:
+    """Valid JSON of the wrong shape in an index or config.json is a clear error, not a crash."""
+    from neuromerge_cli.checkpoints import Source, open_checkpoint
+    from neuromerge_cli.errors import MergeError
+
+    base, tasks = family(tmp_path, shards=2)
+    index = tasks[0] / "model.safetensors.index.json"
+    for weight_map, message in [([1, 2], "corrupted index"), ({"a": 5}, "corrupted index"),
+                                ({"a": "../base/model-00001-of-00002.safetensors"}, "is not a file name")]:
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(MergeError, match=rf"^{re.escape(str(index))}: .*{message}"):
+            open_checkpoint(Source("t", tasks[0]))
+    (base / "config.json").write_text("[1, 2]")
+    with pytest.raises(MergeError, match=r"config\.json: expected a JSON object, got list$"):
+        open_checkpoint(Source("b", base))
