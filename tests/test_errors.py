@@ -201,6 +201,12 @@ def output_is_file(d: Path) -> list[str]:
     return args + ["--overwrite"]
 
 
+def output_under_a_file(d: Path) -> list[str]:
+    args = good_recipe(output=str(d / "a-file" / "merged"))(d)
+    (d / "a-file").write_text("not a folder")
+    return args
+
+
 def output_in_input(d: Path) -> list[str]:
     base, tasks = family(d)
     return recipe_args(d, base, tasks, output=str(tasks[1] / "merged"))
@@ -383,6 +389,8 @@ CASES = [
          "`output: <folder> already exists (use --overwrite to replace it)`", sub=True),
     Case("output_is_a_file", output_is_file, rf"output: {P}merged exists and is not a folder$",
          "`output: <path> exists and is not a folder`"),
+    Case("output_under_a_file", output_under_a_file, rf"output: cannot create a folder in {P}a-file \(.+\)$",
+         "`output: cannot create a folder in <parent> (<system error>)`"),
     Case("output_inside_input", output_in_input, rf"output: {P}task1/merged overlaps the input folder {P}task1$",
          "`output: <folder> overlaps the input folder <model>`"),
 ]
