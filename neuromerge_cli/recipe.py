@@ -56,7 +56,8 @@ def _reference(value: Any, key: str) -> str:
 def _unknown(keys: Any, allowed: tuple[str, ...], where: str) -> None:
     for key in keys:
         if key not in allowed:
-            raise MergeError(f"{where}{key_text(key)}: unknown key ({did_you_mean(key, allowed)}allowed: {', '.join(allowed)})")
+            raise MergeError(f"{where}{key_text(key)}: unknown key "
+                             f"({did_you_mean(key, allowed)}allowed: {', '.join(allowed)})")
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
@@ -93,7 +94,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
             raise MergeError(f"{where}.weight: {exc}") from None
         if ref == base:
             raise MergeError(f"{where}.model: '{ref}' is the base model; list only fine-tuned models")
-        models.append(ModelEntry(ref, float(weight)))
+        models.append(ModelEntry(ref, weight))
     method_name = data["method"]
     if not isinstance(method_name, str):
         raise MergeError(f"method: expected a method name, got {method_name!r}")

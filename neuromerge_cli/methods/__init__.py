@@ -19,7 +19,8 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]()
     except KeyError:
-        raise MergeError(f"method: unknown method {name!r} ({did_you_mean(name, METHODS)}known: {', '.join(METHODS)})") from None
+        raise MergeError(f"method: unknown method {name!r} "
+                         f"({did_you_mean(name, METHODS)}known: {', '.join(METHODS)})") from None
 
 
 __all__ = ["METHODS", "Method", "TensorJob", "TensorParts", "TensorResult", "get_method"]

@@ -72,7 +72,8 @@ class Method(ABC):
             if key not in known:
                 allowed = ", ".join(known) or "none"
                 raise MergeError(
-                    f"parameters.{key_text(key)}: method '{self.name}' takes no parameter {key!r} ({did_you_mean(key, known)}allowed: {allowed})"
+                    f"parameters.{key_text(key)}: method '{self.name}' takes no parameter {key!r} "
+                    f"({did_you_mean(key, known)}allowed: {allowed})"
                 )
         values: dict[str, Any] = {}
         for p in self.params:
