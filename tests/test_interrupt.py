@@ -102,6 +102,7 @@ def test_signal_to_the_reader_thread_stops_the_merge(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base, tasks, "task_arithmetic"))
     sent = []
+    handler_before = signal.getsignal(signal.SIGTERM)
 
     def progress(phase: str, done: int, *rest: int) -> None:
         readers = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
@@ -114,7 +115,7 @@ def test_signal_to_the_reader_thread_stops_the_merge(tmp_path: Path) -> None:
         time.sleep(5)  # not reached when the signal interrupts the merge
     assert sent and caught.value.signum == signal.SIGTERM and not caught.value.published
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "recipe.yaml"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was restored
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the handler was restored
 
 
 def test_second_signal_does_not_cut_cleanup_short() -> None:
