@@ -469,6 +469,20 @@ def test_bad_input_in_process(case: Case, tmp_path: Path) -> None:
     check(case, run_in_process(case, tmp_path))
 
 
+# Found only by `run`: while the tensors stream, or about the output and run options.
+RUN_ONLY = {"no_output", "bad_shard_size", "bad_device", "nan_in_task", "inf_in_base", "output_exists",
+            "output_is_a_file", "output_under_a_file", "output_inside_input"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id not in RUN_ONLY], ids=lambda c: c.id)
+def test_validate_reports_the_same_error(case: Case, tmp_path: Path) -> None:
+    recipe = case.build(tmp_path)[0]
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["validate", recipe], env=_env(case, tmp_path))
+    check(case, Outcome(result.exit_code, result.stderr, before, snapshot(tmp_path),
+                        result.exception if not isinstance(result.exception, SystemExit) else None))
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.sub], ids=lambda c: c.id)
 def test_bad_input_subprocess(case: Case, subprocess_outcomes: dict[str, Outcome]) -> None:
     check(case, subprocess_outcomes[case.id])
