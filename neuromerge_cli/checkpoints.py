@@ -50,8 +50,11 @@ class Source:
                 "source": "hub" if self.hub else "local"}
 
 
-def resolve(reference: str) -> Source:
-    """Turn a recipe reference into a local folder (downloading from the Hub if needed)."""
+def resolve(reference: str, download: bool = True) -> Source:
+    """Turn a recipe reference into a local folder (downloading from the Hub if needed).
+
+    With ``download=False`` a Hub id resolves only from the local Hub cache (nothing is fetched).
+    """
     local = Path(os.path.expanduser(reference))
     if local.exists():
         if not local.is_dir():
@@ -59,10 +62,10 @@ def resolve(reference: str) -> Source:
         return Source(reference, local.resolve())
     if reference.startswith((".", "/", "~")) or not HUB_ID.match(reference):
         raise MergeError(f"{reference}: no such folder")
-    return _resolve_hub(reference)
+    return _resolve_hub(reference, download)
 
 
-def _resolve_hub(reference: str) -> Source:
+def _resolve_hub(reference: str, download: bool = True) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
@@ -70,12 +73,15 @@ def _resolve_hub(reference: str) -> Source:
 
     repo_id, _, revision = reference.partition("@")
     try:
-        path = Path(snapshot_download(repo_id, revision=revision or None,
+        path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not download,
                                       allow_patterns=META_PATTERNS + SAFETENSORS_PATTERNS))
         if not any(path.glob("*.safetensors")):
-            path = Path(snapshot_download(repo_id, revision=revision or None,
+            path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not download,
                                           allow_patterns=META_PATTERNS + BIN_PATTERNS))
     except LocalEntryNotFoundError:
+        if not download:
+            raise MergeError(f"{reference}: not in the Hub cache, and a dry run downloads nothing "
+                             f"(fetch it first, e.g. `hf download {repo_id}`)") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "not in the Hub cache and HF_HUB_OFFLINE is set" if offline else "not in the Hub cache and the Hub cannot be reached"
         raise MergeError(f"{reference}: no such local folder, and {why}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -11,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import MergeError
+from .errors import Interrupted, MergeError
+from .progress import RunLog, make_log, warnings_to
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   help="Merge fine-tuned checkpoints of one base model into one multi-task model.")
@@ -35,31 +37,31 @@ def parse_size(text: str) -> int:
     return int(value * SIZE_UNITS[unit])
 
 
-def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command; a user error becomes one line on stderr and exit code 1.
+def failure(exc: BaseException) -> tuple[str, int]:
+    """The one line (printed after 'error: ') and the exit code for a user error or an interruption.
 
     An interrupted merge exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
     """
-    import functools
-    import signal
+    if isinstance(exc, MergeError):
+        return " ".join(str(exc).splitlines()), 1
+    signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+    what = ("the output was already complete and is kept" if getattr(exc, "published", False)
+            else "no output was written and any previous output is unchanged")
+    return f"interrupted ({signal.Signals(signum).name}): {what}", 128 + signum
 
-    from .errors import Interrupted
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command; a user error or an interruption becomes one line on stderr and a non-zero exit."""
+    import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except MergeError as exc:
-            message = " ".join(str(exc).split("\n"))
+        except (MergeError, Interrupted, KeyboardInterrupt) as exc:
+            message, code = failure(exc)
             err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except (Interrupted, KeyboardInterrupt) as exc:
-            signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
-            what = ("the output was already complete and is kept" if getattr(exc, "published", False)
-                    else "no output was written and any previous output is unchanged")
-            err.print(f"interrupted ({signal.Signals(signum).name}): {what}", markup=False, highlight=False,
-                      soft_wrap=True)
-            raise typer.Exit(128 + signum) from None
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -74,44 +76,136 @@ def run(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (e.g. 5GB, 500MiB)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs that contain NaN or Inf."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    json_log: bool = typer.Option(False, "--json-log", help="Write one JSON object per event to stderr (for CI)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan (tensors, bytes, passes, memory); read no weights."),
+    no_push: bool = typer.Option(False, "--no-push", help="Do not push to the Hub even if the recipe has a 'hub:' section."),
 ) -> None:
-    """Merge the models of RECIPE into a new checkpoint folder.
+    """Merge the models of RECIPE into a new checkpoint folder (and push it when the recipe has 'hub:').
 
-    Example: neuromerge run recipes/demo.yaml --output merged/demo --overwrite
+    Example:
+
+    \b
+      neuromerge run recipes/demo.yaml --output merged/demo --overwrite
     """
+    log = make_log(quiet, json_log, err)
+    try:
+        with warnings_to(log):
+            _run(recipe, output, device, overwrite, shard_size, allow_nonfinite, quiet, dry_run, no_push, log)
+    except (MergeError, Interrupted, KeyboardInterrupt) as exc:
+        message, code = failure(exc)
+        log.error(message, code)
+        raise typer.Exit(code) from None
+    finally:
+        log.close()
+
+
+def _run(recipe_path: Path, output: Optional[Path], device: str, overwrite: bool, shard_size: str,
+         allow_nonfinite: bool, quiet: bool, dry_run: bool, no_push: bool, log: RunLog) -> None:
     from .engine import MergeOptions, prepare, run_merge
     from .recipe import load_recipe
     from .report import summary_lines
+    from .writer import check_output_location
 
-    r = load_recipe(recipe)
+    r = load_recipe(recipe_path)
     target = output if output is not None else (Path(r.output) if r.output else None)
     if target is None:
         raise MergeError("output: no output folder (give --output or set 'output' in the recipe)")
     size = parse_size(shard_size)
+    hub = None if no_push else r.hub
+    if dry_run:
+        from .dryrun import describe, plan_lines
+
+        prepared = prepare(r, size, read_weights=False)
+        check_output_location(target, [prepared.base.path] + [t.path for t in prepared.tasks], overwrite)
+        where = f"{hub.repo_id}" + (f" (branch {hub.revision})" if hub and hub.revision else "") if hub else None
+        plan = describe(prepared, device, target, where)
+        lines = plan_lines(plan)
+        log.event("plan", lines[0], **plan)
+        if not quiet:
+            for line in lines:
+                out.print(line, markup=False, highlight=False, soft_wrap=True)
+        return
     prepared = prepare(r, size)
-    progress = None if quiet else _progress_printer()
-    report = run_merge(prepared, MergeOptions(target, device, overwrite, size, allow_nonfinite, progress))
+    report = run_merge(prepared, MergeOptions(target, device, overwrite, size, allow_nonfinite, log.progress))
+    log.close()  # the live display ends before the summary is printed
+    log.summary(report, str(target))
     if not quiet:
-        err.print()
         for line in summary_lines(report):
             out.print(line, markup=False, highlight=False, soft_wrap=True)
         out.print(f"wrote {target}", markup=False, highlight=False)
+    if hub is not None:
+        try:
+            _push(target, hub.repo_id, hub.private, hub.revision, hub.commit_message, None, quiet, log)
+        except MergeError as exc:
+            raise MergeError(f"{exc}; the merge itself is complete: retry with `neuromerge push {target} {hub.repo_id}`") from None
 
 
-def _progress_printer() -> Callable[[str, int, int], None]:
-    state = {"phase": ""}
+def _push(folder: Path, repo_id: str, private: bool, revision: Optional[str], commit_message: Optional[str],
+          quality: Optional[dict], quiet: bool, log: RunLog) -> None:
+    from .hub import check_folder, push_folder
 
-    def show(phase: str, done: int, total: int) -> None:
-        if not err.is_terminal:
-            if phase != state["phase"]:
-                err.print(f"{phase}: {total} tensors", markup=False, highlight=False)
-                state["phase"] = phase
-            return
-        err.print(f"\r{phase}: {done}/{total}", end="", markup=False, highlight=False)
-        if done == total:
-            err.print()
+    check_folder(folder)  # before announcing anything
+    branch = f" (branch {revision})" if revision else ""
+    log.event("push", f"pushing {folder} to {repo_id}{branch}", folder=str(folder), repo_id=repo_id,
+              private=private, revision=revision)
+    url = push_folder(folder, repo_id, private, revision, commit_message, quality)
+    log.event("pushed", f"pushed to {url}", repo_id=repo_id, revision=revision, url=url)
+    if not quiet:
+        out.print(f"pushed {folder} to https://huggingface.co/{repo_id}{branch}: {url}", markup=False, highlight=False)
 
-    return show
+
+@app.command()
+@guarded
+def push(
+    folder: Path = typer.Argument(..., help="A merge output folder (with merge_report.json)."),
+    repo_id: str = typer.Argument(..., help="Hub model repository, e.g. user/my-merge (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    revision: Optional[str] = typer.Option(None, "--revision", "--branch", help="Branch to push to (created if missing)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", "-m", help="Commit message."),
+    quality: Optional[Path] = typer.Option(None, "--quality", help="JSON {row: {column: value}} added to the model card as a quality table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Check a merge output folder and upload it to a Hugging Face Hub model repository.
+
+    The token comes from HF_TOKEN or `hf auth login`. A folder that is not a complete merge output
+    (no merge_report.json, a missing or corrupted shard) is refused and nothing is uploaded.
+
+    Example:
+
+    \b
+      neuromerge push merged/demo user/demo-ties --private --quality eval.json
+    """
+    from .hub import load_quality
+
+    table = load_quality(quality) if quality is not None else None
+    _push(folder, repo_id, private, revision, commit_message, table, quiet, make_log(quiet, False, err))
+
+
+@app.command()
+@guarded
+def report(
+    path: Path = typer.Argument(..., help="merge_report.json, or the merge output folder."),
+    top: int = typer.Option(10, "--top", min=1, help="How many tensors each top table lists."),
+    layers: bool = typer.Option(False, "--layers", help="Also print the per-layer table."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write per-layer figures across depth to this PNG (needs matplotlib)."),
+) -> None:
+    """Show a merge report: per-task σ_t, thresholds and kept fractions; top tensors by sign
+    conflict, orthogonal rank and delta norm; optionally per-layer figures as a PNG.
+
+    Example:
+
+    \b
+      neuromerge report merged/demo/merge_report.json --top 5 --plot merged/demo/layers.png
+    """
+    from .report_render import load_report, render
+
+    data = load_report(path)
+    render(data, out if out.is_terminal else Console(width=160), top, layers)  # logs: room for tensor names
+    if plot is not None:
+        from .report_plot import plot_layers
+
+        n = plot_layers(data, plot)
+        out.print(f"wrote {plot} ({n} layers)", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -169,7 +263,10 @@ def sweep(
 def validate(recipe: Path = typer.Argument(..., help="YAML recipe.")) -> None:
     """Check a recipe and its checkpoints' compatibility without merging.
 
-    Example: neuromerge validate recipes/demo.yaml
+    Example:
+
+    \b
+      neuromerge validate recipes/demo.yaml
     """
     from .engine import prepare
     from .recipe import load_recipe
@@ -186,7 +283,10 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe.")) -> None:
 def methods() -> None:
     """List every merge method with its parameters, defaults and meaning.
 
-    Example: neuromerge methods
+    Example:
+
+    \b
+      neuromerge methods
     """
     from .methods import METHODS
 
@@ -208,7 +308,10 @@ def methods() -> None:
 def inspect(model: str = typer.Argument(..., help="Local folder or Hub id[@revision].")) -> None:
     """Tensors, parameter count, dtypes, shards, neuron vs point parameters of a checkpoint.
 
-    Example: neuromerge inspect ./checkpoints/base
+    Example:
+
+    \b
+      neuromerge inspect ./checkpoints/base
     """
     from .checkpoints import open_checkpoint, resolve
     from .plan import role_of

@@ -24,7 +24,9 @@ from .writer import ShardWriter, atomic_folder, check_free_space, check_output_l
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
+Progress = Callable[[str, int, int, int, int], None]
+"""(phase, tensors done, tensors in the pass, bytes read so far, bytes the pass reads): called with
+done = 0 when a pass starts, then after every tensor."""
 
 
 @dataclass
@@ -48,6 +50,10 @@ class Prepared:
     plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
 
+    def read_bytes(self, name: str) -> int:
+        """Bytes that reading tensor ``name`` from the base and every task takes."""
+        return sum(ck.tensors[name].nbytes for ck in (self.base, *self.tasks))
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -59,13 +65,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE) -> Prepared:
-    """Resolve and index every checkpoint and plan the output."""
+def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE, read_weights: bool = True) -> Prepared:
+    """Resolve and index every checkpoint and plan the output.
+
+    ``read_weights=False`` (a dry run) downloads nothing and reads no weight: Hub ids must be in
+    the cache, and tied weights stay unconfirmed (see plan.make_plan)."""
     t0 = time.perf_counter()
-    sources: list[Source] = [resolve(recipe.base_model)] + [resolve(m.model) for m in recipe.models]
+    sources: list[Source] = [resolve(r, read_weights) for r in (recipe.base_model, *(m.model for m in recipe.models))]
     t1 = time.perf_counter()
     base, *tasks = [open_checkpoint(s) for s in sources]
-    plan = make_plan(base, tasks, recipe.torch_dtype, shard_size)
+    plan = make_plan(base, tasks, recipe.torch_dtype, shard_size, compare_ties=read_weights)
     t2 = time.perf_counter()
     return Prepared(recipe, get_method(recipe.method), base, tasks, plan,
                     {"resolve_s": t1 - t0, "index_and_plan_s": t2 - t1})
@@ -109,6 +118,23 @@ class TensorLoader:
         return base, tasks.sub_(base)
 
 
+class PassProgress:
+    """Reports one pass over tensors to a Progress callback: announced on creation, then tick(name)."""
+
+    def __init__(self, progress: Progress | None, phase: str, prepared: Prepared, names: list[str]) -> None:
+        self.progress, self.phase, self.prepared, self.total = progress, phase, prepared, len(names)
+        self.done = self.bytes_done = 0
+        self.bytes_total = sum(prepared.read_bytes(n) for n in names)
+        if progress:
+            progress(phase, 0, self.total, 0, self.bytes_total)
+
+    def tick(self, name: str) -> None:
+        self.done += 1
+        self.bytes_done += self.prepared.read_bytes(name)
+        if self.progress:
+            self.progress(self.phase, self.done, self.total, self.bytes_done, self.bytes_total)
+
+
 def schedule(stats: list[GlobalStat]) -> list[list[tuple[GlobalStat, int]]]:
     """Group statistics passes into reads of the model: [(stat, its pass index)] per read."""
     start: dict[int, int] = {}
@@ -125,12 +151,12 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
     passes = schedule(stats)
     names = [t.name for t in prepared.plan.merged]
     for g, active in enumerate(passes):
-        for i, (name, tensors) in enumerate(loader.stream(names)):
+        meter = PassProgress(progress, f"statistics pass {g + 1}/{len(passes)}", prepared, names)
+        for name, tensors in loader.stream(names):
             _, deltas = loader.as_float(tensors)
             for stat, p in active:
                 stat.observe(p, name, deltas, weights)
-            if progress:
-                progress(f"statistics pass {g + 1}/{len(passes)}", i + 1, len(names))
+            meter.tick(name)
         for stat, p in active:
             stat.end_pass(p)
     return len(passes)
@@ -209,7 +235,8 @@ def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Vari
                     aliases[t.alias_of].append(t.name)
             names = [t.name for t in plan.tensors if t.alias_of is None]
             by_name = plan.by_name()
-            for i, (name, tensors) in enumerate(loader.stream(names)):
+            meter = PassProgress(options.progress, "merge", prepared, names)
+            for name, tensors in loader.stream(names):
                 t = by_name[name]
                 if t.role == "copy":
                     outs = [tensors[0]] * len(targets)
@@ -232,8 +259,7 @@ def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Vari
                     writer.write(name, out)
                     for alias in aliases.get(name, ()):
                         writer.write(alias, out)
-                if options.progress:
-                    options.progress("merge", i + 1, len(names))
+                meter.tick(name)
             for writer in writers:
                 writer.close()
         except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-TOP_KEYS = ("base_model", "models", "method", "parameters", "dtype", "output")
+TOP_KEYS = ("base_model", "models", "method", "parameters", "dtype", "output", "hub")
 MODEL_KEYS = ("model", "weight")
+HUB_KEYS = ("repo_id", "private", "revision", "commit_message")
+REPO_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,16 @@ class ModelEntry:
 
     model: str
     weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    """Where ``neuromerge run`` pushes the merged folder (the recipe's ``hub:`` section)."""
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None  # a branch; created from main when missing
+    commit_message: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class Recipe:
     dtype: str | None = None
     output: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    hub: HubTarget | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -115,7 +129,28 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     output = data.get("output")
     if output is not None and (not isinstance(output, str) or not output.strip() or not output.isprintable()):
         raise MergeError(f"output: expected a folder path, got {output!r}")
-    return Recipe(base, tuple(models), method.name, params, dtype, output, dict(data))
+    hub = parse_hub(data["hub"]) if "hub" in data else None
+    return Recipe(base, tuple(models), method.name, params, dtype, output, dict(data), hub)
+
+
+def parse_hub(data: Any) -> HubTarget:
+    """The ``hub:`` section: repo_id (required), private, revision (a branch), commit_message."""
+    if not isinstance(data, dict):
+        raise MergeError(f"hub: expected a mapping with repo_id (and optional private, revision, commit_message), got {data!r}")
+    _unknown(data, HUB_KEYS, "hub.")
+    repo_id = data.get("repo_id")
+    if not isinstance(repo_id, str) or not REPO_ID.match(repo_id.strip()):
+        raise MergeError(f"hub.repo_id: expected a Hub repository id such as 'user/model-name', got {repo_id!r}")
+    private = data.get("private", False)
+    if not isinstance(private, bool):
+        raise MergeError(f"hub.private: expected true or false, got {private!r}")
+    texts = {}
+    for key in ("revision", "commit_message"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise MergeError(f"hub.{key}: expected a non-empty string, got {value!r}")
+        texts[key] = value.strip() if value is not None else None
+    return HubTarget(repo_id.strip(), private, texts["revision"], texts["commit_message"])
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -89,7 +89,7 @@ def write_metadata(folder: Path, prepared: "Prepared", report: dict[str, Any]) -
             for k in keys:
                 config[k] = dtype
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(prepared, report))
+    (folder / "README.md").write_text(model_card(report))
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
 

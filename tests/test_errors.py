@@ -597,3 +597,15 @@ def test_index_and_config_of_the_wrong_shape(tmp_path: Path) -> None:
     (base / "config.json").write_text("[1, 2]")
     with pytest.raises(MergeError, match=r"config\.json: expected a JSON object, got list$"):
         open_checkpoint(Source("b", base))
+
+
+def test_json_log_gives_one_error_event(tmp_path: Path) -> None:
+    """With --json-log the same failure is one JSON `error` event on stderr, with the same message and exit code."""
+    case = next(c for c in CASES if c.id == "truncated_shard")
+    args = case.build(tmp_path)
+    result = CliRunner().invoke(app, ["run", *args, "--json-log"])
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    errors = [e for e in events if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["exit_code"] == 1 == result.exit_code
+    assert re.match(case.pattern, errors[0]["message"])
+    assert not (tmp_path / "merged").exists()

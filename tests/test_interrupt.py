@@ -61,8 +61,8 @@ def temporary_folders(parent: Path) -> list[Path]:
 def check_interrupted(proc: subprocess.Popen, sig: signal.Signals) -> None:
     _, stderr = proc.communicate(timeout=120)
     assert "Traceback" not in stderr, stderr
-    assert stderr.splitlines()[-1] == (f"interrupted ({sig.name}): no output was written and any previous "
-                                       "output is unchanged"), stderr
+    assert stderr.splitlines()[-1] == (f"error: interrupted ({sig.name}): no output was written and any "
+                                       "previous output is unchanged"), stderr
     assert proc.returncode == 128 + sig
 
 
