@@ -106,7 +106,9 @@ def summary_lines(report: dict[str, Any], top: int = 5) -> list[str]:
             lines.append(f"  {row['model']}: " + ", ".join(parts))
     g = report["global"]
     if "lambda2" in g:
-        lines.append(f"  lambda1={g['lambda1']:.4g} lambda2={g['lambda2']:.4g}" + (" (auto)" if g.get("lambda2_auto") else ""))
+        sigma = f"sigma=max σ_t={g['sigma']:.4g} " if "sigma" in g else ""
+        lines.append(f"  {sigma}lambda1={g['lambda1']:.4g} lambda2={g['lambda2']:.4g}"
+                     + (" (auto)" if g.get("lambda2_auto") else ""))
     conflicts = sorted(((v["sign_conflict"], k) for k, v in report["tensors"].items() if "sign_conflict" in v), reverse=True)
     if conflicts:
         lines.append("  most sign conflict: " + ", ".join(f"{k} ({c:.1%})" for c, k in conflicts[:top]))

@@ -75,3 +75,19 @@ def write_recipe(path: Path, base: Path, tasks: list[Path], method: str, paramet
     data.update(extra)
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def run_engine_merge(root: Path, base: Path, tasks: list[Path], method: str, parameters: dict | None = None,
+                     weights: list[float] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Merge through the engine (CPU) and return (the output's tensors, merge_report.json)."""
+    from safetensors.torch import load_file
+
+    from neuromerge_cli.engine import MergeOptions, prepare, run_merge
+    from neuromerge_cli.recipe import load_recipe
+
+    root.mkdir(parents=True, exist_ok=True)
+    extra = {} if weights is None else {"models": [{"model": str(t), "weight": w} for t, w in zip(tasks, weights)]}
+    recipe_path = write_recipe(root / f"{method}.yaml", base, tasks, method, parameters, **extra)
+    out = root / f"out_{method}"
+    report = run_merge(prepare(load_recipe(recipe_path)), MergeOptions(output=out, device="cpu", overwrite=True))
+    return load_file(str(out / "model.safetensors")), report
