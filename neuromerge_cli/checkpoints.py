@@ -30,7 +30,8 @@ META_PATTERNS = [
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
     "vocab.*", "merges.txt", "*.model", "chat_template.*", "preprocessor_config.json",
 ]
-SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+# Only the transformers weight names: repos may also hold other copies (consolidated.safetensors, adapters).
+SAFETENSORS_PATTERNS = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
 BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?(@[\w.\-/]+)?$")
 MAX_HEADER = 100 * 1024 * 1024
@@ -68,16 +69,18 @@ def resolve(reference: str, download: bool = True) -> Source:
 def _resolve_hub(reference: str, download: bool = True) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
     repo_id, _, revision = reference.partition("@")
     try:
         path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not download,
                                       allow_patterns=META_PATTERNS + SAFETENSORS_PATTERNS))
-        if not any(path.glob("*.safetensors")):
+        if not any(path.glob("model*.safetensors")):
             path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not download,
                                           allow_patterns=META_PATTERNS + BIN_PATTERNS))
+    except HFValidationError as exc:
+        raise MergeError(f"{reference}: no such folder, and not a valid Hub id ({str(exc).splitlines()[0]})") from None
     except LocalEntryNotFoundError:
         if not download:
             raise MergeError(f"{reference}: not in the Hub cache, and a dry run downloads nothing "

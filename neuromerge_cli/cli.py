@@ -154,6 +154,26 @@ def _push(folder: Path, repo_id: str, private: bool, revision: Optional[str], co
         out.print(f"pushed {folder} to https://huggingface.co/{repo_id}{branch}: {url}", markup=False, highlight=False)
 
 
+def _exemplar_progress(log_steps: int = 20) -> Callable[[str, int, int], None]:
+    """classify's progress on stderr: a live counter on a terminal; otherwise one line when it
+    starts and ``log_steps`` evenly spaced lines (for long runs whose output goes to a log)."""
+    unit = "exemplars"
+    state = {"phase": "", "step": 0}
+
+    def show(phase: str, done: int, total: int) -> None:
+        if not err.is_terminal:
+            if phase != state["phase"]:
+                err.print(f"{phase}: {total} {unit}", markup=False, highlight=False)
+                state.update(phase=phase, step=0)
+            if log_steps and done * log_steps >= (state["step"] + 1) * total:
+                state["step"] = done * log_steps // total
+                err.print(f"{phase}: {done}/{total} {unit}", markup=False, highlight=False)
+            return
+        err.print(f"\r{phase}: {done}/{total}", end="", markup=False, highlight=False)
+        if done == total:
+            err.print()
+
+
 @app.command()
 @guarded
 def push(
@@ -276,7 +296,63 @@ def validate(recipe: Path = typer.Argument(..., help="YAML recipe.")) -> None:
     counts = {role: sum(1 for t in p.plan.tensors if t.role == role) for role in ("neuron", "point", "copy")}
     out.print(f"ok: {r.method} over {len(r.models)} models of {r.base_model}; {len(p.plan.tensors)} tensors "
               f"({counts['neuron']} neuron, {counts['point']} point, {counts['copy']} copied), "
-              f"{len(p.plan.tied)} tied, {len(p.plan.shards)} output shard(s)", markup=False, highlight=False)
+              f"{len(p.plan.tied)} tied, {len(p.plan.shards)} output shard(s)", markup=False, highlight=False,
+              soft_wrap=True)
+
+
+@app.command()
+@guarded
+def classify(
+    recipe: Path = typer.Argument(..., help="YAML recipe with a 'classify' section."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Groups file (default: classify.output)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Override classify.batch_size."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing groups file and summary."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Group the base model's MLP neurons by function over the recipe's exemplar corpora (NeuronMerge).
+
+    Writes a groups file (safetensors) for method neuronmerge and a JSON summary beside it.
+
+    Example:
+
+    \b
+      neuromerge classify recipe.yaml --device cuda
+    """
+    import dataclasses
+
+    from .classify import check_output, classify as run_classify, write_classification
+    from .engine import pick_device
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe)
+    if r.classify is None:
+        raise MergeError(f"{recipe}: no 'classify' section (classify: {{corpora: {{general: FILE, TASK: FILE}}, ...}})")
+    config = r.classify if batch_size is None else dataclasses.replace(r.classify, batch_size=batch_size)
+    target = output if output is not None else (Path(config.output) if config.output else None)
+    if target is None:
+        raise MergeError("classify.output: no groups file (give --output or set classify.output)")
+    check_output(target, overwrite)
+    result = run_classify(r, config, pick_device(device), None if quiet else _exemplar_progress())
+    summary = write_classification(result, target, overwrite)
+    if quiet:
+        return
+    err.print()
+    table = Table(title=f"MLP neurons by category (top-{config.top_k} exemplars, {r.base_model})")
+    table.add_column("layer", justify="right")
+    for cat in result.groups.categories:
+        table.add_column(cat, justify="right")
+    for row in result.summary["layers"]:
+        table.add_row(str(row["layer"]), *(str(row["counts"][c]) for c in result.groups.categories))
+    totals = result.summary["totals"]
+    all_neurons = sum(totals.values())
+    table.add_row("all", *(f"{totals[c]} ({totals[c] / all_neurons:.1%})" for c in result.groups.categories),
+                  style="bold")
+    out.print(table)
+    t = result.summary["timings"]
+    out.print(f"{sum(result.summary['exemplars'].values())} exemplars, {result.summary['tokens']} tokens on "
+              f"{result.summary['device']} in {t['load_s'] + t['forward_s']:.1f} s; wrote {target} and {summary}",
+              markup=False, highlight=False)
 
 
 @app.command()
@@ -291,7 +367,7 @@ def methods() -> None:
     from .methods import METHODS
 
     for cls in METHODS.values():
-        out.print(f"{cls.name}: {cls.summary}", markup=False, highlight=False)
+        out.print(f"{cls.name}: {cls.summary}", markup=False, highlight=False, soft_wrap=True)
         table = Table(show_edge=False, box=None, padding=(0, 2))
         for col in ("parameter", "default", "values", "meaning"):
             table.add_column(col)
@@ -325,12 +401,14 @@ def inspect(model: str = typer.Argument(..., help="Local folder or Hub id[@revis
         key = str(info.dtype).removeprefix("torch.")
         dtypes[key] = dtypes.get(key, 0) + info.numel
     total = sum(roles.values())
-    out.print(f"{model} -> {ck.path}" + (f" (revision {ck.source.revision})" if ck.source.revision else ""), markup=False)
+    out.print(f"{model} -> {ck.path}" + (f" (revision {ck.source.revision})" if ck.source.revision else ""),
+              markup=False, highlight=False, soft_wrap=True)
     out.print(f"architecture: {(ck.config or {}).get('model_type', 'unknown')}; {len(ck.tensors)} tensors, "
-              f"{total:,} parameters in {len(files)} file(s)", markup=False)
-    out.print("dtypes: " + ", ".join(f"{k} {v:,}" for k, v in dtypes.items()), markup=False)
+              f"{total:,} parameters in {len(files)} file(s)", markup=False, highlight=False, soft_wrap=True)
+    out.print("dtypes: " + ", ".join(f"{k} {v:,}" for k, v in dtypes.items()),
+              markup=False, highlight=False, soft_wrap=True)
     out.print(f"neuron parameters {roles['neuron']:,}, point parameters {roles['point']:,}, "
-              f"copied (integer) {roles['copy']:,}", markup=False)
+              f"copied (integer) {roles['copy']:,}", markup=False, highlight=False, soft_wrap=True)
     table = Table(show_edge=False)
     for col in ("tensor", "role", "dtype", "shape", "file"):
         table.add_column(col)

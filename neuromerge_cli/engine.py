@@ -75,8 +75,10 @@ def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE, read_weights: 
     t1 = time.perf_counter()
     base, *tasks = [open_checkpoint(s) for s in sources]
     plan = make_plan(base, tasks, recipe.torch_dtype, shard_size, compare_ties=read_weights)
+    method = get_method(recipe.method)
+    method.bind(recipe, plan)
     t2 = time.perf_counter()
-    return Prepared(recipe, get_method(recipe.method), base, tasks, plan,
+    return Prepared(recipe, method, base, tasks, plan,
                     {"resolve_s": t1 - t0, "index_and_plan_s": t2 - t1})
 
 

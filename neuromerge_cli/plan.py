@@ -11,6 +11,7 @@ from .errors import MergeError
 
 ROLES = ("neuron", "point", "copy")
 TIE_SUFFIXES = ("embed_tokens.weight", "shared.weight", "word_embeddings.weight", "wte.weight",
+                "tok_embeddings.weight", "embed_in.weight",
                 "lm_head.weight", "embed_out.weight", "decoder.weight", "output.weight")
 
 
@@ -107,11 +108,15 @@ def find_tied(base: Checkpoint, tasks: list[Checkpoint]) -> dict[str, str]:
     """
     tied: dict[str, str] = {}
     for names in tie_candidates(base):
-        primary, *others = names
-        for ck in (base, *tasks):
-            ref = ck.read(primary)
-            others = [o for o in others if torch.equal(ref, ck.read(o))]
-        tied.update({o: primary for o in others})
+        # split each group into classes of equal tensors: e.g. (decoder, embed = lm_head)
+        while len(names) > 1:
+            primary, *others = names
+            same = others
+            for ck in (base, *tasks):
+                ref = ck.read(primary)
+                same = [o for o in same if torch.equal(ref, ck.read(o))]
+            tied.update({o: primary for o in same})
+            names = [o for o in others if o not in same]
     return tied
 
 

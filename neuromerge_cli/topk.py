@@ -9,6 +9,7 @@ values in that bin, which pins the exact bit pattern of the k-th largest value.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Callable, Sequence
 
 import torch
@@ -18,8 +19,14 @@ LOW_BINS = 1 << 16
 
 
 def kept_count(n: int, density: float) -> int:
-    """k = max(1, ⌊d·N⌋), or N when d >= 1."""
-    return n if density >= 1.0 else min(n, max(1, math.floor(density * n)))
+    """k = max(1, ⌊d·N⌋), or N when d >= 1.
+
+    d·N is taken exactly for the decimal d the user wrote (0.29 · 100 = 29, where float
+    arithmetic gives 28.999999999999996).
+    """
+    if density >= 1.0:
+        return n
+    return min(n, max(1, math.floor(Fraction(repr(float(density))) * n)))
 
 
 def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
@@ -27,6 +34,8 @@ def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     flat = magnitudes.reshape(magnitudes.shape[0], -1)
     n = flat.shape[1]
     k = kept_count(n, density)
+    if n == 0:  # an empty tensor: nothing to keep or trim
+        return flat.new_zeros(flat.shape[0])
     if k >= n:
         return flat.amin(dim=1)
     return torch.kthvalue(flat, n - k + 1, dim=1).values

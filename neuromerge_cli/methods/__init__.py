@@ -8,6 +8,7 @@ from .dare import DareLinear, DareTies
 from .iso import IsoC, IsoCts
 from .linear import Linear
 from .neuromerging import NeuroMerging
+from .neuronmerge import NeuronMerge
 from .pcb import Pcb
 from .subspace import Subspace
 from .task_arithmetic import TaskArithmetic
@@ -16,7 +17,7 @@ from .tsv import Tsv
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, NeuroMerging, Subspace,
-                              Pcb, Tsv, IsoC, IsoCts)
+                              Pcb, Tsv, IsoC, IsoCts, NeuronMerge)
 }
 
 
