@@ -170,9 +170,11 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad pickles
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if needs:
-            raise MergeError(f"{path}: refused: the file needs code to unpickle ({needs.group(1)}); only plain "
+        text = str(exc)
+        needs = re.search(r"\bGLOBAL ([\w.]+)", text)  # torch names the class or function it refused
+        if needs or ("Weights only load failed" in text and "Unsupported operand" not in text):
+            what = needs.group(1) if needs else "not plain tensors"
+            raise MergeError(f"{path}: refused: the file needs code to unpickle ({what}); only plain "
                              "tensors are loaded (convert it to safetensors where you trust it)") from None
         raise MergeError(f"{path}: cannot read PyTorch checkpoint: corrupted or not a checkpoint "
                          f"({type(exc).__name__})") from None
