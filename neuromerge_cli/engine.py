@@ -19,7 +19,7 @@ from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
 from .stats import GlobalStat
-from .writer import ShardWriter, atomic_folder, check_output_location, signals_as_exceptions
+from .writer import ShardWriter, atomic_folder, check_free_space, check_output_location, signals_as_exceptions
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2
@@ -200,7 +200,7 @@ def run_merge(prepared: Prepared, options: MergeOptions) -> dict[str, Any]:
 
 def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Variant]) -> list[dict[str, Any]]:
     """Merge once and publish one folder per variant; returns the report written with each."""
-    from .report import build_report, write_metadata
+    from .report import build_report, metadata_bytes, write_metadata
 
     recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
     if any(v.scales for v in targets):
@@ -213,6 +213,7 @@ def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Vari
     inputs = [prepared.base.path] + [t.path for t in prepared.tasks]
     for v in targets:
         check_output_location(v.output, inputs, options.overwrite)
+    check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)
