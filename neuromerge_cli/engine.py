@@ -201,8 +201,7 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
     passes = schedule(stats)
     names = [t.name for t in plan.merged]
     for g, active in enumerate(passes):
-        partials = [stat.partials(p) for stat, p in active] if not world.alone else []
-        split = not world.alone and all(x is not None for x in partials)
+        split = not world.alone and all(stat.partials(p) is not None for stat, p in active)
         mine = world.share(names, [by_name[n].nbytes for n in names]) if split else names
         work = pieces(plan, mine, all(stat.rowwise for stat, _ in active))
         done = 0
@@ -214,8 +213,8 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
                 done += 1
                 if progress:
                     progress(f"statistics pass {g + 1}/{len(passes)}", done, len(mine))
-        if split:
-            world.all_reduce_([t for x in partials for t in x or ()])
+        if split:  # the partial sums as they stand at the end of the pass
+            world.all_reduce_([t for stat, p in active for t in stat.partials(p) or ()])
         for stat, p in active:
             stat.end_pass(p)
     return len(passes)

@@ -29,8 +29,9 @@ class GlobalStat:
         """Called once every tensor has been observed in ``pass_index``."""
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
-        """The accumulators of ``pass_index`` that add up across processes, summed in place before
-        ``end_pass`` when tensors are split across ranks; None: every rank observes every tensor."""
+        """The accumulators of ``pass_index`` that add up across processes, summed in place between the
+        last ``observe`` and ``end_pass`` when tensors are split across ranks (it may be called more
+        than once; the last call's tensors count); None: every rank observes every tensor."""
         return None
 
     def summary(self) -> dict[str, Any]:

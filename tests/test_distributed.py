@@ -47,7 +47,10 @@ def test_two_processes_write_the_single_process_bytes(tmp_path: Path, method: st
         assert f.read_bytes() == (two / f.name).read_bytes(), f.name
     assert (one / "model.safetensors.index.json").read_text() == (two / "model.safetensors.index.json").read_text()
     r1, r2 = (json.loads((d / "merge_report.json").read_text()) for d in (one, two))
-    assert r1["global"] == pytest.approx(r2["global"])
+    t1, t2 = r1["global"]["trim"], r2["global"]["trim"]
+    assert {k: v for k, v in t1.items() if k != "sigma"} == {k: v for k, v in t2.items() if k != "sigma"}
+    assert t1["sigma"] == pytest.approx(t2["sigma"], rel=1e-12)  # float64 sums added in another order
+    assert r1["global"].get("majority") == r2["global"].get("majority")
     assert r1["tensors"].keys() == r2["tensors"].keys()
     for name, row in r1["tensors"].items():
         assert row["task_l1"] == pytest.approx(r2["tensors"][name]["task_l1"], rel=1e-6)
