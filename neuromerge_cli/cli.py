@@ -107,6 +107,56 @@ def _progress_printer() -> Callable[[str, int, int], None]:
 
 @app.command()
 @guarded
+def sweep(
+    recipe: Path = typer.Argument(..., help="YAML recipe (the grid overrides its parameters)."),
+    grid: list[str] = typer.Option(..., "--grid", "-g", help="NAME=START:STOP:STEP (inclusive) or NAME=V1,V2,...; repeatable."),
+    evaluate: str = typer.Option(..., "--eval", help="Command that scores a merged folder ({output} is replaced); its last output line is the score."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the points are merged (default: OUTPUT-sweep)."),
+    keep: str = typer.Option("best", help="Merged folders to keep: all | best | none."),
+    minimize: bool = typer.Option(False, "--minimize", help="Lower scores are better (default: higher)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace point folders left by an earlier sweep."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest output shard (e.g. 5GB, 500MiB)."),
+) -> None:
+    """Merge over a parameter grid, score every point with --eval, keep the best and write its recipe.
+
+    Points that differ only in scale parameters (lambda, lambda1, lambda2, lambda_point) share one
+    merge computation.
+
+    Example: neuromerge sweep recipes/demo.yaml --grid lambda2=0.8:2.0:0.2 --grid density=0.1,0.15
+    --eval "python scripts/quality_benchmark.py eval {output} --split validation"
+    """
+    from .engine import MergeOptions, prepare
+    from .recipe import load_recipe
+    from .sweep import parse_grid, run_sweep
+
+    r = load_recipe(recipe)
+    points = parse_grid(grid)
+    root = workdir or Path((r.output or "merged").rstrip("/") + "-sweep")
+    size = parse_size(shard_size)
+    prepared = prepare(r, size)
+    names = list(points)
+    table = Table(show_edge=False)
+    for col in (*names, "score"):
+        table.add_column(col)
+
+    def show(p: Any) -> None:
+        err.print(f"point {p.index}: " + ", ".join(f"{k}={v}" for k, v in p.values.items()) + f" -> {p.score:.6g}",
+                  markup=False, highlight=False)
+        table.add_row(*(str(p.values[n]) for n in names), f"{p.score:.6g}")
+
+    result = run_sweep(prepared, points, evaluate, root, MergeOptions(root, device, overwrite, size),
+                       keep, not minimize, show)
+    out.print(table)
+    kept = f", merged at {result.best.output}" if keep != "none" else ""
+    out.print(f"best: " + ", ".join(f"{k}={v}" for k, v in result.best.values.items()) +
+              f" (score {result.best.score:.6g}){kept}", markup=False, highlight=False)
+    out.print(f"{len(result.points)} points from {result.merges} merge pass(es); best recipe: {result.best_recipe}",
+              markup=False, highlight=False)
+
+
+@app.command()
+@guarded
 def validate(recipe: Path = typer.Argument(..., help="YAML recipe.")) -> None:
     """Check a recipe and its checkpoints' compatibility without merging.
 

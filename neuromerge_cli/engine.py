@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -223,19 +224,20 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
 class TensorFigures:
     """The report's figures of one tensor, added up over its blocks of rows."""
 
-    def __init__(self, t: TensorPlan, num_tasks: int) -> None:
+    def __init__(self, t: TensorPlan, num_tasks: int, variants: int = 1) -> None:
         self.t = t
         self.l1 = torch.zeros(num_tasks, dtype=torch.float64)
         self.l2sq = torch.zeros(num_tasks, dtype=torch.float64)
-        self.delta_sq = 0.0
+        self.delta_sq = [0.0] * variants
         self.extra: dict[str, float] = {}
         self.other: dict[str, Any] = {}
         self.n = 0
 
-    def add(self, l1: torch.Tensor, l2: torch.Tensor, delta_norm: float, extra: dict[str, Any], numel: int) -> None:
+    def add(self, l1: torch.Tensor, l2: torch.Tensor, delta_norms: list[float], extra: dict[str, Any],
+            numel: int) -> None:
         self.l1 += l1.double().cpu()
         self.l2sq += l2.double().cpu() ** 2
-        self.delta_sq += delta_norm ** 2
+        self.delta_sq = [a + b ** 2 for a, b in zip(self.delta_sq, delta_norms)]
         for k, v in extra.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.extra[k] = self.extra.get(k, 0.0) + float(v) * numel  # a mean over entries
@@ -243,61 +245,97 @@ class TensorFigures:
                 self.other[k] = v
         self.n += numel
 
-    def report(self) -> dict[str, Any]:
+    def report(self, variant: int = 0) -> dict[str, Any]:
         n = max(self.n, 1)
         return {
             "role": self.t.role, "shape": list(self.t.shape),
             "task_l1": [float(x) for x in self.l1.tolist()],
             "task_l2": [float(x) ** 0.5 for x in self.l2sq.tolist()],
-            "delta_norm": self.delta_sq ** 0.5,
+            "delta_norm": self.delta_sq[variant] ** 0.5,
             **{k: v / n for k, v in self.extra.items()}, **self.other,
         }
 
 
 def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
-                scales: dict[str, float] | None) -> tuple[torch.Tensor, float, dict[str, Any]]:
-    """θ = θ0 + delta of one piece in float32 (built in job.base's memory), ‖delta‖, the method's stats.
+                scales: list[dict[str, float]] | None) -> tuple[list[torch.Tensor], list[float], dict[str, Any]]:
+    """θ = θ0 + delta in float32 for one piece and each variant's scales (None: no scale parameters),
+    ‖delta‖ of each, and the method's stats.
 
-    A single scaled part is scaled in place and added to θ0, so no separate delta is built.
+    The last output is built in job.base's memory; a single scaled part is scaled in place, so one
+    output needs no separate delta tensor.
     """
     if scales is None:
         result = method.merge(job, params)
-        delta, stats = result.delta, result.stats
+        deltas, stats = [result.delta], result.stats
     else:
         split = method.merge_parts(job, params)
         stats = split.stats
-        if len(split.parts) == 1:
+        if len(scales) == 1 and len(split.parts) == 1:
             (key, delta), = split.parts.items()
-            if scales[key] != 1.0:
+            if scales[0][key] != 1.0:
                 shared = delta.untyped_storage().data_ptr() == job.base.untyped_storage().data_ptr()
-                delta = delta * scales[key] if shared else delta.mul_(scales[key])
+                delta = delta * scales[0][key] if shared else delta.mul_(scales[0][key])
+            deltas = [delta]
         else:
-            delta = split.combine(scales)
-    norm = float(torch.linalg.vector_norm(delta))
-    return job.base.add_(delta), norm, stats
+            deltas = [split.combine(s) for s in scales]
+    norms = [float(torch.linalg.vector_norm(d)) for d in deltas]
+    outs = [job.base + d for d in deltas[:-1]] + [job.base.add_(deltas[-1])]
+    return outs, norms, stats
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One output of a merge pass: a folder, and values for the method's scale parameters.
+
+    Several variants share one read of the inputs and one computation of each tensor's parts; only
+    the final scaled sum differs (a λ sweep).
+    """
+
+    output: Path
+    scales: dict[str, Any] = field(default_factory=dict)
+
+
+def _variant_recipe(recipe: Recipe, scales: dict[str, Any]) -> Recipe:
+    if not scales:
+        return recipe
+    raw = {**recipe.raw, "parameters": {**(recipe.raw.get("parameters") or {}), **scales}}
+    return replace(recipe, params={**recipe.params, **scales}, raw=raw)
 
 
 def run_merge(prepared: Prepared, options: MergeOptions) -> dict[str, Any]:
-    """Merge and publish the output folder; returns the report that was written with it.
+    """Merge and publish ``options.output``; returns the report that was written with it.
 
     Under a launcher (torchrun, accelerate launch: WORLD_SIZE > 1) every rank merges and writes its
     share of the tensors into the same files; rank 0 writes the metadata and publishes.
     """
-    from .report import build_report, write_metadata
+    return merge_variants(prepared, options, [Variant(options.output)])[0]
 
+
+def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Variant]) -> list[dict[str, Any]]:
+    """Merge once and publish one folder per variant; returns the report written with each."""
+    method = prepared.method
+    if any(v.scales for v in targets):
+        extra = sorted({k for v in targets for k in v.scales} - set(method.scale_params))
+        if extra:
+            raise MergeError(f"parameters.{extra[0]}: not a scale parameter of method '{method.name}' "
+                             f"(scale parameters: {', '.join(method.scale_params) or 'none'})")
     kind = pick_device(options.device).type
     world = world_from_env(kind)
-    device = world.device(kind)
     try:
-        return _run(prepared, options, world, device, build_report, write_metadata)
+        return _run(prepared, options, targets, world, world.device(kind))
     finally:
         shutdown(world)
 
 
-def _run(prepared: Prepared, options: MergeOptions, world: World, device: torch.device,
-         build_report: Callable[..., dict[str, Any]], write_metadata: Callable[..., None]) -> dict[str, Any]:
+def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], world: World,
+         device: torch.device) -> list[dict[str, Any]]:
+    from .report import build_report, write_metadata
+
     recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
-    check_output_location(options.output, [prepared.base.path] + [t.path for t in prepared.tasks], options.overwrite)
+    recipes = [_variant_recipe(recipe, v.scales) for v in targets]
+    inputs = [prepared.base.path] + [t.path for t in prepared.tasks]
+    for v in targets:
+        check_output_location(v.output, inputs, options.overwrite)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)
@@ -306,12 +344,14 @@ def _run(prepared: Prepared, options: MergeOptions, world: World, device: torch.
     figures: dict[str, TensorFigures] = {}
     by_name = plan.by_name()
     num_tasks = len(recipe.models)
-    with signals_as_exceptions(), shared_folder(options.output, options.overwrite, world) as folder:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(signals_as_exceptions())
+        folders = [stack.enter_context(shared_folder(v.output, options.overwrite, world)) for v in targets]
         t0 = time.perf_counter()
         stats = method.global_stats(recipe.params, num_tasks, device)
         reads = run_statistics(prepared, stats, loader, weights, options.progress, world)
         by_key = {s.key: s for s in stats}
-        scales = method.scales(recipe.params, by_key) if method.scale_params else None
+        scales = [method.scales(r.params, by_key) for r in recipes] if method.scale_params else None
         t1 = time.perf_counter()
         aliases: dict[str, list[str]] = {}
         for t in plan.tensors:
@@ -320,12 +360,11 @@ def _run(prepared: Prepared, options: MergeOptions, world: World, device: torch.
         names = [t.name for t in plan.tensors if t.alias_of is None]
         mine = world.share(names, [by_name[n].nbytes * (num_tasks + 1) for n in names])
         owned = set(mine) | {a for n in mine for a in aliases.get(n, ())}
-        if world.rank == 0:
-            writer = ShardWriter(folder, plan, create=True, owns=owned)
+        writers = [ShardWriter(f, plan, create=True, owns=owned) for f in folders] if world.rank == 0 else []
         world.barrier()  # the files exist, with their headers, before any other rank opens them
         if world.rank != 0:
-            writer = ShardWriter(folder, plan, create=False, owns=owned)
-        background = AsyncWriter(writer)
+            writers = [ShardWriter(f, plan, create=False, owns=owned) for f in folders]
+        background = AsyncWriter()
         try:
             rowwise = method.rowwise(recipe.params)
             work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise) + \
@@ -334,7 +373,7 @@ def _run(prepared: Prepared, options: MergeOptions, world: World, device: torch.
             for piece, tensors in loader.stream_pieces(work):
                 t = by_name[piece.name]
                 if t.role == "copy":
-                    out = tensors[0]
+                    outs = [tensors[0]] * len(targets)
                 else:
                     base, deltas = loader.as_float(tensors, piece.name, check=False)
                     flat = deltas.view(deltas.shape[0], -1)
@@ -344,27 +383,30 @@ def _run(prepared: Prepared, options: MergeOptions, world: World, device: torch.
                     l2 = torch.linalg.vector_norm(flat, 2, dim=1)
                     job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
                                     tensor_seed(recipe.params.get("seed", 0), piece.name, -1))
-                    merged, delta_norm, extra = merge_piece(method, recipe.params, job, scales)
-                    fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks))
-                    fig.add(l1, l2, delta_norm, extra, deltas[0].numel())
-                    out = merged.to(t.dtype)
-                event = None
-                if out.device.type == "cuda":
-                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                    host.copy_(out, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    out = host
-                background.write([piece.name, *aliases.get(piece.name, ())], out, piece.row, event)
+                    merged, delta_norms, extra = merge_piece(method, recipe.params, job, scales)
+                    fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
+                    fig.add(l1, l2, delta_norms, extra, deltas[0].numel())
+                    outs = [m.to(t.dtype) for m in merged]
+                for writer, out in zip(writers, outs):
+                    event = None
+                    if out.device.type == "cuda":
+                        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                        host.copy_(out, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        out = host
+                    background.write(writer, [piece.name, *aliases.get(piece.name, ())], out, piece.row, event)
                 if _last(by_name, piece):
                     done += 1
                     if options.progress:
                         options.progress("merge", done, len(mine))
             background.drain()
-            writer.close(write_index=world.rank == 0)
+            for writer in writers:
+                writer.close(write_index=world.rank == 0)
         except BaseException:
             background.stop()
-            writer.abort()
+            for writer in writers:
+                writer.abort()
             raise
         world.barrier()  # every rank's tensors are in the files
         t2 = time.perf_counter()
@@ -372,18 +414,22 @@ def _run(prepared: Prepared, options: MergeOptions, world: World, device: torch.
         peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if device.type == "cuda":
             peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-        gathered = world.all_gather(({n: f.report() for n, f in figures.items()}, peak))
-        tensor_stats: dict[str, dict[str, Any]] = {}
+        gathered = world.all_gather(({n: [f.report(k) for k in range(len(targets))] for n, f in figures.items()}, peak))
+        rows: dict[str, list[dict[str, Any]]] = {}
         for part, _ in gathered:
-            tensor_stats.update(part)
-        tensor_stats = {t.name: tensor_stats[t.name] for t in plan.tensors if t.name in tensor_stats}
+            rows.update(part)
+        order = [t.name for t in plan.tensors if t.name in rows]
         peak = {k: max(p[k] for _, p in gathered) for k in peak}
         if world.size > 1:
             peak["processes"] = world.size
-        report = build_report(prepared, method.report(recipe.params, by_key), tensor_stats,
-                              str(device) if world.alone else f"{device.type} x {world.size} processes",
-                              timings, peak)
-        if world.rank == 0:
-            write_metadata(folder, prepared, report)
-    world.barrier()  # rank 0 has published the folder
-    return report
+        where = str(device) if world.alone else f"{device.type} x {world.size} processes"
+        reports = []
+        for k, (folder, r) in enumerate(zip(folders, recipes)):
+            variant = replace(prepared, recipe=r)
+            report = build_report(variant, method.report(r.params, by_key), {n: rows[n][k] for n in order},
+                                  where, timings, peak)
+            if world.rank == 0:
+                write_metadata(folder, variant, report)
+            reports.append(report)
+    world.barrier()  # rank 0 has published the folders
+    return reports

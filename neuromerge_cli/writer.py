@@ -105,11 +105,10 @@ class AsyncWriter:
     page-locked host memory) before writing. An error in the thread is raised on the next call.
     """
 
-    def __init__(self, writer: ShardWriter, depth: int = 2) -> None:
+    def __init__(self, depth: int = 2) -> None:
         import queue
         import threading
 
-        self.writer = writer
         self._queue: "queue.Queue[tuple | None]" = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="neuromerge-writer", daemon=True)
@@ -122,12 +121,12 @@ class AsyncWriter:
                 return
             if self._error is not None:
                 continue
-            names, tensor, row, event = item
+            writer, names, tensor, row, event = item
             try:
                 if event is not None:
                     event.synchronize()
                 for name in names:
-                    self.writer.write(name, tensor, row)
+                    writer.write(name, tensor, row)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the producer
                 self._error = exc
 
@@ -135,10 +134,12 @@ class AsyncWriter:
         if self._error is not None:
             raise self._error
 
-    def write(self, names: list[str], tensor: torch.Tensor, row: int = 0, event: object = None) -> None:
-        """Queue ``tensor`` to be written at ``row`` of every tensor in ``names`` (a tensor and its aliases)."""
+    def write(self, writer: ShardWriter, names: list[str], tensor: torch.Tensor, row: int = 0,
+              event: object = None) -> None:
+        """Queue ``tensor`` to be written by ``writer`` at ``row`` of every tensor in ``names`` (a tensor
+        and its aliases)."""
         self._check()
-        self._queue.put((names, tensor, row, event))
+        self._queue.put((writer, names, tensor, row, event))
 
     def stop(self) -> None:
         """Stop the thread without raising (on the way out of a failed merge)."""

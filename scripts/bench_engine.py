@@ -77,6 +77,7 @@ class Shape:
 
 SIZES = {
     "tiny": Shape(256, 688, 2, 4096, 4),  # ~4M parameters: a smoke run
+    "small": Shape(512, 1376, 8, 32000, 8),  # ~59M
     "0.5b": Shape(1024, 4096, 24, 32000, 16),  # ~0.47B
     "1.5b": Shape(2048, 5632, 26, 32000, 16),  # ~1.47B
 }
@@ -233,6 +234,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per command; the best is reported")
     ap.add_argument("--methods", default="", help="comma-separated subset of the rows")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--no-neuromerge", action="store_true", help="time mergekit only")
     ap.add_argument("--mergekit-venv", type=Path, help="its virtualenv (default: SCRATCH/mergekit-venv)")
     ap.add_argument("--neuromerge-args", default="--device cpu", help="extra arguments to `neuromerge run`")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -265,6 +267,9 @@ def main() -> None:
     for label, recipe in rows.items():
         if recipe["method"] not in have:
             print(f"skip {label}: method '{recipe['method']}' is not in this checkout", file=sys.stderr)
+            continue
+        if args.no_neuromerge:
+            results[label] = {}
             continue
         path = work / f"recipe-{recipe['method']}.yaml"
         path.write_text(yaml.safe_dump(recipe))
@@ -307,10 +312,11 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for label, r in results.items():
-        mk = r.get("mergekit_s")
-        print(f"{label:<20} {r['neuromerge_s']:>12.2f} {r['neuromerge_rss'] / 2**30:>8.2f} "
-              f"{r['neuromerge_s'] / floor:>8.2f} "
-              + (f"{mk:>10.2f} {r['mergekit_rss'] / 2**30:>8.2f} {mk / r['neuromerge_s']:>7.1f}" if mk else f"{'-':>10} {'-':>8} {'-':>7}"))
+        mk, nm = r.get("mergekit_s"), r.get("neuromerge_s")
+        print(f"{label:<20} "
+              + (f"{nm:>12.2f} {r['neuromerge_rss'] / 2**30:>8.2f} {nm / floor:>8.2f} " if nm else f"{'-':>12} {'-':>8} {'-':>8} ")
+              + (f"{mk:>10.2f} {r['mergekit_rss'] / 2**30:>8.2f} " if mk else f"{'-':>10} {'-':>8} ")
+              + (f"{mk / nm:>7.1f}" if mk and nm else f"{'-':>7}"))
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "params": shape.params, "tasks": args.tasks,
                                          "floor_s": floor, "read_s": read_s, "write_s": write_s,
