@@ -75,7 +75,28 @@ def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE) -> Prepared:
 
 
 # Rows of a large tensor are streamed in blocks of about this many entries (tunable, e.g. in tests).
-BLOCK_ELEMENTS = int(os.environ.get("NEUROMERGE_BLOCK_ELEMENTS", 1 << 22))
+BLOCK_ELEMENTS = int(os.environ.get("NEUROMERGE_BLOCK_ELEMENTS", 1 << 20))
+MALLOC_REUSE_BYTES = 32 << 20  # glibc's largest mmap threshold
+
+
+def reuse_freed_memory() -> None:
+    """Let glibc recycle freed blocks up to 32 MiB instead of unmapping them.
+
+    By default large tensors are mmapped and unmapped on every allocation, so each temporary of
+    every block pays page faults that cost as much as the arithmetic; blocks of rows are bounded,
+    so recycling them keeps the footprint bounded too.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MALLOC_REUSE_BYTES)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 4 * MALLOC_REUSE_BYTES)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 PREFETCH_BYTES = 1 << 28  # raw input bytes the reader may hold ahead of the consumer
 
 
@@ -104,7 +125,7 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
         if not rowwise or len(shape) == 0 or numel <= block or shape[0] < 2:
             out.append(Piece(name))
             continue
-        step = max(1, block // max(1, numel // shape[0]))
+        step = max(1, block // max(1, numel // shape[0]))  # rows per block
         out.extend(Piece(name, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step))
     return out
 
@@ -159,7 +180,7 @@ class TensorLoader:
         base = tensors[0].to(self.device, non_blocking=True).float()
         deltas = torch.empty((len(tensors) - 1, *base.shape), dtype=torch.float32, device=self.device)
         for t, task in enumerate(tensors[1:]):
-            torch.sub(task.to(self.device, non_blocking=True), base, out=deltas[t])
+            deltas[t].copy_(task.to(self.device, non_blocking=True)).sub_(base)
         if check and not self.allow_nonfinite and tensors[0].dtype.is_floating_point:
             self.check_finite(tensors, deltas.view(deltas.shape[0], -1).sum(1), name)
         return base, deltas
@@ -332,6 +353,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
     from .report import build_report, write_metadata
 
     recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
+    reuse_freed_memory()
     recipes = [_variant_recipe(recipe, v.scales) for v in targets]
     inputs = [prepared.base.path] + [t.path for t in prepared.tasks]
     for v in targets:
