@@ -30,7 +30,8 @@ META_PATTERNS = [
     "config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
     "vocab.*", "merges.txt", "*.model", "chat_template.*", "preprocessor_config.json",
 ]
-SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+# Only the transformers weight names: repos may also hold other copies (consolidated.safetensors, adapters).
+SAFETENSORS_PATTERNS = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
 BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 HUB_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?(@[\w.\-/]+)?$")
 MAX_HEADER = 100 * 1024 * 1024
@@ -50,8 +51,11 @@ class Source:
                 "source": "hub" if self.hub else "local"}
 
 
-def resolve(reference: str) -> Source:
-    """Turn a recipe reference into a local folder (downloading from the Hub if needed)."""
+def resolve(reference: str, download: bool = True) -> Source:
+    """Turn a recipe reference into a local folder (downloading from the Hub if needed).
+
+    With ``download=False`` a Hub id resolves only from the local Hub cache (nothing is fetched).
+    """
     local = Path(os.path.expanduser(reference))
     if local.exists():
         if not local.is_dir():
@@ -59,23 +63,28 @@ def resolve(reference: str) -> Source:
         return Source(reference, local.resolve())
     if reference.startswith((".", "/", "~")) or not HUB_ID.match(reference):
         raise MergeError(f"{reference}: no such folder")
-    return _resolve_hub(reference)
+    return _resolve_hub(reference, download)
 
 
-def _resolve_hub(reference: str) -> Source:
+def _resolve_hub(reference: str, download: bool = True) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
-        HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
     )
 
     repo_id, _, revision = reference.partition("@")
     try:
-        path = Path(snapshot_download(repo_id, revision=revision or None,
+        path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not download,
                                       allow_patterns=META_PATTERNS + SAFETENSORS_PATTERNS))
-        if not any(path.glob("*.safetensors")):
-            path = Path(snapshot_download(repo_id, revision=revision or None,
+        if not any(path.glob("model*.safetensors")):
+            path = Path(snapshot_download(repo_id, revision=revision or None, local_files_only=not download,
                                           allow_patterns=META_PATTERNS + BIN_PATTERNS))
+    except HFValidationError as exc:
+        raise MergeError(f"{reference}: no such folder, and not a valid Hub id ({str(exc).splitlines()[0]})") from None
     except LocalEntryNotFoundError:
+        if not download:
+            raise MergeError(f"{reference}: not in the Hub cache, and a dry run downloads nothing "
+                             f"(fetch it first, e.g. `hf download {repo_id}`)") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "not in the Hub cache and HF_HUB_OFFLINE is set" if offline else "not in the Hub cache and the Hub cannot be reached"
         raise MergeError(f"{reference}: no such local folder, and {why}") from None

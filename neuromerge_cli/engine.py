@@ -27,7 +27,9 @@ from .writer import AsyncWriter, ShardWriter, check_output_location, shared_fold
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
+Progress = Callable[[str, int, int, int, int], None]
+"""(phase, tensors done, tensors in the pass, bytes read so far, bytes the pass reads): called with
+done = 0 when a pass starts, then after every tensor."""
 
 
 @dataclass
@@ -51,6 +53,10 @@ class Prepared:
     plan: Plan
     timings: dict[str, float] = field(default_factory=dict)
 
+    def read_bytes(self, name: str) -> int:
+        """Bytes that reading tensor ``name`` from the base and every task takes."""
+        return sum(ck.tensors[name].nbytes for ck in (self.base, *self.tasks))
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -62,15 +68,20 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE) -> Prepared:
-    """Resolve and index every checkpoint and plan the output."""
+def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE, read_weights: bool = True) -> Prepared:
+    """Resolve and index every checkpoint and plan the output.
+
+    ``read_weights=False`` (a dry run) downloads nothing and reads no weight: Hub ids must be in
+    the cache, and tied weights stay unconfirmed (see plan.make_plan)."""
     t0 = time.perf_counter()
-    sources: list[Source] = [resolve(recipe.base_model)] + [resolve(m.model) for m in recipe.models]
+    sources: list[Source] = [resolve(r, read_weights) for r in (recipe.base_model, *(m.model for m in recipe.models))]
     t1 = time.perf_counter()
     base, *tasks = [open_checkpoint(s) for s in sources]
-    plan = make_plan(base, tasks, recipe.torch_dtype, shard_size)
+    plan = make_plan(base, tasks, recipe.torch_dtype, shard_size, compare_ties=read_weights)
+    method = get_method(recipe.method)
+    method.bind(recipe, plan)
     t2 = time.perf_counter()
-    return Prepared(recipe, get_method(recipe.method), base, tasks, plan,
+    return Prepared(recipe, method, base, tasks, plan,
                     {"resolve_s": t1 - t0, "index_and_plan_s": t2 - t1})
 
 
@@ -195,6 +206,23 @@ class TensorLoader:
                                  "(use --allow-nonfinite to merge anyway)")
 
 
+class PassProgress:
+    """Reports one pass over tensors to a Progress callback: announced on creation, then tick(name)."""
+
+    def __init__(self, progress: Progress | None, phase: str, prepared: Prepared, names: list[str]) -> None:
+        self.progress, self.phase, self.prepared, self.total = progress, phase, prepared, len(names)
+        self.done = self.bytes_done = 0
+        self.bytes_total = sum(prepared.read_bytes(n) for n in names)
+        if progress:
+            progress(phase, 0, self.total, 0, self.bytes_total)
+
+    def tick(self, name: str) -> None:
+        self.done += 1
+        self.bytes_done += self.prepared.read_bytes(name)
+        if self.progress:
+            self.progress(self.phase, self.done, self.total, self.bytes_done, self.bytes_total)
+
+
 def schedule(stats: list[GlobalStat]) -> list[list[tuple[GlobalStat, int]]]:
     """Group statistics passes into reads of the model: [(stat, its pass index)] per read."""
     start: dict[int, int] = {}
@@ -226,15 +254,13 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
         split = not world.alone and all(stat.partials(p) is not None for stat, p in active)
         mine = world.share(names, [by_name[n].nbytes for n in names]) if split else names
         work = pieces(plan, mine, all(stat.rowwise for stat, _ in active))
-        done = 0
+        meter = PassProgress(progress, f"statistics pass {g + 1}/{len(passes)}", prepared, mine)
         for piece, tensors in loader.stream_pieces(work):
             _, deltas = loader.as_float(tensors, piece.name)
             for stat, p in active:
                 stat.observe(p, piece.name, deltas, weights)
             if _last(by_name, piece):
-                done += 1
-                if progress:
-                    progress(f"statistics pass {g + 1}/{len(passes)}", done, len(mine))
+                meter.tick(piece.name)
         if split:  # the partial sums as they stand at the end of the pass
             world.all_reduce_([t for stat, p in active for t in stat.partials(p) or ()])
         for stat, p in active:
@@ -391,7 +417,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
             rowwise = method.rowwise(recipe.params)
             work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise) + \
                 [Piece(n) for n in mine if by_name[n].role == "copy"]
-            done = 0
+            meter = PassProgress(options.progress, "merge", prepared, mine)
             for piece, tensors in loader.stream_pieces(work):
                 t = by_name[piece.name]
                 if t.role == "copy":
@@ -419,9 +445,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                         out = host
                     background.write(writer, [piece.name, *aliases.get(piece.name, ())], out, piece.row, event)
                 if _last(by_name, piece):
-                    done += 1
-                    if options.progress:
-                        options.progress("merge", done, len(mine))
+                    meter.tick(piece.name)
             background.drain()
             for writer in writers:
                 writer.close(write_index=world.rank == 0)

@@ -11,6 +11,7 @@ from .errors import MergeError
 
 ROLES = ("neuron", "point", "copy")
 TIE_SUFFIXES = ("embed_tokens.weight", "shared.weight", "word_embeddings.weight", "wte.weight",
+                "tok_embeddings.weight", "embed_in.weight",
                 "lm_head.weight", "embed_out.weight", "decoder.weight", "output.weight")
 
 
@@ -87,27 +88,32 @@ def check_compatible(base: Checkpoint, tasks: list[Checkpoint]) -> None:
                 raise MergeError(f"{where}: tensor '{name}' is {t.dtype} but the base's is {b.dtype}; only float tensors can be merged")
 
 
+def tie_candidates(base: Checkpoint) -> list[list[str]]:
+    """Groups of embedding/head names of equal shape and dtype (from headers; no weight is read)."""
+    groups: dict[tuple, list[str]] = {}
+    for n, info in base.tensors.items():
+        if n.endswith(TIE_SUFFIXES) and info.dtype.is_floating_point:
+            groups.setdefault((info.shape, info.dtype), []).append(n)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def find_tied(base: Checkpoint, tasks: list[Checkpoint]) -> dict[str, str]:
     """Tied weights stored under several names (e.g. lm_head = embed_tokens): alias -> primary.
 
-    Candidates are embedding/head names of equal shape and dtype; a pair counts as tied only when
-    its bytes are equal in the base and in every fine-tuned model.
+    A group of tie candidates counts as tied only when its bytes are equal in the base and in
+    every fine-tuned model.
     """
-    candidates = [n for n, info in base.tensors.items()
-                  if n.endswith(TIE_SUFFIXES) and info.dtype.is_floating_point]
-    groups: dict[tuple, list[str]] = {}
-    for n in candidates:
-        info = base.tensors[n]
-        groups.setdefault((info.shape, info.dtype), []).append(n)
     tied: dict[str, str] = {}
-    for names in groups.values():
-        if len(names) < 2:
-            continue
-        primary, *others = names
-        for ck in (base, *tasks):
-            ref = ck.read(primary)
-            others = [o for o in others if torch.equal(ref, ck.read(o))]
-        tied.update({o: primary for o in others})
+    for names in tie_candidates(base):
+        # split each group into classes of equal tensors: e.g. (decoder, embed = lm_head)
+        while len(names) > 1:
+            primary, *others = names
+            same = others
+            for ck in (base, *tasks):
+                ref = ck.read(primary)
+                same = [o for o in same if torch.equal(ref, ck.read(o))]
+            tied.update({o: primary for o in same})
+            names = [o for o in others if o not in same]
     return tied
 
 
@@ -115,10 +121,15 @@ def _shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def make_plan(base: Checkpoint, tasks: list[Checkpoint], dtype: torch.dtype | None, shard_size: int) -> Plan:
-    """Check compatibility, classify tensors and lay out the output like the base."""
+def make_plan(base: Checkpoint, tasks: list[Checkpoint], dtype: torch.dtype | None, shard_size: int,
+              compare_ties: bool = True) -> Plan:
+    """Check compatibility, classify tensors and lay out the output like the base.
+
+    ``compare_ties=False`` reads no weight: tie candidates are then planned as separate tensors
+    (a dry run's upper bound), so such a plan is for describing a merge, not for running one.
+    """
     check_compatible(base, tasks)
-    tied = find_tied(base, tasks)
+    tied = find_tied(base, tasks) if compare_ties else {}
     # The base's own order: by file, then by offset.
     order = sorted(base.tensors.values(), key=lambda i: (str(i.file), i.offset))
 

@@ -80,7 +80,7 @@ def write_metadata(folder: Path, prepared: "Prepared", report: dict[str, Any]) -
             for k in keys:
                 config[k] = dtype
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(prepared, report))
+    (folder / "README.md").write_text(model_card(report))
     (folder / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
 
@@ -97,7 +97,9 @@ def summary_lines(report: dict[str, Any], top: int = 5) -> list[str]:
             lines.append(f"  {row['model']}: " + ", ".join(parts))
     g = report["global"]
     if "lambda2" in g:
-        lines.append(f"  lambda1={g['lambda1']:.4g} lambda2={g['lambda2']:.4g}" + (" (auto)" if g.get("lambda2_auto") else ""))
+        sigma = f"sigma=max σ_t={g['sigma']:.4g} " if "sigma" in g else ""
+        lines.append(f"  {sigma}lambda1={g['lambda1']:.4g} lambda2={g['lambda2']:.4g}"
+                     + (" (auto)" if g.get("lambda2_auto") else ""))
     conflicts = sorted(((v["sign_conflict"], k) for k, v in report["tensors"].items() if "sign_conflict" in v), reverse=True)
     if conflicts:
         lines.append("  most sign conflict: " + ", ".join(f"{k} ({c:.1%})" for c, k in conflicts[:top]))

@@ -9,6 +9,8 @@ values in that bin, which pins the exact bit pattern of the k-th largest value.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from typing import Callable, Sequence
 
 import torch
 
@@ -17,8 +19,14 @@ LOW_BINS = 1 << 16
 
 
 def kept_count(n: int, density: float) -> int:
-    """k = max(1, ⌊d·N⌋), or N when d >= 1."""
-    return n if density >= 1.0 else min(n, max(1, math.floor(density * n)))
+    """k = max(1, ⌊d·N⌋), or N when d >= 1.
+
+    d·N is taken exactly for the decimal d the user wrote (0.29 · 100 = 29, where float
+    arithmetic gives 28.999999999999996).
+    """
+    if density >= 1.0:
+        return n
+    return min(n, max(1, math.floor(Fraction(repr(float(density))) * n)))
 
 
 SELECT_SAMPLE = 1 << 14  # entries of a row sampled to bracket its k-th value
@@ -29,6 +37,8 @@ def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     flat = magnitudes.reshape(magnitudes.shape[0], -1)
     n = flat.shape[1]
     k = kept_count(n, density)
+    if n == 0:  # an empty tensor: nothing to keep or trim
+        return flat.new_zeros(flat.shape[0])
     if k >= n:
         return flat.amin(dim=1)
     if n <= 4 * SELECT_SAMPLE:
@@ -139,3 +149,113 @@ class StreamingTopK:
         below_fine = torch.where(cols_l < low.unsqueeze(1), fine_l1, 0.0).sum(1)
         self.removed_l1 = (below_coarse + below_fine).tolist()
         self.total_l1 = coarse_l1.sum(1).tolist()
+
+
+SELECT_BINS = 1 << 16
+SELECT_CHUNK = 1 << 22  # values per task handled at once, so temporaries stay small on big tensors
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2³²) that order like the float32 ``values`` of any sign (−0.0 counts as +0.0)."""
+    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # + 0.0 turns −0.0 into +0.0
+    return torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
+
+
+def key_values(keys: torch.Tensor) -> torch.Tensor:
+    """The float32 values of ``order_keys`` keys (the inverse map)."""
+    bits = torch.where(keys >= 1 << 31, keys - (1 << 31), 0xFFFFFFFF - keys)
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
+def column_chunks(n: int, size: int | None = None) -> list[slice]:
+    """Slices covering range(n) in pieces of at most ``size`` (default SELECT_CHUNK)."""
+    size = size or SELECT_CHUNK
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
+class StreamingSelect:
+    """Exact k-th smallest values per task over a stream of (T, ...) chunks, in two passes.
+
+    The same two-pass histogram scheme as StreamingTopK, for values of any sign and several
+    ranks at once: pass 1 counts the high 16 bits of an order-preserving 32-bit key, pass 2 the
+    low 16 bits of the values inside the bin that holds each wanted rank. ``ranks(n)`` gives the
+    1-based ranks (the same for every task) once the count n per task is known; the result
+    equals ``sorted(values)[k - 1]`` of the whole stream, ties included.
+    """
+
+    def __init__(self, num_tasks: int, ranks: Callable[[int], Sequence[int]],
+                 device: torch.device | str = "cpu") -> None:
+        self.num_tasks = num_tasks
+        self.device = torch.device(device)
+        self._ranks_of = ranks
+        self.n = 0
+        self._coarse = torch.zeros(num_tasks * SELECT_BINS, dtype=torch.int64, device=self.device)
+        self._fine: torch.Tensor | None = None
+        self._ranks: torch.Tensor | None = None  # (R,) int64
+        self._bin: torch.Tensor | None = None  # (T, R) high 16 bits of each selected key
+        self._below: torch.Tensor | None = None  # (T, R) count of values in lower bins
+        self._n_box: torch.Tensor | None = None  # n as a tensor, while partials are being summed
+        self.values: torch.Tensor | None = None  # (T, R) float32: the selected values
+        self.at_or_below: torch.Tensor | None = None  # (T, R) int64: count of values <= each
+
+    def _flat(self, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(self.num_tasks, -1)
+
+    def observe_coarse(self, values: torch.Tensor) -> None:
+        """Pass 1: count the high key bits of one chunk (T, ...)."""
+        flat = self._flat(values)
+        self.n += flat.shape[1]
+        offsets = (torch.arange(self.num_tasks, device=self.device) * SELECT_BINS).unsqueeze(1)
+        for sl in column_chunks(flat.shape[1]):
+            idx = (order_keys(flat[:, sl]) >> 16) + offsets
+            self._coarse += torch.bincount(idx.flatten(), minlength=self._coarse.numel())
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        """The counts of pass ``pass_index`` (0: coarse, 1: fine); summed in place across processes
+        that each observed part of the stream, they give every process the whole stream's result."""
+        if pass_index == 0:
+            self._n_box = torch.tensor([self.n], dtype=torch.int64, device=self.device)
+            return [self._coarse, self._n_box]
+        assert self._fine is not None, "end_coarse() first"
+        return [self._fine]
+
+    def end_coarse(self) -> None:
+        """Find, per task and rank, the high-bits bin that holds the ranked value."""
+        if self._n_box is not None:  # the count summed across processes
+            self.n, self._n_box = int(self._n_box.item()), None
+        ranks = [int(k) for k in self._ranks_of(self.n)]
+        if self.n and not all(1 <= k <= self.n for k in ranks):
+            raise ValueError(f"ranks {ranks} outside 1..{self.n}")
+        self._ranks = torch.tensor(ranks, dtype=torch.int64, device=self.device)
+        counts = self._coarse.view(self.num_tasks, SELECT_BINS)
+        cum = counts.cumsum(1)
+        wanted = self._ranks.expand(self.num_tasks, -1).contiguous()
+        self._bin = torch.searchsorted(cum, wanted).clamp(max=SELECT_BINS - 1)
+        self._below = cum.gather(1, self._bin) - counts.gather(1, self._bin)
+        self._fine = torch.zeros(self.num_tasks, len(ranks), SELECT_BINS, dtype=torch.int64, device=self.device)
+
+    def observe_fine(self, values: torch.Tensor) -> None:
+        """Pass 2: count the low key bits of the values inside each rank's bin."""
+        assert self._bin is not None and self._fine is not None, "end_coarse() first"
+        flat = self._flat(values)
+        offsets = (torch.arange(self.num_tasks, device=self.device) * SELECT_BINS).unsqueeze(1)
+        for sl in column_chunks(flat.shape[1]):
+            keys = order_keys(flat[:, sl])
+            high, low = keys >> 16, (keys & 0xFFFF) + offsets
+            for r in range(self._bin.shape[1]):
+                inside = high == self._bin[:, r:r + 1]
+                counts = torch.bincount(low[inside], minlength=self.num_tasks * SELECT_BINS)
+                self._fine[:, r] += counts.view(self.num_tasks, SELECT_BINS)
+
+    def end_fine(self) -> None:
+        """The exact selected values and the count of values at or below each."""
+        assert self._bin is not None and self._fine is not None and self._ranks is not None
+        if self.n == 0:
+            self.values = torch.zeros(self._bin.shape, dtype=torch.float32, device=self.device)
+            self.at_or_below = torch.zeros(self._bin.shape, dtype=torch.int64, device=self.device)
+            return
+        cum = self._fine.cumsum(2) + self._below.unsqueeze(2)
+        wanted = self._ranks.expand(self.num_tasks, -1).unsqueeze(2).contiguous()
+        low = torch.searchsorted(cum, wanted).squeeze(2)
+        self.values = key_values((self._bin << 16) | low)
+        self.at_or_below = cum.gather(2, low.unsqueeze(2)).squeeze(2)

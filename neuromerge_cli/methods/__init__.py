@@ -5,12 +5,19 @@ from __future__ import annotations
 from ..errors import MergeError
 from .base import Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
+from .iso import IsoC, IsoCts
 from .linear import Linear
+from .neuromerging import NeuroMerging
+from .neuronmerge import NeuronMerge
+from .pcb import Pcb
+from .subspace import Subspace
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
+from .tsv import Tsv
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies)
+    cls.name: cls for cls in (Linear, TaskArithmetic, Ties, DareLinear, DareTies, NeuroMerging, Subspace,
+                              Pcb, Tsv, IsoC, IsoCts, NeuronMerge)
 }
 
 

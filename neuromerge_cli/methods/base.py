@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..errors import MergeError
 from ..stats import GlobalStat
 from .params import Param
+
+if TYPE_CHECKING:
+    from ..plan import Plan
+    from ..recipe import Recipe
 
 
 @dataclass
@@ -64,15 +68,20 @@ class Method(ABC):
     max_models: ClassVar[int | None] = None
     positive_weights: ClassVar[bool] = True
     scale_params: ClassVar[tuple[str, ...]] = ()  # parameters that only scale parts of the result
+    uses_categories: ClassVar[bool] = False  # reads the models' `category` keys (recipe)
 
-    def parse_params(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """Check the recipe's ``parameters`` against this method's; fill defaults."""
+    def parse_params(self, raw: dict[str, Any], where: str = "parameters") -> dict[str, Any]:
+        """Check the recipe's ``parameters`` against this method's; fill defaults.
+
+        ``where`` is the recipe key the mapping came from, for error messages (a method that
+        delegates to another validates the nested mapping under its own key).
+        """
         known = {p.name: p for p in self.params}
         for key in raw:
             if key not in known:
                 allowed = ", ".join(known) or "none"
                 raise MergeError(
-                    f"parameters.{key}: method '{self.name}' takes no parameter '{key}' (allowed: {allowed})"
+                    f"{where}.{key}: method '{self.name}' takes no parameter '{key}' (allowed: {allowed})"
                 )
         values: dict[str, Any] = {}
         for p in self.params:
@@ -83,12 +92,21 @@ class Method(ABC):
             try:
                 values[p.name] = p.check(value)
             except ValueError as exc:
-                raise MergeError(f"parameters.{p.name}: {exc}") from None
-        self.check_params(values)
+                raise MergeError(f"{where}.{p.name}: {exc}") from None
+        try:
+            self.check_params(values)
+        except MergeError as exc:
+            if where == "parameters" or not str(exc).startswith("parameters."):
+                raise
+            raise MergeError(where + str(exc).removeprefix("parameters")) from None
         return values
 
     def check_params(self, values: dict[str, Any]) -> None:
-        """Cross-parameter checks; raise MergeError."""
+        """Cross-parameter checks; raise MergeError("parameters.<key>: ...")."""
+
+    def bind(self, recipe: "Recipe", plan: "Plan") -> None:
+        """Checks that need the planned tensors and the whole recipe (run by ``validate`` and before
+        a merge); a method may keep run context here for ``global_stats`` and ``merge``."""
 
     def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
         """The whole-model statistics this method needs before its merge pass."""

@@ -90,3 +90,14 @@ def text(name: str, default: str | None, help: str) -> Param:
         return value
 
     return Param(name, default, help, check, "string")
+
+
+def mapping(name: str, help: str) -> Param:
+    """A nested mapping (e.g. another method's parameters); absent means empty."""
+
+    def check(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of key: value, got {value!r}")
+        return dict(value)
+
+    return Param(name, None, help, check, "mapping")

@@ -1,0 +1,176 @@
+"""pcb: PCB-Merging (Du et al., NeurIPS 2024) — parameter competition balancing, exact and streamed.
+
+Per task t over its whole flattened task vector (N entries), following the authors' code
+(duguodong7/pcb-merging, ``PCB_merge``):
+
+1. clamp: τ̃_t = sign(τ_t)·clamp(|τ_t|, lo_t, hi_t); lo_t = the (⌊rN⌋+1)-th smallest |τ_t|,
+   hi_t = the max(1, ⌊(1−r)N⌋)-th smallest, r = 0.0001 (their ``sorted[int(N·r)]`` and
+   ``sorted[int(N·(1−r)−1)]``).
+2. intra_t = exp(T·m_t²), m_t = (|τ̃_t| − lo_t)/(hi_t − lo_t) (min-max of |τ̃_t|, whose min and max
+   are lo_t and hi_t; 0 where hi_t = lo_t); T = number of tasks, as in their ``exp(n·…)``.
+3. inter_t = tanh(τ_t · Σ_s τ_s) (unclamped, unweighted); β_t = intra_t·inter_t.
+4. q_t = the (⌊(1−ratio)N⌋+1)-th smallest β_t (capped at N; their ``sorted[int(N·(1−ratio))]``,
+   but with (1−ratio)·N exact from the decimal given, where their float product can land one rank
+   lower), M_t = max β_t; b_t = (max(β_t, q_t) − q_t)/(M_t − q_t) (0 where M_t = q_t).
+5. θ = θ0 + λ Σ_t w_t b_t τ̃_t / max(Σ_t w_t b_t, 1e-12). Recipe weights w_t scale b_t (all 1: the
+   authors' formula; a common factor cancels).
+
+lo, hi, q and M are exact global order statistics (StreamingSelect): two model reads for the
+clamp bounds, then two for q and M, before the merge pass.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from ..stats import GlobalStat
+from ..topk import StreamingSelect, column_chunks
+from .base import Method, TensorJob, TensorParts
+from .common import LAMBDA
+from .params import number
+
+CLAMP_RATIO = Fraction(1, 10000)  # the authors' fixed outlier clamp: 0.0001 at each end
+
+
+def rank_below(n: int, fraction: Fraction) -> int:
+    """1-based rank of the authors' ``sorted(x)[int(n·fraction)]``, capped at n (n ≥ 1)."""
+    return min(n, int(n * fraction) + 1)
+
+
+def clamp_ranks(n: int) -> tuple[int, int]:
+    """Ranks (ascending, 1-based) of the lower and upper clamp bounds of |τ_t| among n entries."""
+    upper = max(1, int(n * (1 - CLAMP_RATIO)))
+    return rank_below(n, CLAMP_RATIO), upper
+
+
+def score_rank(n: int, ratio: float) -> int:
+    """Rank of q_t: β below it is raised to it, so about ``ratio`` of the entries keep b_t > 0."""
+    return rank_below(n, 1 - Fraction(str(ratio)))
+
+
+def balance(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(τ̃, β) of a flat chunk (T, n) of task vectors, given the clamp bounds lo, hi (T,)."""
+    num_tasks = deltas.shape[0]
+    lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
+    clamped = torch.clamp(deltas.abs(), lo, hi)
+    span = hi - lo
+    scaled = torch.where(span > 0, (clamped - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    intra = torch.exp(num_tasks * scaled.square())
+    inter = torch.tanh(deltas * deltas.sum(0, keepdim=True))
+    return torch.sign(deltas) * clamped, intra * inter
+
+
+class ClampBounds(GlobalStat):
+    """lo_t and hi_t: the clamp quantiles of |τ_t| over all merged tensors (two passes)."""
+
+    key = "pcb_clamp"
+    passes = 2
+    rowwise = True  # order statistics of entries: blocks of rows may be observed separately
+
+    def __init__(self, num_tasks: int, device: torch.device) -> None:
+        self._select = StreamingSelect(num_tasks, clamp_ranks, device)
+
+    def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
+        observe = self._select.observe_coarse if pass_index == 0 else self._select.observe_fine
+        observe(deltas.abs())
+
+    def end_pass(self, pass_index: int) -> None:
+        (self._select.end_coarse if pass_index == 0 else self._select.end_fine)()
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        return self._select.partials(pass_index)
+
+    @property
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self._select.values
+        assert values is not None, "statistics not finished"
+        return values[:, 0], values[:, 1]
+
+    def summary(self) -> dict[str, Any]:
+        lo, hi = self.bounds
+        return {"clamp_low": lo.tolist(), "clamp_high": hi.tolist(), "entries_per_task": self._select.n}
+
+
+class ScoreThreshold(GlobalStat):
+    """q_t and M_t: the (1−ratio) quantile and the max of β_t over all merged tensors (two passes)."""
+
+    key = "pcb_score"
+    passes = 2
+    rowwise = True  # β of an entry needs only that entry across the tasks
+
+    def __init__(self, clamp: ClampBounds, ratio: float, num_tasks: int, device: torch.device) -> None:
+        self.after = clamp
+        self.ratio = ratio
+        self._clamp = clamp
+        self._select = StreamingSelect(num_tasks, lambda n: (score_rank(n, ratio), n), device)
+
+    def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
+        observe = self._select.observe_coarse if pass_index == 0 else self._select.observe_fine
+        lo, hi = self._clamp.bounds
+        flat = deltas.reshape(deltas.shape[0], -1)
+        for sl in column_chunks(flat.shape[1]):
+            observe(balance(flat[:, sl], lo, hi)[1])
+
+    def end_pass(self, pass_index: int) -> None:
+        (self._select.end_coarse if pass_index == 0 else self._select.end_fine)()
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        return self._select.partials(pass_index)
+
+    @property
+    def threshold_and_max(self) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self._select.values
+        assert values is not None, "statistics not finished"
+        return values[:, 0], values[:, 1]
+
+    def summary(self) -> dict[str, Any]:
+        q, top = self.threshold_and_max
+        n = self._select.n
+        above = [n - int(c) for c in self._select.at_or_below[:, 0].tolist()] if n else []
+        return {
+            "ratio": self.ratio,
+            "score_threshold": q.tolist(),
+            "score_max": top.tolist(),
+            "kept_fraction": [a / n for a in above] if n else [],
+        }
+
+
+class Pcb(Method):
+    name = "pcb"
+    summary = "PCB-Merging: clamp, intra/inter-task competition scores, keep the top ratio; θ = θ0 + λ τ̄"
+    params = (
+        number("ratio", 0.1, "fraction of each task's entries that keep a non-zero weight", lo=0.0, hi=1.0,
+               lo_open=True),
+        LAMBDA,
+    )
+    scale_params = ("lambda",)
+
+    def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
+        clamp = ClampBounds(num_tasks, device)
+        return [clamp, ScoreThreshold(clamp, params["ratio"], num_tasks, device)]
+
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        return True  # entry by entry, given the global statistics; the kept fraction is a mean
+
+    def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
+        lo, hi = job.stats["pcb_clamp"].bounds
+        q, top = (x.reshape(-1, 1) for x in job.stats["pcb_score"].threshold_and_max)
+        span = top - q
+        w = job.weights.reshape(-1, 1)
+        flat = job.deltas.reshape(job.deltas.shape[0], -1)
+        out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
+        kept = 0
+        for sl in column_chunks(flat.shape[1]):
+            tilde, beta = balance(flat[:, sl], lo, hi)
+            b = torch.where(span > 0, (torch.maximum(beta, q) - q) / torch.where(span > 0, span, 1.0), 0.0)
+            kept += int((b > 0).sum())
+            wb = w * b
+            out[sl] = (wb * tilde).sum(0) / wb.sum(0).clamp_min(1e-12)
+        share = kept / flat.numel() if flat.numel() else 0.0
+        return TensorParts({"lambda": out.reshape(job.deltas.shape[1:])}, {"pcb_kept_fraction": share})
+
+    def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
+        return {k: s.summary() for k, s in stats.items()}

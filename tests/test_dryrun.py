@@ -1,0 +1,133 @@
+"""`neuromerge run --dry-run`: the plan from headers only, and its figures against a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import fine_tune, toy_family, toy_tensors, write_model, write_recipe
+from neuromerge_cli.checkpoints import Checkpoint
+from neuromerge_cli.cli import app
+from neuromerge_cli.dryrun import WORKSPACE_FACTOR, describe
+from neuromerge_cli.engine import PREFETCH, MergeOptions, prepare, run_merge
+from neuromerge_cli.errors import MergeError
+from neuromerge_cli.recipe import load_recipe
+
+T = 3
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: Checkpoint, name: str) -> torch.Tensor:
+        raise AssertionError(f"a dry run read tensor {name}")
+
+    monkeypatch.setattr(Checkpoint, "read", refuse)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    return toy_family(tmp_path_factory.mktemp("family"), T)
+
+
+def _sizes(dtype_out: torch.dtype | None = None) -> dict[str, tuple[int, int, int]]:
+    """name → (bytes of one read across base + T tasks, numel, bytes written), from the toy tensors."""
+    out = {}
+    for name, t in toy_tensors().items():
+        written = t.numel() * ((dtype_out.itemsize if dtype_out and t.is_floating_point() else t.element_size()))
+        out[name] = (t.numel() * t.element_size() * (T + 1), t.numel(), written)
+    return out
+
+
+def test_plan_figures_from_headers(family, tmp_path: Path, no_weight_reads: None) -> None:
+    base, tasks = family
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, tasks, "ties", {"density": 0.4}, dtype="bfloat16"))
+    plan = describe(prepare(recipe, read_weights=False), "cpu", tmp_path / "out")
+    sizes = _sizes(torch.bfloat16)
+    floats = {n: s for n, s in sizes.items() if n != "position_ids"}
+    assert plan["tensors"] == 7 and plan["roles"] == {"neuron": 4, "point": 2, "copy": 1}
+    assert plan["statistics_reads"] == 3 and plan["reads"] == 4  # exact global threshold (2) + majority sign (1)
+    assert plan["bytes_read_statistics"] == 3 * sum(s[0] for s in floats.values())
+    assert plan["bytes_read_merge"] == sum(s[0] for s in sizes.values())
+    assert plan["bytes_read"] == plan["bytes_read_statistics"] + plan["bytes_read_merge"]
+    assert plan["bytes_written"] == sum(s[2] for s in sizes.values())
+    assert plan["device"] == "cpu" and plan["tie_candidates"] == []
+    mem = plan["memory"]
+    largest = max(floats, key=lambda n: floats[n][1])
+    assert mem["largest_tensor"] == largest == "embed.weight"
+    assert mem["in_flight_bytes"] == sum(sorted((s[0] for s in sizes.values()), reverse=True)[:PREFETCH + 1])
+    assert mem["working_bytes"] == (T + 1) * floats[largest][1] * 4 * WORKSPACE_FACTOR
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_matches_what_a_run_reads(family, tmp_path: Path) -> None:
+    base, tasks = family
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, tasks, "dare_ties", {"density": 0.5}))
+    plan = describe(prepare(recipe, read_weights=False), "cpu", tmp_path / "out")
+    passes: dict[str, int] = {}
+    run_merge(prepare(recipe), MergeOptions(tmp_path / "out", "cpu",
+                                            progress=lambda phase, d, n, b, bt: passes.__setitem__(phase, bt)))
+    assert plan["reads"] == len(passes)
+    assert plan["bytes_read"] == sum(passes.values())
+    written = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert 0 < written - plan["bytes_written"] < 4096  # the shard header on top of the tensor bytes
+
+
+def test_no_statistics_for_task_arithmetic(family, tmp_path: Path, no_weight_reads: None) -> None:
+    base, tasks = family
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, tasks, "task_arithmetic"))
+    plan = describe(prepare(recipe, read_weights=False), "auto", tmp_path / "out")
+    assert plan["statistics_reads"] == 0 and plan["reads"] == 1
+    assert plan["bytes_read"] == plan["bytes_read_merge"]
+    assert plan["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_tied_weights_are_candidates_without_reading(tmp_path: Path, no_weight_reads: None) -> None:
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(12, 4, generator=g)
+    tensors = {"model.embed_tokens.weight": emb, "lm_head.weight": emb.clone(), "model.norm.weight": torch.ones(4)}
+    base = write_model(tmp_path / "base", tensors)
+    task = write_model(tmp_path / "task", fine_tune(tensors, 1))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, [task], "task_arithmetic"))
+    plan = describe(prepare(recipe, read_weights=False), "cpu", tmp_path / "out")
+    assert [sorted(g) for g in plan["tie_candidates"]] == [["lm_head.weight", "model.embed_tokens.weight"]]
+    assert plan["bytes_read_merge"] == (12 * 4 * 2 + 4) * 4 * 2  # planned untied: an upper bound
+
+
+def test_hub_reference_not_cached_downloads_nothing(tmp_path: Path, family) -> None:
+    base, _ = family
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, [Path("org-never/cached-model")], "task_arithmetic"))
+    with pytest.raises(MergeError, match="org-never/cached-model: not in the Hub cache, and a dry run downloads nothing"):
+        prepare(recipe, read_weights=False)
+
+
+def test_cli_dry_run(family, tmp_path: Path, no_weight_reads: None) -> None:
+    base, tasks = family
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, "ties", {"density": 0.4}, tmp_path / "out")
+    result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dry run: ties over 3 model(s)") and "(no weight read)" in lines[0]
+    assert lines[1] == "tensors: 7 (4 neuron, 2 point, 1 copied)"
+    assert lines[2] == "passes: 3 statistics read(s) + 1 merge read of the base and every model"
+    assert lines[3].startswith("read: ") and lines[4].startswith("write: ")
+    assert lines[5].startswith("peak memory (estimate): ")
+    assert not (tmp_path / "out").exists()
+
+    result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "--json-log"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(x) for x in result.stderr.splitlines()]
+    assert [e["event"] for e in events] == ["plan"]
+    assert events[0]["reads"] == 4 and events[0]["memory"]["prefetch"] == PREFETCH
+
+
+def test_cli_dry_run_refuses_an_existing_output(family, tmp_path: Path) -> None:
+    base, tasks = family
+    (tmp_path / "out").mkdir()
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, "ties", None, tmp_path / "out")
+    result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run"])
+    assert result.exit_code == 1 and "already exists (use --overwrite" in result.stderr
+    assert CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "--overwrite"]).exit_code == 0

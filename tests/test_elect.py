@@ -1,0 +1,57 @@
+"""Sign election and the merge functions ψ, on hand-worked examples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate
+
+# three tasks, five coordinates
+X = torch.tensor([
+    [1.0, -2.0, 0.0, 3.0, 1.0],
+    [3.0, 1.0, 0.0, -3.0, -1.0],
+    [0.0, -2.0, 0.0, 0.0, 0.0],
+])
+
+
+def test_elected_signs_with_majority_fallback() -> None:
+    # sums 4, -3, 0, 0, 0 → signs +, -, 0, 0, 0; majority sign(+1 - 1) = 0 → the zeros stay 0
+    assert elected_signs(X).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]
+    # a given majority fills the zero sums
+    assert elected_signs(X, majority=-1.0).tolist() == [1.0, -1.0, -1.0, -1.0, -1.0]
+    y = X.clone()
+    y[2, 1] = 2.0  # sums 4, 1, 0, 0, 0 → the tensor leans + → the zero sums become +
+    assert elected_signs(y).tolist() == [1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_group_dims_elect_per_row() -> None:
+    x = torch.tensor([[[1.0, 0.0], [-1.0, -2.0]], [[0.0, 0.0], [1.0, 0.0]]])  # (T=2, rows=2, cols=2)
+    # row 0: sums (1, 0) → majority + → (+, +); row 1: sums (0, -2) → majority - → (-, -)
+    assert elected_signs(x, group_dims=(1,)).tolist() == [[1.0, 1.0], [-1.0, -1.0]]
+
+
+@pytest.mark.parametrize("fn, expected", [
+    ("elect_mean", [2.0, -2.0, 0.0, 3.0, 1.0]),
+    ("elect_sum", [4.0, -4.0, 0.0, 3.0, 1.0]),
+    ("mean", [4 / 3, -1.0, 0.0, 0.0, 0.0]),
+    ("sum", [4.0, -3.0, 0.0, 0.0, 0.0]),
+])
+def test_merge_functions_hand_worked(fn: str, expected: list[float]) -> None:
+    got = merge_values(X, torch.ones(3), fn, majority=1.0)
+    assert got.tolist() == pytest.approx(expected)
+
+
+def test_weighted_elect_mean_is_the_weight_normalised_mean_of_the_agreeing_values() -> None:
+    x = torch.tensor([[2.0], [4.0], [-1.0]])
+    w = torch.tensor([1.0, 3.0, 1.0])
+    # weighted values 2, 12, -1 → sign +; agreeing tasks 0 and 1: (2 + 12) / (1 + 3)
+    assert merge_values(x, w, "elect_mean").item() == pytest.approx(3.5)
+    assert merge_values(x, w, "elect_sum").item() == pytest.approx(14.0)
+    assert merge_values(x, w, "mean").item() == pytest.approx(13 / 5)
+    assert merge_values(x, w, "sum").item() == pytest.approx(13.0)
+
+
+def test_sign_conflict_rate() -> None:
+    assert sign_conflict_rate(X) == pytest.approx(3 / 5)  # coordinates 0 and 2 agree
+    assert sign_conflict_rate(torch.zeros(2, 0)) == 0.0

@@ -1,0 +1,123 @@
+"""The engine: pass scheduling, bounded read-ahead, devices, float32 math over any storage dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import load_output, merge, recipe_dict, toy_family, toy_tensors, write_model
+from neuromerge_cli.engine import PREFETCH, TensorLoader, pick_device, prepare, schedule
+from neuromerge_cli.errors import MergeError
+from neuromerge_cli.methods import get_method
+from neuromerge_cli.recipe import parse_recipe
+from reference import load_folder, reference_merge
+
+
+def test_schedule_runs_dependent_statistics_after_their_prerequisite() -> None:
+    ties = get_method("ties")
+    trim, majority = ties.global_stats(ties.parse_params({}), 2, torch.device("cpu"))
+    assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1)], [(majority, 0)]]
+    (per_tensor,) = ties.global_stats(ties.parse_params({"mask_scope": "tensor"}), 2, torch.device("cpu"))
+    assert schedule([per_tensor]) == [[(per_tensor, 0)]]
+    assert schedule([]) == []
+
+
+@pytest.mark.parametrize("params, reads", [({}, 3), ({"mask_scope": "tensor"}, 1), ({"merge_fn": "sum"}, 2),
+                                           ({"density": 1.0}, 1)])
+def test_statistics_reads(tmp_path: Path, params: dict, reads: int) -> None:
+    base, tasks = toy_family(tmp_path, 2)
+    report = merge(recipe_dict(base, tasks, "ties", params), tmp_path / "out")
+    assert report["timings"]["statistics_reads"] == reads
+
+
+def test_read_ahead_is_bounded(tmp_path: Path) -> None:
+    """Memory holds the tensors in flight, never the model: at most PREFETCH + 1 tensors read ahead."""
+    base, tasks = toy_family(tmp_path, 2)
+    prepared = prepare(parse_recipe(recipe_dict(base, tasks, "linear")))
+    loader = TensorLoader(prepared, torch.device("cpu"), allow_nonfinite=False)
+    read: list[str] = []
+    inner = loader._read
+    loader._read = lambda name: (read.append(name), inner(name))[1]  # type: ignore[method-assign]
+    names = sorted(toy_tensors())
+    consumed = 0
+    for name, tensors in loader.stream(names):
+        assert name == names[consumed]
+        assert len(tensors) == 3 and torch.equal(tensors[0], load_folder(base)[name])
+        consumed += 1
+        assert len(read) - consumed <= PREFETCH
+    assert read == names
+    theta0, deltas = loader.as_float([load_folder(d)["layer.0.weight"] for d in (base, *tasks)])
+    assert theta0.dtype == deltas.dtype == torch.float32 and deltas.shape == (2, 16, 8)
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MergeError, match="--device"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(MergeError, match="no CUDA device"):
+            pick_device("cuda")
+
+
+def test_half_precision_storage_is_merged_in_float32(tmp_path: Path) -> None:
+    base, tasks = toy_family(tmp_path, 3, dtype=torch.float16)
+    params = {"lambda": 0.3}
+    merge(recipe_dict(base, tasks, "task_arithmetic", params), tmp_path / "out")
+    out, ref = load_output(tmp_path / "out"), reference_merge(base, tasks, "task_arithmetic", params)
+    for name, t in out.items():
+        if t.is_floating_point():
+            assert t.dtype == torch.float16
+            # one rounding to float16 of the (float32-exact) result: within half a float16 step of the reference
+            torch.testing.assert_close(t.double(), ref[name].double(), rtol=2**-11, atol=2**-24, msg=name)
+
+
+def test_pytorch_bin_inputs_merge_like_safetensors(tmp_path: Path) -> None:
+    base, tasks = toy_family(tmp_path / "st", 2)
+    bins = []
+    for i, folder in enumerate(tasks):
+        target = tmp_path / "bin" / f"t{i}"
+        target.mkdir(parents=True)
+        torch.save(load_folder(folder), target / "pytorch_model.bin")
+        (target / "config.json").write_text((folder / "config.json").read_text())
+        bins.append(target)
+    merge(recipe_dict(base, tasks, "ties"), tmp_path / "a")
+    merge(recipe_dict(base, bins, "ties"), tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_deterministic_and_nonfinite_inputs(tmp_path: Path) -> None:
+    base, tasks = toy_family(tmp_path, 2)
+    merge(recipe_dict(base, tasks, "ties"), tmp_path / "a")
+    merge(recipe_dict(base, tasks, "ties"), tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    bad = load_folder(tasks[0])
+    bad["norm.weight"][3] = float("inf")
+    write_model(tasks[0], bad)
+    with pytest.raises(MergeError, match=r"task0: tensor 'norm.weight' contains NaN or Inf"):
+        merge(recipe_dict(base, tasks, "linear"), tmp_path / "c")
+    merge(recipe_dict(base, tasks, "linear"), tmp_path / "c", allow_nonfinite=True)
+    assert torch.isinf(load_output(tmp_path / "c")["norm.weight"][3])
+
+
+def test_output_inside_an_input_is_refused(tmp_path: Path) -> None:
+    base, tasks = toy_family(tmp_path, 1)
+    with pytest.raises(MergeError, match="overlaps the input folder"):
+        merge(recipe_dict(base, tasks, "linear"), base / "merged")
+    assert not (base / "merged").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.2}), ("ties", {"mask_scope": "tensor"}),
+                                            ("dare_ties", {"density": 0.5, "seed": 1})])
+def test_cuda_gives_the_cpu_result(tmp_path: Path, method: str, params: dict) -> None:
+    base, tasks = toy_family(tmp_path, 3)
+    cpu = merge(recipe_dict(base, tasks, method, params), tmp_path / "cpu")
+    gpu = merge(recipe_dict(base, tasks, method, params), tmp_path / "gpu", device="cuda")
+    assert gpu["device"].startswith("cuda") and "cuda_bytes" in gpu["peak_memory"]
+    assert [r.get("threshold") for r in gpu["tasks"]] == [r.get("threshold") for r in cpu["tasks"]]
+    a, b = load_output(tmp_path / "cpu"), load_output(tmp_path / "gpu")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
