@@ -158,18 +158,23 @@ def io_floor(files: list[Path], bytes_out: int, scratch: Path) -> tuple[float, f
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, from GNU time: a forked child would report this process's) of a command."""
+    """Wall seconds and peak RSS (bytes, from GNU time: a forked child would report this process's) of a command.
+
+    Its CPU seconds (user + system) go to stderr: on a shared machine they vary less than wall time.
+    """
     os.sync()
     rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"nmbench-rss-{os.getpid()}"
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], env=env, cwd=cwd,
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *cmd], env=env, cwd=cwd,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rss_kib = int(rss_file.read_text().split()[-1])
+    rss_kib, user, system = rss_file.read_text().split()[-3:]
     rss_file.unlink()
-    return wall, rss_kib * 1024
+    print(f"  {Path(cmd[0]).name} {' '.join(cmd[1:4])}: wall {wall:.1f} s, CPU {float(user) + float(system):.1f} s, "
+          f"peak RSS {int(rss_kib) / 2**20:.2f} GiB", file=sys.stderr, flush=True)
+    return wall, int(rss_kib) * 1024
 
 
 def neuromerge_methods() -> set[str]:
