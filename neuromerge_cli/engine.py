@@ -178,7 +178,8 @@ class TensorLoader:
                 while nxt < len(items) and (not ahead or (len(ahead) < PREFETCH + 1
                                                           and held + self._nbytes(items[nxt]) <= PREFETCH_BYTES)):
                     size = self._nbytes(items[nxt])
-                    ahead.append((items[nxt], pool.submit(self._read, items[nxt]), size))
+                    piece = items[nxt]
+                    ahead.append((piece, pool.submit(self._read, piece.name if piece.rows is None else piece), size))
                     held += size
                     nxt += 1
                 piece, future, size = ahead.popleft()
