@@ -22,7 +22,7 @@ from .errors import MergeError
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
@@ -142,13 +142,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     end = 0
     for name, entry in header.items():
         try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            dtype_name = entry["dtype"]
             shape = tuple(int(s) for s in entry["shape"])
             begin, stop = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise MergeError(f"{path}: corrupted safetensors header entry for tensor '{name}'") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise MergeError(f"{path}: tensor '{name}' has dtype {dtype_name!r}, which neuromerge does not support "
+                             f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+        dtype = SAFETENSORS_DTYPES[dtype_name]
         info = TensorInfo(name, path, dtype, shape, 8 + n + begin)
-        if stop - begin != info.nbytes or begin < 0:
+        if stop - begin != info.nbytes or begin < 0 or any(d < 0 for d in shape):
             raise MergeError(f"{path}: corrupted safetensors header: tensor '{name}' has a wrong byte range")
         end = max(end, stop)
         tensors[name] = info
@@ -167,9 +171,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad pickles
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in type(exc).__name__:
-            raise MergeError(f"{path}: refused: the file needs code to unpickle (only plain tensors are loaded)") from None
-        raise MergeError(f"{path}: cannot read PyTorch checkpoint ({type(exc).__name__})") from None
+        needs = re.search(r"\bGLOBAL ([\w.]+)", text)  # torch names the class or function it refused
+        if needs or ("Weights only load failed" in text and "Unsupported operand" not in text):
+            what = needs.group(1) if needs else "not plain tensors"
+            raise MergeError(f"{path}: refused: the file needs code to unpickle ({what}); only plain "
+                             "tensors are loaded (convert it to safetensors where you trust it)") from None
+        raise MergeError(f"{path}: cannot read PyTorch checkpoint: corrupted or not a checkpoint "
+                         f"({type(exc).__name__})") from None
     if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
         data = data["state_dict"]
     if not isinstance(data, dict):
@@ -232,9 +240,13 @@ def _index_files(folder: Path, index_name: str) -> list[Path] | None:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise MergeError(f"{index}: corrupted index (expected a JSON object with 'weight_map')") from None
+        weight_map = None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MergeError(f"{index}: corrupted index (expected a JSON object with 'weight_map')")
     files = []
     for shard in dict.fromkeys(weight_map.values()):
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise MergeError(f"{index}: shard '{shard}' is not a file name in the model folder")
         path = folder / shard
         if not path.exists():
             raise MergeError(f"{index}: points at missing shard '{shard}'")
@@ -244,6 +256,13 @@ def _index_files(folder: Path, index_name: str) -> list[Path] | None:
 
 def open_checkpoint(source: Source) -> Checkpoint:
     """Index a model folder: safetensors (single or sharded) or pytorch_model*.bin."""
+    try:
+        return _open_checkpoint(source)
+    except OSError as exc:  # an unreadable folder or file (permissions, I/O error)
+        raise MergeError(f"{exc.filename or source.path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _open_checkpoint(source: Source) -> Checkpoint:
     folder = source.path
     config = None
     if (folder / "config.json").exists():
@@ -251,6 +270,8 @@ def open_checkpoint(source: Source) -> Checkpoint:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             raise MergeError(f"{folder / 'config.json'}: not valid JSON") from None
+        if not isinstance(config, dict):
+            raise MergeError(f"{folder / 'config.json'}: expected a JSON object, got {type(config).__name__}")
     tensors: dict[str, TensorInfo] = {}
     bins: dict[Path, dict[str, torch.Tensor]] = {}
     files = _index_files(folder, "model.safetensors.index.json")

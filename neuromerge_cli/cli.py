@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -11,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import MergeError
+from .errors import Interrupted, MergeError
 from .progress import RunLog, make_log, warnings_to
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
@@ -31,27 +32,36 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         value = -1
-    if unit not in SIZE_UNITS or value <= 0:
+    if unit not in SIZE_UNITS or not 0 < value < float("inf"):
         raise MergeError(f"--shard-size: expected a size such as 5GB or 500MiB, got {text!r}")
     return int(value * SIZE_UNITS[unit])
 
 
+def failure(exc: BaseException) -> tuple[str, int]:
+    """The one line (printed after 'error: ') and the exit code for a user error or an interruption.
+
+    An interrupted merge exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    if isinstance(exc, MergeError):
+        return " ".join(str(exc).splitlines()), 1
+    signum = exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)
+    what = ("the output was already complete and is kept" if getattr(exc, "published", False)
+            else "no output was written and any previous output is unchanged")
+    return f"interrupted ({signal.Signals(signum).name}): {what}", 128 + signum
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command; a user error becomes one line on stderr and exit code 1."""
+    """Run a command; a user error or an interruption becomes one line on stderr and a non-zero exit."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .writer import Interrupted  # imports torch: not at start-up, so --help and completion stay fast
-
         try:
             return fn(*args, **kwargs)
-        except MergeError as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except (Interrupted, KeyboardInterrupt) as exc:
-            err.print(f"interrupted ({exc or 'SIGINT'}): nothing was written", markup=False, highlight=False)
-            raise typer.Exit(130) from None
+        except (MergeError, Interrupted, KeyboardInterrupt) as exc:
+            message, code = failure(exc)
+            err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -77,18 +87,14 @@ def run(
     \b
       neuromerge run recipes/demo.yaml --output merged/demo --overwrite
     """
-    from .writer import Interrupted
-
     log = make_log(quiet, json_log, err)
     try:
         with warnings_to(log):
             _run(recipe, output, device, overwrite, shard_size, allow_nonfinite, quiet, dry_run, no_push, log)
-    except MergeError as exc:
-        log.error(str(exc), 1)
-        raise typer.Exit(1) from None
-    except (Interrupted, KeyboardInterrupt) as exc:
-        log.error(f"interrupted ({exc or 'SIGINT'}): nothing was written", 130)
-        raise typer.Exit(130) from None
+    except (MergeError, Interrupted, KeyboardInterrupt) as exc:
+        message, code = failure(exc)
+        log.error(message, code)
+        raise typer.Exit(code) from None
     finally:
         log.close()
 

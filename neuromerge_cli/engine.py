@@ -22,7 +22,7 @@ from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
 from .stats import GlobalStat
 from .distributed import World, shutdown, world_from_env
-from .writer import AsyncWriter, ShardWriter, check_output_location, shared_folder, signals_as_exceptions
+from .writer import AsyncWriter, ShardWriter, check_free_space, check_output_location, shared_folder, signals_as_exceptions
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2
@@ -377,7 +377,7 @@ def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Vari
 
 def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], world: World,
          device: torch.device) -> list[dict[str, Any]]:
-    from .report import build_report, write_metadata
+    from .report import build_report, metadata_bytes, write_metadata
 
     recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
     reuse_freed_memory()
@@ -385,6 +385,8 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
     inputs = [prepared.base.path] + [t.path for t in prepared.tasks]
     for v in targets:
         check_output_location(v.output, inputs, options.overwrite)
+    check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
+    check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)

@@ -68,6 +68,9 @@ def check_compatible(base: Checkpoint, tasks: list[Checkpoint]) -> None:
     base_type = (base.config or {}).get("model_type")
     for i, task in enumerate(tasks):
         where = f"models[{i}] ({task.source.reference})"
+        if task.path == base.path:
+            raise MergeError(f"models[{i}].model: '{task.source.reference}' is the base model (the same folder as "
+                             "base_model); list only fine-tuned models")
         task_type = (task.config or {}).get("model_type")
         if base_type and task_type and base_type != task_type:
             raise MergeError(f"{where}: architecture '{task_type}' differs from the base's '{base_type}'")

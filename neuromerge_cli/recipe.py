@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +10,9 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import MergeError
+from .errors import MergeError, did_you_mean, key_text
 from .methods import get_method
-from .methods.params import choice, integer
+from .methods.params import as_number, choice, integer
 from .neuron_groups import GENERAL as GENERAL_CATEGORY
 
 DTYPES: dict[str, torch.dtype] = {
@@ -92,21 +91,27 @@ class Recipe:
 
 
 def _reference(value: Any, key: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise MergeError(f"{key}: expected a local path or Hub id (a non-empty string), got {value!r}")
+    if not isinstance(value, str) or not value.strip() or not value.strip().isprintable():
+        raise MergeError(f"{key}: expected a local path or Hub id (a non-empty, one-line string), got {value!r}")
     return value.strip()
 
 
 def _unknown(keys: Any, allowed: tuple[str, ...], where: str) -> None:
     for key in keys:
         if key not in allowed:
-            raise MergeError(f"{where}{key}: unknown key (allowed: {', '.join(allowed)})")
+            raise MergeError(f"{where}{key_text(key)}: unknown key "
+                             f"({did_you_mean(key, allowed)}allowed: {', '.join(allowed)})")
 
 
-def parse_recipe(data: Any) -> Recipe:
-    """Validate a recipe given as parsed YAML; every error names the key at fault."""
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe given as parsed YAML; every error names the key at fault.
+
+    ``source`` names the recipe (its file) in errors about the recipe as a whole.
+    """
+    if data is None:
+        raise MergeError(f"{source}: the recipe is empty (expected a mapping with keys base_model, models, method)")
     if not isinstance(data, dict):
-        raise MergeError(f"recipe: expected a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
+        raise MergeError(f"{source}: expected a mapping of keys ({', '.join(TOP_KEYS)}), got {type(data).__name__}")
     _unknown(data, TOP_KEYS, "")
     for key in ("base_model", "models", "method"):
         if key not in data:
@@ -126,15 +131,16 @@ def parse_recipe(data: Any) -> Recipe:
         if "model" not in entry:
             raise MergeError(f"{where}.model: missing")
         ref = _reference(entry["model"], f"{where}.model")
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise MergeError(f"{where}.weight: expected a finite number, got {weight!r}")
+        try:
+            weight = as_number(entry.get("weight", 1.0))
+        except ValueError as exc:
+            raise MergeError(f"{where}.weight: {exc}") from None
         if ref == base:
             raise MergeError(f"{where}.model: '{ref}' is the base model; list only fine-tuned models")
         category = entry.get("category")
         if category is not None and (not isinstance(category, str) or not CATEGORY_NAME.match(category)):
             raise MergeError(f"{where}.category: expected a category name (letters, digits, _ or -), got {category!r}")
-        models.append(ModelEntry(ref, float(weight), category))
+        models.append(ModelEntry(ref, weight, category))
     method_name = data["method"]
     if not isinstance(method_name, str):
         raise MergeError(f"method: expected a method name, got {method_name!r}")
@@ -155,7 +161,7 @@ def parse_recipe(data: Any) -> Recipe:
     if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise MergeError(f"dtype: unknown dtype {dtype!r} (allowed: float32, float16, bfloat16)")
     output = data.get("output")
-    if output is not None and (not isinstance(output, str) or not output.strip()):
+    if output is not None and (not isinstance(output, str) or not output.strip() or not output.isprintable()):
         raise MergeError(f"output: expected a folder path, got {output!r}")
     hub = parse_hub(data["hub"]) if "hub" in data else None
     return Recipe(base, tuple(models), method.name, params, dtype, output, dict(data), hub, classify)
@@ -240,8 +246,12 @@ def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MergeError(f"{p}: cannot read recipe ({exc.__class__.__name__}: {exc})") from None
+    except FileNotFoundError:
+        raise MergeError(f"{p}: no such recipe file") from None
+    except UnicodeDecodeError:
+        raise MergeError(f"{p}: not a recipe (not UTF-8 text)") from None
+    except OSError as exc:
+        raise MergeError(f"{p}: cannot read recipe ({exc.strerror or exc})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -249,4 +259,8 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise MergeError(f"{p}: malformed YAML{where}: {problem}") from None
-    return parse_recipe(data)
+    except RecursionError:
+        raise MergeError(f"{p}: malformed YAML: nested too deeply") from None
+    except Exception as exc:  # the YAML constructors raise ValueError, AttributeError, ... on bad scalars
+        raise MergeError(f"{p}: malformed YAML: {type(exc).__name__}: {exc}") from None
+    return parse_recipe(data, str(p))

@@ -63,15 +63,24 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _metadata_files(base: Path) -> list[Path]:
+    """The base's config, tokenizer and generation files that are copied next to the weights."""
+    return [src for pattern in META_PATTERNS for src in base.glob(pattern) if src.is_file()]
+
+
+def metadata_bytes(base: Path) -> int:
+    """What the copied metadata files take on disk (for the free-space check)."""
+    return sum(src.stat().st_size for src in _metadata_files(base))
+
+
 def write_metadata(folder: Path, prepared: "Prepared", report: dict[str, Any]) -> None:
     """config.json (dtype updated), tokenizer and generation files, model card, report."""
     from .hub import model_card
 
     base = prepared.base.path
-    for pattern in META_PATTERNS:
-        for src in base.glob(pattern):
-            if src.is_file() and src.name != "config.json":
-                shutil.copy2(src, folder / src.name)
+    for src in _metadata_files(base):
+        if src.name != "config.json":
+            shutil.copy2(src, folder / src.name)
     if prepared.base.config is not None:
         config = dict(prepared.base.config)
         if prepared.recipe.dtype is not None:

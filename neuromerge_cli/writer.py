@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from .checkpoints import DTYPE_NAMES
-from .errors import MergeError
+from .errors import Interrupted, MergeError
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -155,26 +155,51 @@ class AsyncWriter:
         self._check()
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived during a merge."""
+HANDLED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class _SignalState:
+    """What the handler of ``signals_as_exceptions`` does now (signals only ever run in the main thread)."""
+
+    def __init__(self) -> None:
+        self.raised = False  # an Interrupted is unwinding: later signals must not cut its cleanup short
+        self.deferring = 0  # inside ``deferred_signals``: remember the signal, raise it afterwards
+        self.pending: int | None = None
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.raised:
+            return
+        if self.deferring:
+            self.pending = self.pending or signum
+            return
+        self.raised = True
+        raise Interrupted(signum)
+
+
+_state: _SignalState | None = None
 
 
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
-    """Turn SIGTERM (and SIGINT) into an exception so that cleanup code runs."""
+    """Turn SIGINT, SIGTERM and SIGHUP into ``Interrupted`` so that cleanup code runs.
 
-    def handler(signum: int, frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
+    Python runs signal handlers in the main thread whichever thread the signal hit, so a signal
+    that lands in a reader thread still interrupts the main thread. Only the first signal raises:
+    the ones that follow while it unwinds are ignored, so cleanup is never cut short.
+    """
+    global _state
+    state, outer = _SignalState(), _state
     previous = {}
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
+        for sig in HANDLED_SIGNALS:
+            previous[sig] = signal.signal(sig, state.handler)
     except ValueError:  # not in the main thread: leave signals alone
         pass
+    _state = state if previous else outer
     try:
         yield
     finally:
+        _state = outer
         for sig, old in previous.items():
             signal.signal(sig, old)
 
@@ -191,6 +216,23 @@ def shared_folder(output: Path, overwrite: bool, world: "World") -> Iterator[Pat
         yield Path(world.broadcast(""))
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold back a signal for a step that must not be cut in half; raise it once the step is done."""
+    state = _state
+    if state is None:
+        yield
+        return
+    state.deferring += 1
+    try:
+        yield
+    finally:
+        state.deferring -= 1
+    if not state.deferring and state.pending is not None and not state.raised:
+        signum, state.pending, state.raised = state.pending, None, True
+        raise Interrupted(signum, published=True)
+
+
 def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse an existing output (without overwrite) and an output inside or over an input."""
     out = output.resolve()
@@ -204,31 +246,141 @@ def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> 
         raise MergeError(f"output: {output} exists and is not a folder")
 
 
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _existing_ancestor(path: Path) -> Path:
+    probe = path.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_free_space(outputs: list[Path], needed_each: int) -> None:
+    """Refuse to start when a file system has less room than the outputs planned on it will take.
+
+    An existing output is only removed once the new one is complete, so it does not count as room.
+    """
+    plans: dict[int, tuple[Path, int]] = {}  # file system (device id) -> (a folder on it, bytes planned)
+    for output in outputs:
+        probe = _existing_ancestor(output)
+        device = probe.stat().st_dev
+        folder, needed = plans.get(device, (probe, 0))
+        plans[device] = (folder, needed + needed_each)
+    for probe, needed in plans.values():
+        margin = max(needed // 100, 16 * 2**20)  # the report and file-system overhead
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            continue  # no figure to check against: the write itself will report a full disk
+        if free < needed + margin:
+            raise MergeError(f"output: not enough free disk space in {probe}: the merge writes {format_size(needed)} "
+                             f"(+{format_size(margin)} margin) but {format_size(free)} are free")
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so that what is published is complete."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root), folder=True)
+
+
+def _fsync(path: Path, folder: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not folder:  # some file systems cannot sync a folder; a file that cannot be synced is an error
+            raise
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder we made (or a link that was swapped into its place); never follows a link."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Put the finished ``tmp`` at ``output``; an existing output is swapped out, then removed."""
+    if not output.exists():
+        os.rename(tmp, output)
+        return
+    if not overwrite:
+        raise MergeError(f"output: {output} already exists (use --overwrite to replace it)")
+    if not output.is_dir():
+        raise MergeError(f"output: {output} exists and is not a folder")
+    if _exchange(tmp, output):
+        old = tmp  # now holds the previous output
+    else:
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(output, old)
+        try:
+            os.rename(tmp, output)
+        except OSError:
+            os.rename(old, output)
+            raise
+    _remove(old)
+
+
 @contextlib.contextmanager
 def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder next to ``output``; publish it as ``output`` only on success.
 
-    An existing ``output`` is replaced only after the new folder is complete; on any failure or
-    signal the temporary folder is removed and ``output`` is left as it was.
+    An existing ``output`` is replaced only after the new folder is complete and flushed to disk;
+    on any failure or signal the temporary folder (and any parent folder created for it) is
+    removed and ``output`` is left as it was. A signal during the publishing step is held back
+    until the step is done.
     """
-    parent = output.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MergeError(f"output: cannot create {parent} ({exc.strerror or exc})") from None
+    parent = output.absolute().parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
     tmp = parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    published = False
     try:
-        yield tmp
-        if output.exists():
-            if not overwrite:
-                raise MergeError(f"output: {output} already exists (use --overwrite to replace it)")
-            old = parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as exc:
+            raise MergeError(f"output: cannot create a folder in {parent} ({exc.strerror or exc})") from None
+        try:
+            yield tmp
+            _sync_tree(tmp)
+            with deferred_signals():
+                _publish(tmp, output, overwrite)
+                published = True
+                _fsync(parent, folder=True)
+        except OSError as exc:
+            if exc.filename:
+                raise MergeError(f"{exc.filename}: {exc.strerror or exc} (while writing the output {output})") from None
+            raise MergeError(f"output: cannot write {output} ({exc.strerror or exc})") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
+        if not published:
+            for folder in created:  # deepest first; stops at the first one that is not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break

@@ -103,7 +103,7 @@ def test_validate(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     recipe.write_text(yaml.safe_dump(data))
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: parameters.lamda: method 'ties' takes no parameter 'lamda' (allowed: density, lambda")
+    assert result.stderr.startswith("error: parameters.lamda: method 'ties' takes no parameter 'lamda' (did you mean 'lambda'? allowed: density, lambda")
     assert not list(tmp_path.glob(".*tmp*"))
 
 

@@ -149,5 +149,5 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     path.write_text("base_model: a\nmodels: [a\nmethod: ties\n")
     with pytest.raises(MergeError, match=r"bad\.yaml: malformed YAML at line \d+"):
         load_recipe(path)
-    with pytest.raises(MergeError, match="cannot read recipe"):
+    with pytest.raises(MergeError, match=r"missing\.yaml: no such recipe file$"):
         load_recipe(tmp_path / "missing.yaml")

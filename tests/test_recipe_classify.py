@@ -24,7 +24,7 @@ def test_defaults_and_category_order() -> None:
 
 
 @pytest.mark.parametrize("classify, message", [
-    ({"corpora": {"general": "a"}, "topk": 3}, r"classify.topk: unknown key \(allowed: corpora, top_k"),
+    ({"corpora": {"general": "a"}, "topk": 3}, r"classify.topk: unknown key \(did you mean 'top_k'\? allowed: corpora, top_k"),
     ({"corpora": {"math": "a"}}, r"classify.corpora: missing the 'general' category"),
     ({"corpora": {"general": "a"}}, r"classify.corpora: needs at least one task category"),
     ({"corpora": {"general": "a", "math": []}}, r"classify.corpora.math: expected a file path or a non-empty list"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import MergeError
+from ..errors import MergeError, did_you_mean
 from .base import Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .iso import IsoC, IsoCts
@@ -26,7 +26,8 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]()
     except KeyError:
-        raise MergeError(f"method: unknown method '{name}' (known: {', '.join(METHODS)})") from None
+        raise MergeError(f"method: unknown method {name!r} "
+                         f"({did_you_mean(name, METHODS)}known: {', '.join(METHODS)})") from None
 
 
 __all__ = ["METHODS", "Method", "TensorJob", "TensorParts", "TensorResult", "get_method"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ..errors import MergeError
+from ..errors import MergeError, did_you_mean, key_text
 from ..stats import GlobalStat
 from .params import Param
 
@@ -81,7 +81,8 @@ class Method(ABC):
             if key not in known:
                 allowed = ", ".join(known) or "none"
                 raise MergeError(
-                    f"{where}.{key}: method '{self.name}' takes no parameter '{key}' (allowed: {allowed})"
+                    f"{where}.{key_text(key)}: method '{self.name}' takes no parameter {key!r} "
+                    f"({did_you_mean(key, known)}allowed: {allowed})"
                 )
         values: dict[str, Any] = {}
         for p in self.params:

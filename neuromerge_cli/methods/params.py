@@ -20,12 +20,17 @@ class Param:
     kind: str  # shown by `neuromerge methods`
 
 
-def _as_number(value: Any) -> float:
+def as_number(value: Any) -> float:
+    """A finite number from a recipe value, or ValueError saying what was found."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return float(value)
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x):
+        raise ValueError(f"expected a finite number, got {value!r:.40}")
+    return x
 
 
 def number(name: str, default: Any, help: str, lo: float | None = None, hi: float | None = None,
@@ -33,7 +38,7 @@ def number(name: str, default: Any, help: str, lo: float | None = None, hi: floa
     """A float parameter in [lo, hi] (or (lo, hi] when ``lo_open``)."""
 
     def check(value: Any) -> float:
-        x = _as_number(value)
+        x = as_number(value)
         if lo is not None and (x < lo or (lo_open and x == lo)):
             raise ValueError(f"must be {'>' if lo_open else '>='} {lo:g}, got {x:g}")
         if hi is not None and x > hi:
