@@ -199,21 +199,38 @@ class Checkpoint:
     def path(self) -> Path:
         return self.source.path
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor in its storage dtype, on the CPU, in memory the caller owns."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, pin: bool = False) -> torch.Tensor:
+        """One tensor (or the block of its first-dimension ``rows`` [start, stop)) in its storage dtype,
+        on the CPU, in memory the caller owns (page-locked when ``pin``, for asynchronous copies to a GPU).
+
+        A safetensors tensor is read with one ``readinto`` straight into the returned tensor's memory.
+        """
         info = self.tensors[name]
+        shape = info.shape
+        begin, nbytes = info.offset, info.nbytes
+        if rows is not None:
+            row_bytes = info.nbytes // shape[0] if shape and shape[0] else 0
+            shape = (rows[1] - rows[0], *shape[1:])
+            begin, nbytes = info.offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
         if info.file.suffix == ".bin":
-            return self._bins[info.file][name].contiguous()
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
+            t = self._bins[info.file][name]
+            t = t if rows is None else t[rows[0]:rows[1]]
+            return t.contiguous().pin_memory() if pin else t.contiguous()
+        out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         try:
-            with open(info.file, "rb") as f:
-                f.seek(info.offset)
-                got = f.readinto(memoryview(out.numpy()))
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(begin)
+                view, got = memoryview(out.numpy()), 0
+                while got < nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
         except OSError as exc:
             raise MergeError(f"{info.file}: cannot read tensor '{name}' ({exc.strerror or exc})") from None
-        if got != info.nbytes:
+        if got != nbytes:
             raise MergeError(f"{info.file}: truncated while reading tensor '{name}'")
-        return out.view(info.dtype).reshape(info.shape)
+        return out.view(info.dtype).reshape(shape)
 
 
 def _index_files(folder: Path, index_name: str) -> list[Path] | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -19,7 +21,8 @@ from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
 from .stats import GlobalStat
-from .writer import ShardWriter, atomic_folder, check_free_space, check_output_location, signals_as_exceptions
+from .distributed import World, shutdown, world_from_env
+from .writer import AsyncWriter, ShardWriter, check_free_space, check_output_location, shared_folder, signals_as_exceptions
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2
@@ -82,42 +85,126 @@ def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE, read_weights: 
                     {"resolve_s": t1 - t0, "index_and_plan_s": t2 - t1})
 
 
+# Rows of a large tensor are streamed in blocks of about this many entries (tunable, e.g. in tests).
+BLOCK_ELEMENTS = int(os.environ.get("NEUROMERGE_BLOCK_ELEMENTS", 1 << 20))
+MALLOC_REUSE_BYTES = 32 << 20  # glibc's largest mmap threshold
+
+
+def reuse_freed_memory() -> None:
+    """Let glibc recycle freed blocks up to 32 MiB instead of unmapping them.
+
+    By default large tensors are mmapped and unmapped on every allocation, so each temporary of
+    every block pays page faults that cost as much as the arithmetic; blocks of rows are bounded,
+    so recycling them keeps the footprint bounded too.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, MALLOC_REUSE_BYTES)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 4 * MALLOC_REUSE_BYTES)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+PREFETCH_BYTES = 1 << 28  # raw input bytes the reader may hold ahead of the consumer
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A tensor, or the block of its first-dimension rows [start, stop)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+
+    @property
+    def row(self) -> int:
+        return 0 if self.rows is None else self.rows[0]
+
+
+def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = None) -> list[Piece]:
+    """``names`` as work pieces: tensors above ``block`` (BLOCK_ELEMENTS) entries cut into blocks of rows when ``rowwise``."""
+    block = block or BLOCK_ELEMENTS
+    by_name = plan.by_name()
+    out: list[Piece] = []
+    for name in names:
+        shape = by_name[name].shape
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not rowwise or len(shape) == 0 or numel <= block or shape[0] < 2:
+            out.append(Piece(name))
+            continue
+        step = max(1, block // max(1, numel // shape[0]))  # rows per block
+        out.extend(Piece(name, (r, min(r + step, shape[0]))) for r in range(0, shape[0], step))
+    return out
+
+
 class TensorLoader:
-    """Reads base and task tensors, a few tensors ahead of the consumer on a background thread."""
+    """Reads base and task tensors ahead of the consumer on a background thread.
+
+    Reads go straight into freshly allocated (page-locked, on CUDA) tensors, one ``readinto`` per
+    input; the read-ahead is bounded by PREFETCH pieces and PREFETCH_BYTES bytes.
+    """
 
     def __init__(self, prepared: Prepared, device: torch.device, allow_nonfinite: bool) -> None:
         self.checkpoints = [prepared.base, *prepared.tasks]
         self.device = device
         self.allow_nonfinite = allow_nonfinite
-        self._checked: set[str] = set()
+        self.pin = device.type == "cuda"
 
-    def _read(self, name: str) -> list[torch.Tensor]:
-        tensors = [ck.read(name) for ck in self.checkpoints]
-        if not self.allow_nonfinite and name not in self._checked and tensors[0].dtype.is_floating_point:
-            for ck, t in zip(self.checkpoints, tensors):
-                if not bool(torch.isfinite(t).all()):
-                    raise MergeError(f"{ck.source.reference}: tensor '{name}' contains NaN or Inf "
-                                     "(use --allow-nonfinite to merge anyway)")
-            self._checked.add(name)
-        return tensors
+    def _read(self, piece: Piece | str) -> list[torch.Tensor]:
+        piece = Piece(piece) if isinstance(piece, str) else piece
+        return [ck.read(piece.name, piece.rows, self.pin) for ck in self.checkpoints]
 
-    def stream(self, names: Iterable[str]) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    def _nbytes(self, piece: Piece) -> int:
+        info = self.checkpoints[0].tensors[piece.name]
+        if piece.rows is None or not info.shape:
+            return info.nbytes * len(self.checkpoints)
+        return info.nbytes // info.shape[0] * (piece.rows[1] - piece.rows[0]) * len(self.checkpoints)
+
+    def stream(self, names: Iterable[str | Piece]) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """(name, [base, task_1..task_T] as stored, on the CPU), read ahead of use."""
-        names = list(names)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            futures = [pool.submit(self._read, n) for n in names[:PREFETCH]]
-            for i, name in enumerate(names):
-                tensors = futures[i].result()
-                if i + PREFETCH < len(names):
-                    futures.append(pool.submit(self._read, names[i + PREFETCH]))
-                futures[i] = None  # type: ignore[call-overload]
-                yield name, tensors
+        for piece, tensors in self.stream_pieces([Piece(n) if isinstance(n, str) else n for n in names]):
+            yield piece.name, tensors
 
-    def as_float(self, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(θ0, τ stacked (T, ...)) in float32 on the compute device."""
+    def stream_pieces(self, items: list[Piece]) -> Iterator[tuple[Piece, list[torch.Tensor]]]:
+        """(piece, [base, task_1..task_T] blocks as stored, on the CPU), read ahead of use."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuromerge-reader") as pool:
+            ahead: deque[tuple[Piece, Future[list[torch.Tensor]], int]] = deque()
+            nxt, held = 0, 0
+            while ahead or nxt < len(items):
+                while nxt < len(items) and (not ahead or (len(ahead) < PREFETCH + 1
+                                                          and held + self._nbytes(items[nxt]) <= PREFETCH_BYTES)):
+                    size = self._nbytes(items[nxt])
+                    piece = items[nxt]
+                    ahead.append((piece, pool.submit(self._read, piece.name if piece.rows is None else piece), size))
+                    held += size
+                    nxt += 1
+                piece, future, size = ahead.popleft()
+                tensors = future.result()
+                held -= size
+                yield piece, tensors
+
+    def as_float(self, tensors: list[torch.Tensor], name: str = "", check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ0, τ stacked (T, ...)) in float32 on the compute device; refuses NaN/Inf inputs unless allowed."""
         base = tensors[0].to(self.device, non_blocking=True).float()
-        tasks = torch.stack([t.to(self.device, non_blocking=True).float() for t in tensors[1:]])
-        return base, tasks.sub_(base)
+        deltas = torch.empty((len(tensors) - 1, *base.shape), dtype=torch.float32, device=self.device)
+        for t, task in enumerate(tensors[1:]):
+            deltas[t].copy_(task.to(self.device, non_blocking=True)).sub_(base)
+        if check and not self.allow_nonfinite and tensors[0].dtype.is_floating_point:
+            self.check_finite(tensors, deltas.view(deltas.shape[0], -1).sum(1), name)
+        return base, deltas
+
+    def check_finite(self, tensors: list[torch.Tensor], delta_sums: torch.Tensor, name: str) -> None:
+        """Any NaN/Inf in an input makes its task vector's sum non-finite; only then look closer."""
+        if bool(torch.isfinite(delta_sums).all()):
+            return
+        for ck, t in zip(self.checkpoints, tensors):
+            if not bool(torch.isfinite(t).all()):
+                raise MergeError(f"{ck.source.reference}: tensor '{name}' contains NaN or Inf "
+                                 "(use --allow-nonfinite to merge anyway)")
 
 
 class PassProgress:
@@ -147,31 +234,101 @@ def schedule(stats: list[GlobalStat]) -> list[list[tuple[GlobalStat, int]]]:
             for g in range(total)]
 
 
+def _last(plan_by_name: dict[str, TensorPlan], piece: Piece) -> bool:
+    """Whether ``piece`` ends its tensor (progress counts tensors, not blocks)."""
+    return piece.rows is None or piece.rows[1] == plan_by_name[piece.name].shape[0]
+
+
 def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLoader,
-                   weights: torch.Tensor, progress: Progress | None) -> int:
-    """Run every statistics pass; returns the number of reads of the model it took."""
+                   weights: torch.Tensor, progress: Progress | None, world: World | None = None) -> int:
+    """Run every statistics pass; returns the number of reads of the model it took.
+
+    Across several processes each rank observes its share of the tensors and the partial sums are
+    added up before ``end_pass``; a statistic without partial sums sees every tensor on every rank.
+    """
+    world = world or World()
+    plan = prepared.plan
+    by_name = plan.by_name()
     passes = schedule(stats)
-    names = [t.name for t in prepared.plan.merged]
+    names = [t.name for t in plan.merged]
     for g, active in enumerate(passes):
-        meter = PassProgress(progress, f"statistics pass {g + 1}/{len(passes)}", prepared, names)
-        for name, tensors in loader.stream(names):
-            _, deltas = loader.as_float(tensors)
+        split = not world.alone and all(stat.partials(p) is not None for stat, p in active)
+        mine = world.share(names, [by_name[n].nbytes for n in names]) if split else names
+        work = pieces(plan, mine, all(stat.rowwise for stat, _ in active))
+        meter = PassProgress(progress, f"statistics pass {g + 1}/{len(passes)}", prepared, mine)
+        for piece, tensors in loader.stream_pieces(work):
+            _, deltas = loader.as_float(tensors, piece.name)
             for stat, p in active:
-                stat.observe(p, name, deltas, weights)
-            meter.tick(name)
+                stat.observe(p, piece.name, deltas, weights)
+            if _last(by_name, piece):
+                meter.tick(piece.name)
+        if split:  # the partial sums as they stand at the end of the pass
+            world.all_reduce_([t for stat, p in active for t in stat.partials(p) or ()])
         for stat, p in active:
             stat.end_pass(p)
     return len(passes)
 
 
-def _tensor_report(t: TensorPlan, deltas: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
-    flat = deltas.reshape(deltas.shape[0], -1)
-    return {
-        "role": t.role, "shape": list(t.shape),
-        "task_l1": [float(x) for x in flat.abs().sum(1).tolist()],
-        "task_l2": [float(x) for x in flat.norm(dim=1).tolist()],
-        **extra,
-    }
+class TensorFigures:
+    """The report's figures of one tensor, added up over its blocks of rows."""
+
+    def __init__(self, t: TensorPlan, num_tasks: int, variants: int = 1) -> None:
+        self.t = t
+        self.l1 = torch.zeros(num_tasks, dtype=torch.float64)
+        self.l2sq = torch.zeros(num_tasks, dtype=torch.float64)
+        self.delta_sq = [0.0] * variants
+        self.extra: dict[str, float] = {}
+        self.other: dict[str, Any] = {}
+        self.n = 0
+
+    def add(self, l1: torch.Tensor, l2: torch.Tensor, delta_norms: list[float], extra: dict[str, Any],
+            numel: int) -> None:
+        self.l1 += l1.double().cpu()
+        self.l2sq += l2.double().cpu() ** 2
+        self.delta_sq = [a + b ** 2 for a, b in zip(self.delta_sq, delta_norms)]
+        for k, v in extra.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.extra[k] = self.extra.get(k, 0.0) + float(v) * numel  # a mean over entries
+            else:
+                self.other[k] = v
+        self.n += numel
+
+    def report(self, variant: int = 0) -> dict[str, Any]:
+        n = max(self.n, 1)
+        return {
+            "role": self.t.role, "shape": list(self.t.shape),
+            "task_l1": [float(x) for x in self.l1.tolist()],
+            "task_l2": [float(x) ** 0.5 for x in self.l2sq.tolist()],
+            "delta_norm": self.delta_sq[variant] ** 0.5,
+            **{k: v / n for k, v in self.extra.items()}, **self.other,
+        }
+
+
+def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
+                scales: list[dict[str, float]] | None) -> tuple[list[torch.Tensor], list[float], dict[str, Any]]:
+    """θ = θ0 + delta in float32 for one piece and each variant's scales (None: no scale parameters),
+    ‖delta‖ of each, and the method's stats.
+
+    The last output is built in job.base's memory; a single scaled part is scaled in place, so one
+    output needs no separate delta tensor.
+    """
+    if scales is None:
+        result = method.merge(job, params)
+        deltas, stats = [result.delta], result.stats
+    else:
+        split = method.merge_parts(job, params)
+        stats = split.stats
+        if len(scales) == 1 and len(split.parts) == 1:
+            (key, delta), = split.parts.items()
+            if scales[0][key] != 1.0:
+                shared = delta.untyped_storage().data_ptr() == job.base.untyped_storage().data_ptr()
+                delta = delta * scales[0][key] if shared else delta.mul_(scales[0][key])
+            deltas = [delta]
+        else:
+            deltas = [split.combine(s) for s in scales]
+    norms = [float(torch.linalg.vector_norm(d)) for d in deltas]
+    outs = [job.base + d for d in deltas[:-1]] + [job.base.add_(deltas[-1])]
+    return outs, norms, stats
 
 
 @dataclass(frozen=True)
@@ -194,90 +351,134 @@ def _variant_recipe(recipe: Recipe, scales: dict[str, Any]) -> Recipe:
 
 
 def run_merge(prepared: Prepared, options: MergeOptions) -> dict[str, Any]:
-    """Merge and publish ``options.output``; returns the report that was written with it."""
+    """Merge and publish ``options.output``; returns the report that was written with it.
+
+    Under a launcher (torchrun, accelerate launch: WORLD_SIZE > 1) every rank merges and writes its
+    share of the tensors into the same files; rank 0 writes the metadata and publishes.
+    """
     return merge_variants(prepared, options, [Variant(options.output)])[0]
 
 
 def merge_variants(prepared: Prepared, options: MergeOptions, targets: list[Variant]) -> list[dict[str, Any]]:
     """Merge once and publish one folder per variant; returns the report written with each."""
-    from .report import build_report, metadata_bytes, write_metadata
-
-    recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
+    method = prepared.method
     if any(v.scales for v in targets):
         extra = sorted({k for v in targets for k in v.scales} - set(method.scale_params))
         if extra:
             raise MergeError(f"parameters.{extra[0]}: not a scale parameter of method '{method.name}' "
                              f"(scale parameters: {', '.join(method.scale_params) or 'none'})")
+    kind = pick_device(options.device).type
+    world = world_from_env(kind)
+    try:
+        return _run(prepared, options, targets, world, world.device(kind))
+    finally:
+        shutdown(world)
+
+
+def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], world: World,
+         device: torch.device) -> list[dict[str, Any]]:
+    from .report import build_report, metadata_bytes, write_metadata
+
+    recipe, method, plan = prepared.recipe, prepared.method, prepared.plan
+    reuse_freed_memory()
     recipes = [_variant_recipe(recipe, v.scales) for v in targets]
-    device = pick_device(options.device)
     inputs = [prepared.base.path] + [t.path for t in prepared.tasks]
     for v in targets:
         check_output_location(v.output, inputs, options.overwrite)
+    check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
     check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)
     loader = TensorLoader(prepared, device, options.allow_nonfinite)
     timings = dict(prepared.timings)
-    tensor_stats: list[dict[str, dict[str, Any]]] = [{} for _ in targets]
+    figures: dict[str, TensorFigures] = {}
+    by_name = plan.by_name()
+    num_tasks = len(recipe.models)
     with contextlib.ExitStack() as stack:
         stack.enter_context(signals_as_exceptions())
-        folders = [stack.enter_context(atomic_folder(v.output, options.overwrite)) for v in targets]
+        folders = [stack.enter_context(shared_folder(v.output, options.overwrite, world)) for v in targets]
         t0 = time.perf_counter()
-        stats = method.global_stats(recipe.params, len(recipe.models), device)
-        reads = run_statistics(prepared, stats, loader, weights, options.progress)
+        stats = method.global_stats(recipe.params, num_tasks, device)
+        reads = run_statistics(prepared, stats, loader, weights, options.progress, world)
         by_key = {s.key: s for s in stats}
-        scales = [method.scales(r.params, by_key) for r in recipes] if method.scale_params else []
+        scales = [method.scales(r.params, by_key) for r in recipes] if method.scale_params else None
         t1 = time.perf_counter()
-        writers = [ShardWriter(folder, plan) for folder in folders]
+        aliases: dict[str, list[str]] = {}
+        for t in plan.tensors:
+            if t.alias_of:
+                aliases.setdefault(t.alias_of, []).append(t.name)
+        names = [t.name for t in plan.tensors if t.alias_of is None]
+        mine = world.share(names, [by_name[n].nbytes * (num_tasks + 1) for n in names])
+        owned = set(mine) | {a for n in mine for a in aliases.get(n, ())}
+        writers = [ShardWriter(f, plan, create=True, owns=owned) for f in folders] if world.rank == 0 else []
+        world.barrier()  # the files exist, with their headers, before any other rank opens them
+        if world.rank != 0:
+            writers = [ShardWriter(f, plan, create=False, owns=owned) for f in folders]
+        background = AsyncWriter()
         try:
-            aliases = {t.alias_of: [] for t in plan.tensors if t.alias_of}
-            for t in plan.tensors:
-                if t.alias_of:
-                    aliases[t.alias_of].append(t.name)
-            names = [t.name for t in plan.tensors if t.alias_of is None]
-            by_name = plan.by_name()
-            meter = PassProgress(options.progress, "merge", prepared, names)
-            for name, tensors in loader.stream(names):
-                t = by_name[name]
+            rowwise = method.rowwise(recipe.params)
+            work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise) + \
+                [Piece(n) for n in mine if by_name[n].role == "copy"]
+            meter = PassProgress(options.progress, "merge", prepared, mine)
+            for piece, tensors in loader.stream_pieces(work):
+                t = by_name[piece.name]
                 if t.role == "copy":
                     outs = [tensors[0]] * len(targets)
                 else:
-                    base, deltas = loader.as_float(tensors)
-                    job = TensorJob(name, t.role, base, deltas, weights, by_key,
-                                    tensor_seed(recipe.params.get("seed", 0), name, -1))
-                    if scales:
-                        split = method.merge_parts(job, recipe.params)
-                        merged, extra = [split.combine(s) for s in scales], split.stats
-                    else:
-                        result = method.merge(job, recipe.params)
-                        merged, extra = [result.delta], result.stats
-                    common = _tensor_report(t, deltas, extra)
-                    outs = []
-                    for k, delta in enumerate(merged):
-                        outs.append((base + delta).to(t.dtype).cpu())
-                        tensor_stats[k][name] = {**common, "delta_norm": float(delta.norm())}
+                    base, deltas = loader.as_float(tensors, piece.name, check=False)
+                    flat = deltas.view(deltas.shape[0], -1)
+                    l1 = torch.linalg.vector_norm(flat, 1, dim=1)
+                    if not options.allow_nonfinite:
+                        loader.check_finite(tensors, l1, piece.name)
+                    l2 = torch.linalg.vector_norm(flat, 2, dim=1)
+                    job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
+                                    tensor_seed(recipe.params.get("seed", 0), piece.name, -1))
+                    merged, delta_norms, extra = merge_piece(method, recipe.params, job, scales)
+                    fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
+                    fig.add(l1, l2, delta_norms, extra, deltas[0].numel())
+                    outs = [m.to(t.dtype) for m in merged]
                 for writer, out in zip(writers, outs):
-                    writer.write(name, out)
-                    for alias in aliases.get(name, ()):
-                        writer.write(alias, out)
-                meter.tick(name)
+                    event = None
+                    if out.device.type == "cuda":
+                        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                        host.copy_(out, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        out = host
+                    background.write(writer, [piece.name, *aliases.get(piece.name, ())], out, piece.row, event)
+                if _last(by_name, piece):
+                    meter.tick(piece.name)
+            background.drain()
             for writer in writers:
-                writer.close()
+                writer.close(write_index=world.rank == 0)
         except BaseException:
+            background.stop()
             for writer in writers:
                 writer.abort()
             raise
+        world.barrier()  # every rank's tensors are in the files
         t2 = time.perf_counter()
         timings.update({"statistics_s": t1 - t0, "merge_s": t2 - t1, "statistics_reads": reads})
         peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if device.type == "cuda":
             peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+        gathered = world.all_gather(({n: [f.report(k) for k in range(len(targets))] for n, f in figures.items()}, peak))
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for part, _ in gathered:
+            rows.update(part)
+        order = [t.name for t in plan.tensors if t.name in rows]
+        peak = {k: max(p[k] for _, p in gathered) for k in peak}
+        if world.size > 1:
+            peak["processes"] = world.size
+        where = str(device) if world.alone else f"{device.type} x {world.size} processes"
         reports = []
         for k, (folder, r) in enumerate(zip(folders, recipes)):
             variant = replace(prepared, recipe=r)
-            report = build_report(variant, method.report(r.params, by_key), tensor_stats[k],
-                                  str(device), timings, peak)
-            write_metadata(folder, variant, report)
+            report = build_report(variant, method.report(r.params, by_key), {n: rows[n][k] for n in order},
+                                  where, timings, peak)
+            if world.rank == 0:
+                write_metadata(folder, variant, report)
             reports.append(report)
+    world.barrier()  # rank 0 has published the folders
     return reports

@@ -20,12 +20,19 @@ class GlobalStat:
     key: str = ""
     passes: int = 1
     after: "GlobalStat | None" = None
+    rowwise: bool = False  # observe() may see blocks of a tensor's rows instead of whole tensors
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         raise NotImplementedError
 
     def end_pass(self, pass_index: int) -> None:
         """Called once every tensor has been observed in ``pass_index``."""
+
+    def partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        """The accumulators of ``pass_index`` that add up across processes, summed in place between the
+        last ``observe`` and ``end_pass`` when tensors are split across ranks (it may be called more
+        than once; the last call's tensors count); None: every rank observes every tensor."""
+        return None
 
     def summary(self) -> dict[str, Any]:
         return {}
@@ -50,6 +57,15 @@ class TrimStat(GlobalStat):
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
         self._kept = torch.zeros(num_tasks, dtype=torch.float64)
         self._n = 0
+        self._n_box: torch.Tensor | None = None
+        self._tensor_thr: dict[str, torch.Tensor] = {}  # per-tensor thresholds seen in the statistics pass
+        self.rowwise = self.passes == 0 or scope == "global"
+
+    def partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        if self._topk is not None:
+            return self._topk.partials(pass_index)
+        self._n_box = torch.tensor([self._n], dtype=torch.int64)
+        return [self._removed, self._total, self._kept, self._n_box]
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         mags = deltas.abs()
@@ -57,6 +73,7 @@ class TrimStat(GlobalStat):
             (self._topk.observe_coarse if pass_index == 0 else self._topk.observe_fine)(mags)
             return
         thr = tensor_thresholds(mags, self.density)
+        self._tensor_thr[name] = thr.cpu()
         flat = mags.reshape(self.num_tasks, -1)
         keep = flat >= thr.unsqueeze(1)
         self._removed += torch.where(keep, 0.0, flat).double().sum(1).cpu()
@@ -66,6 +83,8 @@ class TrimStat(GlobalStat):
 
     def end_pass(self, pass_index: int) -> None:
         if self._topk is None:
+            if self._n_box is not None:
+                self._n, self._n_box = int(self._n_box.item()), None
             return
         if pass_index == 0:
             self._topk.end_coarse()
@@ -81,12 +100,18 @@ class TrimStat(GlobalStat):
         """Global per-task thresholds (T,), or None when trimming is per tensor or off."""
         return None if self._topk is None else self._topk.thresholds
 
-    def mask(self, deltas: torch.Tensor) -> torch.Tensor:
-        """The trimmed task vectors m_t ∘ τ_t of one tensor (T, ...)."""
+    def mask(self, deltas: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """The trimmed task vectors m_t ∘ τ_t of one tensor (T, ...); with its ``name``, per-tensor
+        thresholds already found in the statistics pass are reused."""
         if self.density >= 1.0:
             return deltas
         mags = deltas.abs()
-        thr = self.thresholds if self.scope == "global" else tensor_thresholds(mags, self.density)
+        if self.scope == "global":
+            thr = self.thresholds
+        elif name is not None and name in self._tensor_thr:
+            thr = self._tensor_thr[name]
+        else:
+            thr = tensor_thresholds(mags, self.density)
         thr = thr.to(deltas.device).reshape((-1,) + (1,) * (deltas.ndim - 1))
         return torch.where(mags >= thr, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
 
@@ -120,15 +145,20 @@ class MajoritySignStat(GlobalStat):
     def __init__(self, trim: TrimStat) -> None:
         self.after = trim
         self._trim = trim
-        self._sum = 0.0
+        self._sum = torch.zeros(1, dtype=torch.float64)  # a sum of signs: exact in float64
+        self.rowwise = trim.rowwise
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         w = weights.reshape((-1,) + (1,) * (deltas.ndim - 1))
-        self._sum += float(torch.sign((self._trim.mask(deltas) * w).sum(0)).sum())
+        self._sum += torch.sign((self._trim.mask(deltas, name) * w).sum(0)).sum().double().cpu()
+
+    def partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        return [self._sum]
 
     @property
     def sign(self) -> float:
-        return float((self._sum > 0) - (self._sum < 0))
+        total = float(self._sum.item())
+        return float((total > 0) - (total < 0))
 
     def summary(self) -> dict[str, Any]:
         return {"majority_sign": self.sign}

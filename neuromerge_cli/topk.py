@@ -29,6 +29,9 @@ def kept_count(n: int, density: float) -> int:
     return min(n, max(1, math.floor(Fraction(repr(float(density))) * n)))
 
 
+SELECT_SAMPLE = 1 << 14  # entries of a row sampled to bracket its k-th value
+
+
 def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     """Per-row k-th largest value of ``magnitudes`` (T, ...) flattened per row: shape (T,)."""
     flat = magnitudes.reshape(magnitudes.shape[0], -1)
@@ -38,7 +41,29 @@ def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
         return flat.new_zeros(flat.shape[0])
     if k >= n:
         return flat.amin(dim=1)
-    return torch.kthvalue(flat, n - k + 1, dim=1).values
+    if n <= 4 * SELECT_SAMPLE:
+        return torch.kthvalue(flat, n - k + 1, dim=1).values
+    return torch.stack([_kth_smallest(row, n - k + 1) for row in flat])
+
+
+def _kth_smallest(row: torch.Tensor, q: int) -> torch.Tensor:
+    """The exact q-th smallest entry (1-based) of a 1-d tensor, in fewer passes than a full select.
+
+    A strided sample brackets it in [lo, hi]; counting the entries below lo and selecting among
+    the few in [lo, hi] is exact whenever the bracket holds it, which is checked (else a full select).
+    """
+    n = row.numel()
+    sample = row[:: max(1, n // SELECT_SAMPLE)].sort().values
+    m = sample.numel()
+    frac = q / n
+    margin = 4.0 * math.sqrt(m * frac * (1.0 - frac)) + 16.0
+    lo = sample[max(0, int(frac * m - margin))]
+    hi = sample[min(m - 1, int(frac * m + margin))]
+    below = int(torch.count_nonzero(row < lo))
+    inside = row[(row >= lo) & (row <= hi)]
+    if below < q <= below + inside.numel():
+        return torch.kthvalue(inside, q - below).values
+    return torch.kthvalue(row, q).values
 
 
 def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -78,6 +103,8 @@ class StreamingTopK:
 
     def end_coarse(self) -> None:
         """Find, per task, the high-bits bin that holds the k-th largest value."""
+        if getattr(self, "_n_box", None) is not None:
+            self.n, self._n_box = int(self._n_box.item()), None
         counts = self._coarse.view(self.num_tasks, HIGH_BINS)
         from_top = counts.flip(1).cumsum(1).flip(1)  # count of values in this bin or above
         k = kept_count(self.n, self.density)
@@ -87,6 +114,13 @@ class StreamingTopK:
         self._bin = (has.int() * torch.arange(HIGH_BINS, device=self.device)).amax(dim=1)
         above = from_top.gather(1, (self._bin + 1).clamp(max=HIGH_BINS - 1).unsqueeze(1)).squeeze(1)
         self._above = torch.where(self._bin + 1 < HIGH_BINS, above, torch.zeros_like(above))
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        """The counts and sums of pass ``pass_index`` (0: coarse, 1: fine), to be summed across processes."""
+        if pass_index == 0:
+            self._n_box = torch.tensor([self.n], dtype=torch.int64, device=self.device)
+            return [self._coarse, self._coarse_l1, self._n_box]
+        return [self._fine, self._fine_l1]
 
     def observe_fine(self, magnitudes: torch.Tensor) -> None:
         """Pass 2: count the low bits of the values that fall in each task's chosen bin."""

@@ -9,7 +9,7 @@ import shutil
 import signal
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -17,22 +17,28 @@ from .checkpoints import DTYPE_NAMES
 from .errors import Interrupted, MergeError
 from .plan import Plan
 
+if TYPE_CHECKING:
+    from .distributed import World
+
 INDEX_NAME = "model.safetensors.index.json"
 
 
 class ShardWriter:
     """Writes every planned tensor at its place in its shard.
 
-    Each shard's header is written from the plan before any tensor is computed, so tensors can
-    arrive in any order and the writer never holds more than the tensor it is given.
+    Each shard's header is written from the plan before any tensor is computed, so tensors (or
+    blocks of their rows) can arrive in any order and the writer never holds more than the block it
+    is given. Several processes can share the files: one creates them (``create=True``), the others
+    open them afterwards and each writes the tensors it ``owns``.
     """
 
-    def __init__(self, folder: Path, plan: Plan) -> None:
+    def __init__(self, folder: Path, plan: Plan, create: bool = True, owns: set[str] | None = None) -> None:
         self.folder = folder
         self.plan = plan
+        self.create = create
         self._where: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         self._files: dict[str, int] = {}
-        self._pending = {t.name for t in plan.tensors}
+        self._left: dict[str, int] = {t.name: t.nbytes for t in plan.tensors if owns is None or t.name in owns}
         by_name = plan.by_name()
         for file, names in plan.shards.items():
             header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -45,34 +51,43 @@ class ShardWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)
             start = 8 + len(raw)
-            fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if create:
+                fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+                os.ftruncate(fd, start + offset)
+            else:
+                fd = os.open(folder / file, os.O_WRONLY)
             self._files[file] = fd
-            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
-            os.ftruncate(fd, start + offset)
             for name in names:
                 begin, _ = header[name]["data_offsets"]  # type: ignore[index]
                 t = by_name[name]
                 self._where[name] = (fd, start + begin, t.dtype, t.shape)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor (CPU, planned dtype and shape)."""
+    def write(self, name: str, tensor: torch.Tensor, row: int = 0) -> None:
+        """Write one tensor (CPU, planned dtype and shape), or the block of its rows from ``row`` on."""
         fd, offset, dtype, shape = self._where[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise AssertionError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
+        rows = tensor.shape[0] if tensor.ndim else 1
+        if (tensor.dtype != dtype or tuple(tensor.shape[1:]) != shape[1:] or tensor.ndim != len(shape)
+                or (row + rows > (shape[0] if shape else 1))):
+            raise AssertionError(f"{name}: got {tensor.dtype} {list(tensor.shape)} at row {row}, "
+                                 f"planned {dtype} {list(shape)}")
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        if row:
+            offset += row * (len(data) // rows)
         written = 0
         while written < len(data):
             written += os.pwrite(fd, data[written:], offset + written)
-        self._pending.discard(name)
+        self._left[name] -= len(data)
 
-    def close(self) -> None:
-        """Close every shard and write the index; every planned tensor must have been written."""
+    def close(self, write_index: bool = True) -> None:
+        """Close every shard and write the index; every tensor this writer owns must have been written."""
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
-        if self._pending:
-            raise AssertionError(f"tensors never written: {sorted(self._pending)[:3]}")
-        if self.plan.sharded:
+        missing = sorted(n for n, left in self._left.items() if left)
+        if missing:
+            raise AssertionError(f"tensors never written: {missing[:3]}")
+        if self.plan.sharded and write_index:
             index = {"metadata": {"total_size": self.plan.bytes_out},
                      "weight_map": {t.name: t.shard for t in self.plan.tensors}}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -81,6 +96,63 @@ class ShardWriter:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+
+
+class AsyncWriter:
+    """Writes blocks on a background thread, at most ``depth`` blocks behind the producer.
+
+    A block may come with a CUDA event: the thread waits for it (the block's asynchronous copy to
+    page-locked host memory) before writing. An error in the thread is raised on the next call.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self._queue: "queue.Queue[tuple | None]" = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="neuromerge-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue
+            writer, names, tensor, row, event = item
+            try:
+                if event is not None:
+                    event.synchronize()
+                for name in names:
+                    writer.write(name, tensor, row)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the producer
+                self._error = exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, writer: ShardWriter, names: list[str], tensor: torch.Tensor, row: int = 0,
+              event: object = None) -> None:
+        """Queue ``tensor`` to be written by ``writer`` at ``row`` of every tensor in ``names`` (a tensor
+        and its aliases)."""
+        self._check()
+        self._queue.put((writer, names, tensor, row, event))
+
+    def stop(self) -> None:
+        """Stop the thread without raising (on the way out of a failed merge)."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("stopped")
+            self._queue.put(None)
+            self._thread.join()
+
+    def drain(self) -> None:
+        """Wait until every queued block is written; raise the thread's error if any."""
+        self._queue.put(None)
+        self._thread.join()
+        self._check()
 
 
 HANDLED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -130,6 +202,18 @@ def signals_as_exceptions() -> Iterator[None]:
         _state = outer
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def shared_folder(output: Path, overwrite: bool, world: "World") -> Iterator[Path]:
+    """``atomic_folder`` for every rank of a multi-process merge: rank 0 creates and publishes it,
+    the others write into it (the caller holds a barrier before rank 0 leaves the block)."""
+    if world.rank == 0:
+        with atomic_folder(output, overwrite) as folder:
+            world.broadcast(str(folder))
+            yield folder
+    else:
+        yield Path(world.broadcast(""))
 
 
 @contextlib.contextmanager

@@ -113,6 +113,12 @@ class Method(ABC):
         """The whole-model statistics this method needs before its merge pass."""
         return []
 
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        """True when merging a block of a tensor's rows needs nothing from its other rows (given the
+        global statistics) and every figure in the result's stats is a mean over the tensor's entries:
+        the engine may then stream large tensors in blocks of rows, in bounded memory."""
+        return False
+
     def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
         """Merge one tensor. Methods with ``scale_params`` write ``merge_parts`` instead."""
         split = self.merge_parts(job, params)

@@ -15,6 +15,9 @@ class TaskArithmetic(Method):
     positive_weights = False
     scale_params = ("lambda",)
 
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        return True
+
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         w = job.weights.reshape((-1,) + (1,) * (job.deltas.ndim - 1))
         return TensorParts({"lambda": (job.deltas * w).sum(0)})

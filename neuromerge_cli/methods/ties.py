@@ -25,8 +25,12 @@ class Ties(Method):
 
     scale_params = ("lambda",)
 
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        # per-tensor thresholds and majority signs need the whole tensor
+        return params["mask_scope"] == "global" or params["density"] >= 1.0 and params["merge_fn"] in ("mean", "sum")
+
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
-        trimmed = job.stats["trim"].mask(job.deltas)
+        trimmed = job.stats["trim"].mask(job.deltas, job.name)
         majority = job.stats["majority"].sign if "majority" in job.stats else None
         merged = merge_values(trimmed, job.weights, params["merge_fn"], majority=majority)
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
