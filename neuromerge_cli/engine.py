@@ -386,7 +386,6 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
     for v in targets:
         check_output_location(v.output, inputs, options.overwrite)
     check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
-    check_free_space([v.output for v in targets], plan.bytes_out + metadata_bytes(prepared.base.path))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     weights = torch.tensor([m.weight for m in recipe.models], dtype=torch.float32, device=device)
