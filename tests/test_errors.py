@@ -27,7 +27,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from helpers import fine_tune, toy_family, toy_tensors, write_model, write_recipe
+from helpers import fine_tune, toy_family, toy_tensors, write_model
 from neuromerge_cli.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import hub_cache, load_output, merge, recipe_dict, toy_family
+from helpers import hub_cache, load_output, merge, toy_family
 from neuromerge_cli.report import summary_lines
 from reference import Vectors, kth_largest_threshold, load_folder, trim
 
