@@ -304,6 +304,25 @@ class TensorFigures:
         }
 
 
+class Scratch:
+    """One reusable float32 buffer, grown on demand, for temporaries that would otherwise be
+    allocated (and page-faulted) afresh for every piece."""
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        if self._buf is None or self._buf.numel() < x.numel() or self._buf.device != x.device:
+            self._buf = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
+        return self._buf[: x.numel()].view(x.shape)
+
+
+def task_l1(flat: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """‖τ_t‖₁ of each row of ``flat`` (T, n): |x| into scratch memory, then a row sum (on a CPU
+    twice as fast as vector_norm(ord=1))."""
+    return torch.abs(flat, out=scratch.like(flat)).sum(1)
+
+
 def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
                 scales: list[dict[str, float]] | None) -> tuple[list[torch.Tensor], list[float], dict[str, Any]]:
     """θ = θ0 + delta in float32 for one piece and each variant's scales (None: no scale parameters),
@@ -420,6 +439,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
             work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise) + \
                 [Piece(n) for n in mine if by_name[n].role == "copy"]
             meter = PassProgress(options.progress, "merge", prepared, mine)
+            scratch = Scratch()
             for piece, tensors in loader.stream_pieces(work):
                 t = by_name[piece.name]
                 if t.role == "copy":
@@ -427,7 +447,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                 else:
                     base, deltas = loader.as_float(tensors, piece.name, check=False)
                     flat = deltas.view(deltas.shape[0], -1)
-                    l1 = torch.linalg.vector_norm(flat, 1, dim=1)
+                    l1 = task_l1(flat, scratch)
                     if not options.allow_nonfinite:
                         loader.check_finite(tensors, l1, piece.name)
                     l2 = torch.linalg.vector_norm(flat, 2, dim=1)

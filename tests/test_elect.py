@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate
+from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate, weighted_sum
 
 # three tasks, five coordinates
 X = torch.tensor([
@@ -55,3 +55,14 @@ def test_weighted_elect_mean_is_the_weight_normalised_mean_of_the_agreeing_value
 def test_sign_conflict_rate() -> None:
     assert sign_conflict_rate(X) == pytest.approx(3 / 5)  # coordinates 0 and 2 agree
     assert sign_conflict_rate(torch.zeros(2, 0)) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (2, 7), (4,), (3, 0, 2)])
+def test_weighted_sum_matches_a_float64_sum_over_tasks(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen)
+    w = torch.rand(shape[0], generator=gen) + 0.5
+    expected = (x.double() * w.double().reshape((-1,) + (1,) * (x.ndim - 1))).sum(0)
+    got = weighted_sum(x, w)
+    assert got.shape == x.shape[1:] and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)

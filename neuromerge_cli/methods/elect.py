@@ -7,6 +7,13 @@ import torch
 MERGE_FUNCTIONS = ("elect_mean", "elect_sum", "mean", "sum")
 
 
+def weighted_sum(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_t w_t x_t over the task axis of ``values`` (T, *S): one matrix-vector product, which reads
+    ``values`` once instead of writing and re-reading a weighted copy."""
+    w = weights.to(values.dtype)
+    return (w @ values.reshape(values.shape[0], -1)).reshape(values.shape[1:])
+
+
 def elected_signs(
     x: torch.Tensor,
     group_dims: tuple[int, ...] | None = None,
@@ -39,14 +46,14 @@ def merge_values(
     (the plain mean of those when every weight is 1); ``elect_sum``: Σ w_t x_t over them;
     ``mean``: Σ w_t x_t / Σ w_t; ``sum``: Σ w_t x_t.
     """
-    w = weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
-    weighted = values * w
     if merge_fn == "sum":
-        return weighted.sum(dim=0)
+        return weighted_sum(values, weights)
     if merge_fn == "mean":
-        return weighted.sum(dim=0) / weights.sum().to(values.dtype)
+        return weighted_sum(values, weights) / weights.sum().to(values.dtype)
     if merge_fn not in MERGE_FUNCTIONS:
         raise ValueError(f"unknown merge function {merge_fn!r}")
+    w = weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
+    weighted = values * w
     signs = elected_signs(weighted, group_dims, majority)
     agree = (torch.sign(weighted) == signs) & (weighted != 0)
     total = torch.where(agree, weighted, 0.0).sum(dim=0)
