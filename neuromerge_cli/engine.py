@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ import torch
 from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
 from .methods import Method, TensorJob, get_method
+from .memory import peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
@@ -87,27 +87,6 @@ def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE, read_weights: 
 
 # Rows of a large tensor are streamed in blocks of about this many entries (tunable, e.g. in tests).
 BLOCK_ELEMENTS = int(os.environ.get("NEUROMERGE_BLOCK_ELEMENTS", 1 << 20))
-MALLOC_REUSE_BYTES = 32 << 20  # glibc's largest mmap threshold
-
-
-def reuse_freed_memory() -> None:
-    """Let glibc recycle freed blocks up to 32 MiB instead of unmapping them.
-
-    By default large tensors are mmapped and unmapped on every allocation, so each temporary of
-    every block pays page faults that cost as much as the arithmetic; blocks of rows are bounded,
-    so recycling them keeps the footprint bounded too.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MALLOC_REUSE_BYTES)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 4 * MALLOC_REUSE_BYTES)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
 PREFETCH_BYTES = 1 << 28  # raw input bytes the reader may hold ahead of the consumer
 
 
@@ -479,7 +458,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
         world.barrier()  # every rank's tensors are in the files
         t2 = time.perf_counter()
         timings.update({"statistics_s": t1 - t0, "merge_s": t2 - t1, "statistics_reads": reads})
-        peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        peak = {"rss_bytes": peak_rss_bytes()}
         if device.type == "cuda":
             peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
         gathered = world.all_gather(({n: [f.report(k) for k in range(len(targets))] for n, f in figures.items()}, peak))
