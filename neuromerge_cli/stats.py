@@ -7,7 +7,7 @@ one has finished.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,8 +21,14 @@ class GlobalStat:
     passes: int = 1
     after: "GlobalStat | None" = None
     rowwise: bool = False  # observe() may see blocks of a tensor's rows instead of whole tensors
+    stored_inputs: bool = False  # the engine calls observe_stored() with the inputs as stored, not observe()
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+        """Like observe, from [θ0, θ_1..θ_T] in their storage dtype (on the CPU): a statistic that needs
+        θ0, or that works task by task to hold less than T float32 task vectors at once."""
         raise NotImplementedError
 
     def end_pass(self, pass_index: int) -> None:
@@ -57,34 +63,48 @@ class TrimStat(GlobalStat):
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
         self._kept = torch.zeros(num_tasks, dtype=torch.float64)
         self._n = 0
-        self._n_box: torch.Tensor | None = None
         self._tensor_thr: dict[str, torch.Tensor] = {}  # per-tensor thresholds seen in the statistics pass
         self.rowwise = self.passes == 0 or scope == "global"
+        self.stored_inputs = self.passes == 1
+        self.device = torch.device(device)
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         if self._topk is not None:
             return self._topk.partials(pass_index)
-        self._n_box = torch.tensor([self._n], dtype=torch.int64)
-        return [self._removed, self._total, self._kept, self._n_box]
+        # per-tensor thresholds are cached for the merge pass, which may hand a rank other tensors (and
+        # blocks of rows, whose threshold cannot be recomputed): every rank observes every tensor
+        return None
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
-        mags = deltas.abs()
         if self._topk is not None:
+            mags = deltas.abs()
             (self._topk.observe_coarse if pass_index == 0 else self._topk.observe_fine)(mags)
             return
-        thr = tensor_thresholds(mags, self.density)
-        self._tensor_thr[name] = thr.cpu()
-        flat = mags.reshape(self.num_tasks, -1)
-        keep = flat >= thr.unsqueeze(1)
-        self._removed += torch.where(keep, 0.0, flat).double().sum(1).cpu()
-        self._total += flat.double().sum(1).cpu()
-        self._kept += keep.sum(1).double().cpu()
-        self._n += flat.shape[1]
+        self._observe_tensor(name, deltas.shape[0], lambda t: deltas[t].abs())
 
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+        base = tensors[0].to(self.device)
+        self._observe_tensor(name, len(tensors) - 1,
+                             lambda t: tensors[t + 1].to(self.device, torch.float32, copy=True).sub_(base).abs_())
+
+    def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], torch.Tensor]) -> None:
+        """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``
+        is a fresh float32 |τ_t| of the tensor (consumed)."""
+        thr = torch.empty(num_tasks, dtype=torch.float32)
+        n = 0
+        for t in range(num_tasks):
+            mags = magnitudes(t).reshape(1, -1)
+            n = mags.shape[1]
+            thr[t] = tensor_thresholds(mags, self.density)[0]
+            keep = mags >= thr[t].to(mags.device)
+            self._total[t] += float(mags.sum(dtype=torch.float64))
+            self._kept[t] += float(keep.sum())
+            self._removed[t] += float(mags.masked_fill_(keep, 0.0).sum(dtype=torch.float64))
+            del mags, keep
+        self._tensor_thr[name] = thr
+        self._n += n
     def end_pass(self, pass_index: int) -> None:
         if self._topk is None:
-            if self._n_box is not None:
-                self._n, self._n_box = int(self._n_box.item()), None
             return
         if pass_index == 0:
             self._topk.end_coarse()
@@ -164,4 +184,60 @@ class MajoritySignStat(GlobalStat):
         return {"majority_sign": self.sign}
 
 
-__all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "kept_count"]
+SignSum = Callable[[str, torch.Size, int, torch.Tensor, torch.Tensor, torch.Tensor], float]
+"""(name, the tensor's shape, first row, θ0 rows (r, n) float32, τ rows (T, r, n) float32, weights) →
+Σ over those rows of the elected signs sign(Σ_t w_t x_t) of the values x a method elects on."""
+
+ROW_CHUNK_ELEMENTS = 1 << 20  # entries per task of one block of rows in TensorMajorityStat
+
+
+class TensorMajorityStat(GlobalStat):
+    """Per tensor, the majority sign m = sign(Σ over the tensor of the elected signs), cached.
+
+    An election falls back to m where Σ_t w_t x_t = 0 exactly and the group is the tensor (per-tensor
+    TIES, DARE-TIES, NeuroMerging's parallel coefficients): with m known from the statistics pass a
+    block of rows merges without the rest of its tensor. Whole tensors are observed from their
+    stored inputs, in blocks of rows of about ROW_CHUNK_ELEMENTS entries; ``sign_sum`` gives a block's
+    Σ of signs (a sum of ±1 and 0: exact in float64). With ``after`` (e.g. a trim whose per-tensor
+    thresholds it uses) it may run in that statistic's pass when listed after it, or in a later one.
+    """
+
+    key = "tensor_majority"
+    passes = 1
+    stored_inputs = True
+
+    def __init__(self, sign_sum: SignSum, device: torch.device, after: GlobalStat | None = None,
+                 same_pass: bool = False) -> None:
+        self._sign_sum = sign_sum
+        self.device = torch.device(device)
+        self.after = None if same_pass else after
+        self._sums: dict[str, float] = {}
+
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+        shape = tensors[0].shape
+        rows = shape[0] if len(shape) else 1
+        if tensors[0].numel() == 0:
+            self._sums[name] = 0.0
+            return
+        views = [t.reshape(rows, -1) for t in tensors]
+        step = max(1, ROW_CHUNK_ELEMENTS // max(1, views[0].shape[1]))
+        total = 0.0
+        for r0 in range(0, rows, step):
+            base = views[0][r0:r0 + step].to(self.device, torch.float32)
+            deltas = torch.stack([v[r0:r0 + step].to(self.device, torch.float32) for v in views[1:]]).sub_(base)
+            total += self._sign_sum(name, shape, r0, base, deltas, weights)
+        self._sums[name] = total
+
+    def partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        return None  # cached per tensor for the merge pass: every rank observes every tensor
+
+    def sign(self, name: str) -> float | None:
+        """m of tensor ``name`` (0 when its elected signs cancel; None when it was not observed)."""
+        total = self._sums.get(name)
+        return None if total is None else float((total > 0) - (total < 0))
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+__all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "TensorMajorityStat", "kept_count"]

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class TensorJob:
-    """One tensor to merge, in float32 on the compute device."""
+    """One tensor to merge, or the block of its first-dimension rows [row, row + base.shape[0]), in
+    float32 on the compute device."""
 
     name: str
     role: str  # "neuron" (ndim >= 2) or "point" (ndim <= 1)
@@ -28,6 +29,8 @@ class TensorJob:
     weights: torch.Tensor  # (T,)
     stats: dict[str, GlobalStat] = field(default_factory=dict)  # finished global statistics by key
     seed: int = 0  # per-tensor seed, derived from the recipe seed and the tensor name
+    row: int = 0  # first row of the block
+    rows: int | None = None  # rows of the whole tensor (None: the job is the whole tensor)
 
 
 @dataclass
@@ -115,8 +118,9 @@ class Method(ABC):
 
     def rowwise(self, params: dict[str, Any]) -> bool:
         """True when merging a block of a tensor's rows needs nothing from its other rows (given the
-        global statistics) and every figure in the result's stats is a mean over the tensor's entries:
-        the engine may then stream large tensors in blocks of rows, in bounded memory."""
+        global statistics) and every figure in the result's stats is a mean over the tensor's entries or
+        a figures.Ratio / figures.Norm (which add up over blocks): the engine may then stream large
+        tensors in blocks of rows, in bounded memory (point tensors, ndim <= 1, are never cut)."""
         return False
 
     def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from ..stats import GlobalStat, TensorMajorityStat
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MERGE_FN, SEED, dare_drop, density
-from .elect import merge_values, sign_conflict_rate
+from .elect import elected_sign_sum, merge_values, sign_conflict_rate
 
 KEEP = density(0.2, "probability of keeping each entry of a task vector (1 − p); kept entries are scaled by 1/density")
 
@@ -18,8 +21,11 @@ class DareLinear(Method):
     positive_weights = False
     scale_params = ("lambda",)
 
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        return True  # the drop of an entry depends on its index only (see dare_uniforms)
+
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
-        dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name)
+        dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name, job.row, job.rows)
         w = job.weights.reshape((-1,) + (1,) * (dropped.ndim - 1))
         return TensorParts({"lambda": (dropped * w).sum(0)})
 
@@ -30,7 +36,21 @@ class DareTies(Method):
     params = (KEEP, LAMBDA, MERGE_FN, SEED)
     scale_params = ("lambda",)
 
+    def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
+        if params["merge_fn"] not in ("elect_mean", "elect_sum"):
+            return []
+        # the tensor's majority sign of the dropped values (SPEC: the group of per-tensor TIES is the
+        # tensor), so that blocks of rows merge apart: one statistics read that draws the drop too
+        keep, seed = params["density"], params["seed"]
+        return [TensorMajorityStat(lambda name, shape, row, base, deltas, w: elected_sign_sum(
+            dare_drop(deltas, keep, seed, name, row, shape[0] if len(shape) else 1), w), device)]
+
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        return True
+
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
-        dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name)
-        merged = merge_values(dropped, job.weights, params["merge_fn"])
+        dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name, job.row, job.rows)
+        stat = job.stats.get("tensor_majority")
+        majority = stat.sign(job.name) if isinstance(stat, TensorMajorityStat) else None
+        merged = merge_values(dropped, job.weights, params["merge_fn"], majority=majority)
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(dropped)})

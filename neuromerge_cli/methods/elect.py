@@ -26,6 +26,17 @@ def elected_signs(
     return torch.where(s == 0, majority, s)
 
 
+def weighted_values(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """w_t · x_t of values ``values`` (T, *S), as every election computes them."""
+    return values * weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+def elected_sign_sum(values: torch.Tensor, weights: torch.Tensor) -> float:
+    """Σ over the coordinates of ``values`` (T, *S) of the elected sign sign(Σ_t w_t x_t): summed over
+    blocks of a group, its sign is the group's majority sign (exact: a sum of ±1 and 0)."""
+    return float(torch.sign(weighted_values(values, weights).sum(dim=0)).sum(dtype=torch.float64))
+
+
 def merge_values(
     values: torch.Tensor,
     weights: torch.Tensor,
@@ -40,7 +51,7 @@ def merge_values(
     ``mean``: Σ w_t x_t / Σ w_t; ``sum``: Σ w_t x_t.
     """
     w = weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
-    weighted = values * w
+    weighted = weighted_values(values, weights)
     if merge_fn == "sum":
         return weighted.sum(dim=0)
     if merge_fn == "mean":
