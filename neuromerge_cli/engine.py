@@ -21,7 +21,7 @@ from .methods import Method, TensorJob, get_method
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
-from .stats import GlobalStat
+from .stats import GlobalStat, TensorMajorityStat
 from .distributed import World, shutdown, world_from_env
 from .writer import AsyncWriter, ShardWriter, check_free_space, check_output_location, shared_folder, signals_as_exceptions
 
@@ -410,6 +410,9 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
         folders = [stack.enter_context(shared_folder(v.output, options.overwrite, world)) for v in targets]
         t0 = time.perf_counter()
         stats = method.global_stats(recipe.params, num_tasks, device)
+        for s in stats:
+            if isinstance(s, TensorMajorityStat):
+                s.reader = lambda name: loader._read(Piece(name))
         reads = run_statistics(prepared, stats, loader, weights, options.progress, world)
         by_key = {s.key: s for s in stats}
         scales = [method.scales(r.params, by_key) for r in recipes] if method.scale_params else None
@@ -444,7 +447,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                     l2 = torch.linalg.vector_norm(flat, 2, dim=1)
                     job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
                                     tensor_seed(recipe.params.get("seed", 0), piece.name, -1),
-                                    piece.row, t.shape[0] if t.shape else None)
+                                    piece.row, None if piece.rows is None else t.shape[0])
                     merged, delta_norms, extra = merge_piece(method, recipe.params, job, scales)
                     fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
                     fig.add(l1, l2, delta_norms, extra, deltas[0].numel())

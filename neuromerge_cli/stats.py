@@ -98,7 +98,7 @@ class TrimStat(GlobalStat):
             thr[t] = tensor_thresholds(mags, self.density)[0]
             keep = mags >= thr[t].to(mags.device)
             self._total[t] += float(mags.sum(dtype=torch.float64))
-            self._kept[t] += float(keep.sum())
+            self._kept[t] += int(torch.count_nonzero(keep))
             self._removed[t] += float(mags.masked_fill_(keep, 0.0).sum(dtype=torch.float64))
             del mags, keep
         self._tensor_thr[name] = thr
@@ -192,25 +192,23 @@ ROW_CHUNK_ELEMENTS = 1 << 20  # entries per task of one block of rows in TensorM
 
 
 class TensorMajorityStat(GlobalStat):
-    """Per tensor, the majority sign m = sign(Σ over the tensor of the elected signs), cached.
+    """Per tensor, the majority sign m = sign(Σ over the tensor of the elected signs), on demand.
 
-    An election falls back to m where Σ_t w_t x_t = 0 exactly and the group is the tensor (per-tensor
-    TIES, DARE-TIES, NeuroMerging's parallel coefficients): with m known from the statistics pass a
-    block of rows merges without the rest of its tensor. Whole tensors are observed from their
-    stored inputs, in blocks of rows of about ROW_CHUNK_ELEMENTS entries; ``sign_sum`` gives a block's
-    Σ of signs (a sum of ±1 and 0: exact in float64). With ``after`` (e.g. a trim whose per-tensor
-    thresholds it uses) it may run in that statistic's pass when listed after it, or in a later one.
+    An election falls back to m where Σ_t w_t x_t = 0 exactly while some x_t ≠ 0, and the group is the
+    tensor (per-tensor TIES, DARE-TIES, NeuroMerging's parallel coefficients). A block of rows that
+    has such a tie asks for m; it is then found from the whole tensor's stored inputs (``reader``,
+    set by the engine), read again in blocks of rows of about ROW_CHUNK_ELEMENTS entries, with
+    ``sign_sum`` giving each block's Σ of signs (a sum of ±1 and 0: exact in float64), and cached.
+    Ties are rare in real task vectors, so this costs no pass over the model.
     """
 
     key = "tensor_majority"
-    passes = 1
-    stored_inputs = True
+    passes = 0
 
-    def __init__(self, sign_sum: SignSum, device: torch.device, after: GlobalStat | None = None,
-                 same_pass: bool = False) -> None:
+    def __init__(self, sign_sum: SignSum, device: torch.device) -> None:
         self._sign_sum = sign_sum
         self.device = torch.device(device)
-        self.after = None if same_pass else after
+        self.reader: Callable[[str], list[torch.Tensor]] | None = None  # name → [θ0, θ_1..θ_T] as stored
         self._sums: dict[str, float] = {}
 
     def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
@@ -228,16 +226,17 @@ class TensorMajorityStat(GlobalStat):
             total += self._sign_sum(name, shape, r0, base, deltas, weights)
         self._sums[name] = total
 
-    def partials(self, pass_index: int) -> list[torch.Tensor] | None:
-        return None  # cached per tensor for the merge pass: every rank observes every tensor
-
-    def sign(self, name: str) -> float | None:
-        """m of tensor ``name`` (0 when its elected signs cancel; None when it was not observed)."""
-        total = self._sums.get(name)
-        return None if total is None else float((total > 0) - (total < 0))
+    def majority(self, name: str, weights: torch.Tensor) -> float:
+        """m of tensor ``name``, read from its inputs the first time it is asked for."""
+        if name not in self._sums:
+            if self.reader is None:
+                raise RuntimeError("TensorMajorityStat: no reader to find a tensor's majority sign")
+            self.observe_stored(0, name, self.reader(name), weights)
+        total = self._sums[name]
+        return float((total > 0) - (total < 0))
 
     def summary(self) -> dict[str, Any]:
-        return {}
+        return {"tensors_read_again": len(self._sums)}  # blocks of these tensors had an exact tie
 
 
 __all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "TensorMajorityStat", "kept_count"]

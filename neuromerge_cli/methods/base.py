@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -30,7 +30,15 @@ class TensorJob:
     stats: dict[str, GlobalStat] = field(default_factory=dict)  # finished global statistics by key
     seed: int = 0  # per-tensor seed, derived from the recipe seed and the tensor name
     row: int = 0  # first row of the block
-    rows: int | None = None  # rows of the whole tensor (None: the job is the whole tensor)
+    rows: int | None = None  # rows of the whole tensor when the job is a block of them, else None
+
+    def tensor_majority(self) -> Callable[[], float] | None:
+        """For an election whose group is the tensor: None for a whole tensor (the election finds its
+        majority sign itself), else a function giving the tensor's majority sign (stats.TensorMajorityStat)."""
+        stat = self.stats.get("tensor_majority")
+        if self.rows is None or stat is None:
+            return None
+        return lambda: stat.majority(self.name, self.weights)  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -40,7 +40,7 @@ class DareTies(Method):
         if params["merge_fn"] not in ("elect_mean", "elect_sum"):
             return []
         # the tensor's majority sign of the dropped values (SPEC: the group of per-tensor TIES is the
-        # tensor), so that blocks of rows merge apart: one statistics read that draws the drop too
+        # tensor), for blocks of rows with an exact tie: on demand, drawing the same drop again
         keep, seed = params["density"], params["seed"]
         return [TensorMajorityStat(lambda name, shape, row, base, deltas, w: elected_sign_sum(
             dare_drop(deltas, keep, seed, name, row, shape[0] if len(shape) else 1), w), device)]
@@ -50,7 +50,5 @@ class DareTies(Method):
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name, job.row, job.rows)
-        stat = job.stats.get("tensor_majority")
-        majority = stat.sign(job.name) if isinstance(stat, TensorMajorityStat) else None
-        merged = merge_values(dropped, job.weights, params["merge_fn"], majority=majority)
+        merged = merge_values(dropped, job.weights, params["merge_fn"], majority=job.tensor_majority())
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(dropped)})

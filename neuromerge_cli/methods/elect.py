@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 MERGE_FUNCTIONS = ("elect_mean", "elect_sum", "mean", "sum")
 
 
+Majority = torch.Tensor | float | Callable[[], float] | None
+
+
 def elected_signs(
     x: torch.Tensor,
     group_dims: tuple[int, ...] | None = None,
-    majority: torch.Tensor | float | None = None,
+    majority: Majority = None,
 ) -> torch.Tensor:
     """Per-coordinate elected sign s = sign(Σ_t x_t) of weighted values ``x`` (T, *S).
 
     Where the sum is exactly zero the group's majority sign m = sign(Σ_group s) is used.
-    The group is either given (``majority``, e.g. a global figure) or the dims of S listed in
-    ``group_dims`` (None: all of S).
+    The group is either given (``majority``, e.g. a global figure, or a function called only when
+    some coordinate ties with a non-zero value — elsewhere m changes nothing) or the dims of S
+    listed in ``group_dims`` (None: all of S).
     """
     s = torch.sign(x.sum(dim=0))
+    if callable(majority):
+        majority = majority() if bool(((s == 0) & (x != 0).any(dim=0)).any()) else 0.0
     if majority is None:
         dims = tuple(range(s.ndim)) if group_dims is None else group_dims
         majority = torch.sign(s.sum(dim=dims, keepdim=True))
@@ -42,7 +50,7 @@ def merge_values(
     weights: torch.Tensor,
     merge_fn: str,
     group_dims: tuple[int, ...] | None = None,
-    majority: torch.Tensor | float | None = None,
+    majority: Majority = None,
 ) -> torch.Tensor:
     """ψ over the task axis of ``values`` (T, *S) with task weights ``weights`` (T,).
 

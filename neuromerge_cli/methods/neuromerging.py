@@ -51,22 +51,19 @@ class NeuroMerging(Method):
             # point tensors are merged whole (the engine never cuts 1-d tensors): no cached majority needed
             return parallel_sign_sum(base, trim.mask(deltas, name), weights) if len(shape) >= 2 else 0.0
 
-        # the parallel election's majority per neuron tensor: in the trim's pass when thresholds are per
-        # tensor (cached as each tensor is observed), else in a read after the global thresholds
-        return [trim, TensorMajorityStat(sign_sum, device, trim, same_pass=params["mask_scope"] == "tensor")]
+        # the parallel election's majority sign per neuron tensor, for blocks of rows with an exact tie
+        return [trim, TensorMajorityStat(sign_sum, device)]
 
     def rowwise(self, params: dict[str, Any]) -> bool:
-        return True  # neurons are independent given the thresholds and the parallel majority signs
+        return True  # neurons are independent given the thresholds and the parallel majority sign
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         trimmed = job.stats["trim"].mask(job.deltas, job.name)
         if job.role != "neuron":
             merged = merge_values(trimmed, job.weights, params["merge_fn"])
             return TensorParts({"lambda_point": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
-        stat = job.stats.get("tensor_majority")
-        majority = stat.sign(job.name) if isinstance(stat, TensorMajorityStat) else None
         result = neuron_merge(as_rows(job.base), as_rows(trimmed, 1), job.weights, params["merge_fn"],
-                              parallel_majority=majority)
+                              parallel_majority=job.tensor_majority())
         shape = job.base.shape
         return TensorParts({"lambda1": result.parallel.reshape(shape), "lambda2": result.orthogonal.reshape(shape)},
                            result.stats)

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..figures import Norm, Ratio
-from .elect import elected_sign_sum, merge_values
+from .elect import Majority, elected_sign_sum, merge_values
 
 RANK_RTOL = 1e-6
 COORD_RTOL = 1e-9
@@ -164,11 +164,11 @@ def parallel_sign_sum(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tens
 
 
 def neuron_merge(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, merge_fn: str,
-                 budget: int | None = None, parallel_majority: float | None = None) -> NeuronMerge:
+                 budget: int | None = None, parallel_majority: Majority = None) -> NeuronMerge:
     """NeuroMerging's neuron step for base rows (out, d) and (masked) task rows τ (T, out, d).
 
-    τ̄∥ = ψ_t(a_t)·w0 with the elections over the tensor's rows (their majority sign
-    ``parallel_majority`` when the rows are a block of the tensor; see parallel_sign_sum);
+    τ̄∥ = ψ_t(a_t)·w0 with the elections over the tensor's rows (given as ``parallel_majority``, see
+    elect.elected_signs, when the rows are a block of the tensor; parallel_sign_sum finds it);
     τ̄⊥ = V ψ_t(C) per row. Rows are processed in blocks of about ``budget`` float64 elements
     (rows·(T+1)·d).
     """

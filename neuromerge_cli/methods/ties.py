@@ -23,21 +23,18 @@ class Ties(Method):
             return [trim]
         if params["mask_scope"] == "global":
             return [trim, MajoritySignStat(trim)]
-        # per-tensor majority signs, in the trim's pass (it caches the tensor's thresholds first)
+        # per-tensor majority signs for blocks of rows, on demand (from the cached per-tensor thresholds)
         return [trim, TensorMajorityStat(lambda name, shape, row, base, deltas, w:
-                                         elected_sign_sum(trim.mask(deltas, name), w), device, trim, same_pass=True)]
+                                         elected_sign_sum(trim.mask(deltas, name), w), device)]
 
     scale_params = ("lambda",)
 
     def rowwise(self, params: dict[str, Any]) -> bool:
-        return True  # thresholds and majority signs (global or per tensor) come from the statistics passes
+        return True  # given the thresholds and the global or per-tensor majority signs
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         trimmed = job.stats["trim"].mask(job.deltas, job.name)
-        if "majority" in job.stats:
-            majority = job.stats["majority"].sign
-        else:
-            majority = job.stats["tensor_majority"].sign(job.name) if "tensor_majority" in job.stats else None
+        majority = job.stats["majority"].sign if "majority" in job.stats else job.tensor_majority()
         merged = merge_values(trimmed, job.weights, params["merge_fn"], majority=majority)
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
 
