@@ -412,7 +412,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
         stats = method.global_stats(recipe.params, num_tasks, device)
         for s in stats:
             if isinstance(s, TensorMajorityStat):
-                s.reader = lambda name: loader._read(Piece(name))
+                s.reader, s.shapes = lambda name, rows: loader._read(Piece(name, rows)), {t.name: t.shape for t in plan.merged}
         reads = run_statistics(prepared, stats, loader, weights, options.progress, world)
         by_key = {s.key: s for s in stats}
         scales = [method.scales(r.params, by_key) for r in recipes] if method.scale_params else None

@@ -191,15 +191,18 @@ SignSum = Callable[[str, torch.Size, int, torch.Tensor, torch.Tensor, torch.Tens
 ROW_CHUNK_ELEMENTS = 1 << 20  # entries per task of one block of rows in TensorMajorityStat
 
 
+Reader = Callable[[str, tuple[int, int]], list[torch.Tensor]]
+"""(name, rows [start, stop)) → the block of those rows of [θ0, θ_1..θ_T] as stored, on the CPU."""
+
+
 class TensorMajorityStat(GlobalStat):
     """Per tensor, the majority sign m = sign(Σ over the tensor of the elected signs), on demand.
 
     An election falls back to m where Σ_t w_t x_t = 0 exactly while some x_t ≠ 0, and the group is the
     tensor (per-tensor TIES, DARE-TIES, NeuroMerging's parallel coefficients). A block of rows that
-    has such a tie asks for m; it is then found from the whole tensor's stored inputs (``reader``,
-    set by the engine), read again in blocks of rows of about ROW_CHUNK_ELEMENTS entries, with
+    has such a tie asks for m; it is then found from the tensor's inputs, read again (``reader``, set
+    by the engine with ``shapes``) in blocks of rows of about ROW_CHUNK_ELEMENTS entries, with
     ``sign_sum`` giving each block's Σ of signs (a sum of ±1 and 0: exact in float64), and cached.
-    Ties are rare in real task vectors, so this costs no pass over the model.
     """
 
     key = "tensor_majority"
@@ -208,30 +211,25 @@ class TensorMajorityStat(GlobalStat):
     def __init__(self, sign_sum: SignSum, device: torch.device) -> None:
         self._sign_sum = sign_sum
         self.device = torch.device(device)
-        self.reader: Callable[[str], list[torch.Tensor]] | None = None  # name → [θ0, θ_1..θ_T] as stored
+        self.reader: Reader | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self._sums: dict[str, float] = {}
 
-    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
-        shape = tensors[0].shape
-        rows = shape[0] if len(shape) else 1
-        if tensors[0].numel() == 0:
-            self._sums[name] = 0.0
-            return
-        views = [t.reshape(rows, -1) for t in tensors]
-        step = max(1, ROW_CHUNK_ELEMENTS // max(1, views[0].shape[1]))
-        total = 0.0
-        for r0 in range(0, rows, step):
-            base = views[0][r0:r0 + step].to(self.device, torch.float32)
-            deltas = torch.stack([v[r0:r0 + step].to(self.device, torch.float32) for v in views[1:]]).sub_(base)
-            total += self._sign_sum(name, shape, r0, base, deltas, weights)
-        self._sums[name] = total
-
     def majority(self, name: str, weights: torch.Tensor) -> float:
-        """m of tensor ``name``, read from its inputs the first time it is asked for."""
+        """m of tensor ``name`` (of ndim >= 1), read from its inputs the first time it is asked for."""
         if name not in self._sums:
             if self.reader is None:
                 raise RuntimeError("TensorMajorityStat: no reader to find a tensor's majority sign")
-            self.observe_stored(0, name, self.reader(name), weights)
+            shape = torch.Size(self.shapes[name])
+            per_row = shape[1:].numel()
+            step = max(1, ROW_CHUNK_ELEMENTS // max(1, per_row))
+            total = 0.0
+            for r0 in range(0, shape[0], step):
+                views = [t.reshape(t.shape[0], -1) for t in self.reader(name, (r0, min(shape[0], r0 + step)))]
+                base = views[0].to(self.device, torch.float32)
+                deltas = torch.stack([v.to(self.device, torch.float32) for v in views[1:]]).sub_(base)
+                total += self._sign_sum(name, shape, r0, base, deltas, weights)
+            self._sums[name] = total
         total = self._sums[name]
         return float((total > 0) - (total < 0))
 

@@ -52,3 +52,6 @@ class DareTies(Method):
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name, job.row, job.rows)
         merged = merge_values(dropped, job.weights, params["merge_fn"], majority=job.tensor_majority())
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(dropped)})
+
+    def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
+        return {k: s.summary() for k, s in stats.items()}

@@ -82,8 +82,9 @@ class NeuroMerging(Method):
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
         scales = self.scales(params, stats)
+        extra = {k: stats[k].summary() for k in ("tensor_majority",) if k in stats}
         return {"trim": stats["trim"].summary(), "sigma": max_sigma(stats), **scales,
-                "lambda2_auto": params["lambda2"] == "auto"}
+                "lambda2_auto": params["lambda2"] == "auto", **extra}
 
 
 def max_sigma(stats: dict[str, GlobalStat]) -> float:
