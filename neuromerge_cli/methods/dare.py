@@ -9,7 +9,7 @@ import torch
 from ..stats import GlobalStat, TensorMajorityStat
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MERGE_FN, SEED, dare_drop, density
-from .elect import elected_sign_sum, merge_values, sign_conflict_rate
+from .elect import elected_sign_sum, merge_values, sign_conflict_rate, weighted_sum
 
 KEEP = density(0.2, "probability of keeping each entry of a task vector (1 − p); kept entries are scaled by 1/density")
 
@@ -26,8 +26,7 @@ class DareLinear(Method):
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name, job.row, job.rows)
-        w = job.weights.reshape((-1,) + (1,) * (dropped.ndim - 1))
-        return TensorParts({"lambda": (dropped * w).sum(0)})
+        return TensorParts({"lambda": weighted_sum(dropped, job.weights)})
 
 
 class DareTies(Method):
