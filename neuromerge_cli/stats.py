@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from .memory import release_free_memory
 from .topk import StreamingTopK, kept_count, tensor_thresholds
 
 
@@ -105,6 +106,7 @@ class TrimStat(GlobalStat):
         self._n += n
     def end_pass(self, pass_index: int) -> None:
         if self._topk is None:
+            release_free_memory()  # the whole tensors' temporaries, before the merge pass
             return
         if pass_index == 0:
             self._topk.end_coarse()
@@ -230,6 +232,7 @@ class TensorMajorityStat(GlobalStat):
                 deltas = torch.stack([v.to(self.device, torch.float32) for v in views[1:]]).sub_(base)
                 total += self._sign_sum(name, shape, r0, base, deltas, weights)
             self._sums[name] = total
+            release_free_memory()
         total = self._sums[name]
         return float((total > 0) - (total < 0))
 
