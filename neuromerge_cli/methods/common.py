@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 
 import torch
 
@@ -27,6 +28,10 @@ def tensor_seed(seed: int, name: str, task: int) -> int:
 
 
 DARE_CHUNK = 1 << 20  # entries of a flattened task vector drawn from one generator
+# The chunks drawn last: a block of rows that ends inside a chunk leaves the rest of it to the next
+# block (rows whose width does not divide DARE_CHUNK), which then need not draw it again.
+_DRAWN: OrderedDict[tuple[int, str, int, int, int], torch.Tensor] = OrderedDict()
+DRAWN_CHUNKS_KEPT = 8
 
 
 def chunk_seed(seed: int, name: str, task: int, chunk: int) -> int:
@@ -48,8 +53,13 @@ def dare_uniforms(seed: int, name: str, task: int, start: int, stop: int, numel:
     parts = []
     for c in range(start // DARE_CHUNK, (stop - 1) // DARE_CHUNK + 1):
         lo = c * DARE_CHUNK
-        gen = torch.Generator().manual_seed(chunk_seed(seed, name, task, c))
-        drawn = torch.rand(min(DARE_CHUNK, numel - lo), generator=gen)
+        key = (seed, name, task, c, DARE_CHUNK)
+        drawn = _DRAWN.get(key)
+        if drawn is None or drawn.numel() != min(DARE_CHUNK, numel - lo):  # numel: another tensor of that name
+            gen = torch.Generator().manual_seed(chunk_seed(seed, name, task, c))
+            drawn = _DRAWN[key] = torch.rand(min(DARE_CHUNK, numel - lo), generator=gen)
+            while len(_DRAWN) > DRAWN_CHUNKS_KEPT:
+                _DRAWN.popitem(last=False)
         parts.append(drawn[max(start, lo) - lo: min(stop, lo + DARE_CHUNK) - lo])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
