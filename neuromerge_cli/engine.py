@@ -15,12 +15,13 @@ import torch
 
 from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
+from .figures import Figure, Norm, Ratio, figure_values
 from .methods import Method, TensorJob, get_method
 from .memory import peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
-from .stats import GlobalStat
+from .stats import GlobalStat, TensorMajorityStat
 from .distributed import World, shutdown, world_from_env
 from .writer import AsyncWriter, ShardWriter, check_free_space, check_output_location, shared_folder, signals_as_exceptions
 
@@ -103,7 +104,8 @@ class Piece:
 
 
 def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = None) -> list[Piece]:
-    """``names`` as work pieces: tensors above ``block`` (BLOCK_ELEMENTS) entries cut into blocks of rows when ``rowwise``."""
+    """``names`` as work pieces: tensors above ``block`` (BLOCK_ELEMENTS) entries cut into blocks of rows when
+    ``rowwise``. Point tensors (ndim <= 1) are never cut: their elections need the whole tensor."""
     block = block or BLOCK_ELEMENTS
     by_name = plan.by_name()
     out: list[Piece] = []
@@ -112,7 +114,7 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
         numel = 1
         for s in shape:
             numel *= s
-        if not rowwise or len(shape) == 0 or numel <= block or shape[0] < 2:
+        if not rowwise or len(shape) < 2 or numel <= block or shape[0] < 2:
             out.append(Piece(name))
             continue
         step = max(1, block // max(1, numel // shape[0]))  # rows per block
@@ -236,9 +238,15 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
         work = pieces(plan, mine, all(stat.rowwise for stat, _ in active))
         meter = PassProgress(progress, f"statistics pass {g + 1}/{len(passes)}", prepared, mine)
         for piece, tensors in loader.stream_pieces(work):
-            _, deltas = loader.as_float(tensors, piece.name)
+            deltas = None
             for stat, p in active:
+                if stat.stored_inputs:
+                    stat.observe_stored(p, piece.name, tensors, weights)
+                    continue
+                if deltas is None:
+                    _, deltas = loader.as_float(tensors, piece.name)
                 stat.observe(p, piece.name, deltas, weights)
+            del deltas
             if _last(by_name, piece):
                 meter.tick(piece.name)
         if split:  # the partial sums as they stand at the end of the pass
@@ -257,6 +265,7 @@ class TensorFigures:
         self.l2sq = torch.zeros(num_tasks, dtype=torch.float64)
         self.delta_sq = [0.0] * variants
         self.extra: dict[str, float] = {}
+        self.summed: dict[str, Figure] = {}
         self.other: dict[str, Any] = {}
         self.n = 0
 
@@ -266,7 +275,9 @@ class TensorFigures:
         self.l2sq += l2.double().cpu() ** 2
         self.delta_sq = [a + b ** 2 for a, b in zip(self.delta_sq, delta_norms)]
         for k, v in extra.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, (Ratio, Norm)):
+                self.summed[k] = self.summed[k] + v if k in self.summed else v
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 self.extra[k] = self.extra.get(k, 0.0) + float(v) * numel  # a mean over entries
             else:
                 self.other[k] = v
@@ -279,7 +290,7 @@ class TensorFigures:
             "task_l1": [float(x) for x in self.l1.tolist()],
             "task_l2": [float(x) ** 0.5 for x in self.l2sq.tolist()],
             "delta_norm": self.delta_sq[variant] ** 0.5,
-            **{k: v / n for k, v in self.extra.items()}, **self.other,
+            **{k: v / n for k, v in self.extra.items()}, **figure_values(self.summed), **self.other,
         }
 
 
@@ -397,6 +408,9 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
         folders = [stack.enter_context(shared_folder(v.output, options.overwrite, world)) for v in targets]
         t0 = time.perf_counter()
         stats = method.global_stats(recipe.params, num_tasks, device)
+        for s in stats:
+            if isinstance(s, TensorMajorityStat):
+                s.reader, s.shapes = lambda name, rows: loader._read(Piece(name, rows)), {t.name: t.shape for t in plan.merged}
         reads = run_statistics(prepared, stats, loader, weights, options.progress, world)
         by_key = {s.key: s for s in stats}
         scales = [method.scales(r.params, by_key) for r in recipes] if method.scale_params else None
@@ -431,7 +445,8 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                         loader.check_finite(tensors, l1, piece.name)
                     l2 = torch.linalg.vector_norm(flat, 2, dim=1)
                     job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
-                                    tensor_seed(recipe.params.get("seed", 0), piece.name, -1))
+                                    tensor_seed(recipe.params.get("seed", 0), piece.name, -1),
+                                    piece.row, None if piece.rows is None else t.shape[0])
                     merged, delta_norms, extra = merge_piece(method, recipe.params, job, scales)
                     fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
                     fig.add(l1, l2, delta_norms, extra, deltas[0].numel())

@@ -28,6 +28,23 @@ def reuse_freed_memory() -> None:
         pass
 
 
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc's malloc_trim), holes included.
+
+    Blocks below the mmap threshold live in the heap; after a phase that allocated many of them
+    (a statistics pass over whole tensors, a tensor read again in blocks) the free holes would
+    otherwise stay resident under the next phase's allocations.
+    """
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size.
 

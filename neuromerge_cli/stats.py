@@ -7,10 +7,11 @@ one has finished.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .memory import release_free_memory
 from .topk import StreamingTopK, kept_count, tensor_thresholds
 
 
@@ -21,8 +22,14 @@ class GlobalStat:
     passes: int = 1
     after: "GlobalStat | None" = None
     rowwise: bool = False  # observe() may see blocks of a tensor's rows instead of whole tensors
+    stored_inputs: bool = False  # the engine calls observe_stored() with the inputs as stored, not observe()
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+        """Like observe, from [θ0, θ_1..θ_T] in their storage dtype (on the CPU): a statistic that needs
+        θ0, or that works task by task to hold less than T float32 task vectors at once."""
         raise NotImplementedError
 
     def end_pass(self, pass_index: int) -> None:
@@ -57,34 +64,49 @@ class TrimStat(GlobalStat):
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
         self._kept = torch.zeros(num_tasks, dtype=torch.float64)
         self._n = 0
-        self._n_box: torch.Tensor | None = None
         self._tensor_thr: dict[str, torch.Tensor] = {}  # per-tensor thresholds seen in the statistics pass
         self.rowwise = self.passes == 0 or scope == "global"
+        self.stored_inputs = self.passes == 1
+        self.device = torch.device(device)
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         if self._topk is not None:
             return self._topk.partials(pass_index)
-        self._n_box = torch.tensor([self._n], dtype=torch.int64)
-        return [self._removed, self._total, self._kept, self._n_box]
+        # per-tensor thresholds are cached for the merge pass, which may hand a rank other tensors (and
+        # blocks of rows, whose threshold cannot be recomputed): every rank observes every tensor
+        return None
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
-        mags = deltas.abs()
         if self._topk is not None:
+            mags = deltas.abs()
             (self._topk.observe_coarse if pass_index == 0 else self._topk.observe_fine)(mags)
             return
-        thr = tensor_thresholds(mags, self.density)
-        self._tensor_thr[name] = thr.cpu()
-        flat = mags.reshape(self.num_tasks, -1)
-        keep = flat >= thr.unsqueeze(1)
-        self._removed += torch.where(keep, 0.0, flat).double().sum(1).cpu()
-        self._total += flat.double().sum(1).cpu()
-        self._kept += keep.sum(1).double().cpu()
-        self._n += flat.shape[1]
+        self._observe_tensor(name, deltas.shape[0], lambda t: deltas[t].abs())
 
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+        base = tensors[0].to(self.device)
+        self._observe_tensor(name, len(tensors) - 1,
+                             lambda t: tensors[t + 1].to(self.device, torch.float32, copy=True).sub_(base).abs_())
+
+    def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], torch.Tensor]) -> None:
+        """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``
+        is a fresh float32 |τ_t| of the tensor (consumed)."""
+        thr = torch.empty(num_tasks, dtype=torch.float32)
+        n = 0
+        for t in range(num_tasks):
+            mags = magnitudes(t).reshape(1, -1)
+            n = mags.shape[1]
+            thr[t] = tensor_thresholds(mags, self.density)[0]
+            keep = mags >= thr[t].to(mags.device)
+            self._total[t] += float(mags.sum(dtype=torch.float64))
+            self._kept[t] += int(torch.count_nonzero(keep))
+            self._removed[t] += float(mags.masked_fill_(keep, 0.0).sum(dtype=torch.float64))
+            del mags, keep
+        self._tensor_thr[name] = thr
+        self._n += n
     def end_pass(self, pass_index: int) -> None:
         if self._topk is None:
-            if self._n_box is not None:
-                self._n, self._n_box = int(self._n_box.item()), None
+            release_free_memory()  # the whole tensors' temporaries, before the merge pass
             return
         if pass_index == 0:
             self._topk.end_coarse()
@@ -167,4 +189,58 @@ class MajoritySignStat(GlobalStat):
         return {"majority_sign": self.sign}
 
 
-__all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "kept_count"]
+SignSum = Callable[[str, torch.Size, int, torch.Tensor, torch.Tensor, torch.Tensor], float]
+"""(name, the tensor's shape, first row, θ0 rows (r, n) float32, τ rows (T, r, n) float32, weights) →
+Σ over those rows of the elected signs sign(Σ_t w_t x_t) of the values x a method elects on."""
+
+ROW_CHUNK_ELEMENTS = 1 << 20  # entries per task of one block of rows in TensorMajorityStat
+
+
+Reader = Callable[[str, tuple[int, int]], list[torch.Tensor]]
+"""(name, rows [start, stop)) → the block of those rows of [θ0, θ_1..θ_T] as stored, on the CPU."""
+
+
+class TensorMajorityStat(GlobalStat):
+    """Per tensor, the majority sign m = sign(Σ over the tensor of the elected signs), on demand.
+
+    An election falls back to m where Σ_t w_t x_t = 0 exactly while some x_t ≠ 0, and the group is the
+    tensor (per-tensor TIES, DARE-TIES, NeuroMerging's parallel coefficients). A block of rows that
+    has such a tie asks for m; it is then found from the tensor's inputs, read again (``reader``, set
+    by the engine with ``shapes``) in blocks of rows of about ROW_CHUNK_ELEMENTS entries, with
+    ``sign_sum`` giving each block's Σ of signs (a sum of ±1 and 0: exact in float64), and cached.
+    """
+
+    key = "tensor_majority"
+    passes = 0
+
+    def __init__(self, sign_sum: SignSum, device: torch.device) -> None:
+        self._sign_sum = sign_sum
+        self.device = torch.device(device)
+        self.reader: Reader | None = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._sums: dict[str, float] = {}
+
+    def majority(self, name: str, weights: torch.Tensor) -> float:
+        """m of tensor ``name`` (of ndim >= 1), read from its inputs the first time it is asked for."""
+        if name not in self._sums:
+            if self.reader is None:
+                raise RuntimeError("TensorMajorityStat: no reader to find a tensor's majority sign")
+            shape = torch.Size(self.shapes[name])
+            per_row = shape[1:].numel()
+            step = max(1, ROW_CHUNK_ELEMENTS // max(1, per_row))
+            total = 0.0
+            for r0 in range(0, shape[0], step):
+                views = [t.reshape(t.shape[0], -1) for t in self.reader(name, (r0, min(shape[0], r0 + step)))]
+                base = views[0].to(self.device, torch.float32)
+                deltas = torch.stack([v.to(self.device, torch.float32) for v in views[1:]]).sub_(base)
+                total += self._sign_sum(name, shape, r0, base, deltas, weights)
+            self._sums[name] = total
+            release_free_memory()
+        total = self._sums[name]
+        return float((total > 0) - (total < 0))
+
+    def summary(self) -> dict[str, Any]:
+        return {"tensors_read_again": len(self._sums)}  # blocks of these tensors had an exact tie
+
+
+__all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "TensorMajorityStat", "kept_count"]

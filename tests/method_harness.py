@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from neuromerge_cli.engine import schedule
+from neuromerge_cli.figures import figure_values
 from neuromerge_cli.methods import TensorJob, get_method
 
 
@@ -28,7 +29,10 @@ def merge_in_memory(method: str, raw: dict[str, Any], base: dict[str, torch.Tens
     for active in schedule(stats):
         for n in names:
             for stat, p in active:
-                stat.observe(p, n, deltas(n), w)
+                if stat.stored_inputs:
+                    stat.observe_stored(p, n, [base[n], *(tk[n] for tk in tasks)], w)
+                else:
+                    stat.observe(p, n, deltas(n), w)
         for stat, p in active:
             stat.end_pass(p)
     by_key = {s.key: s for s in stats}
@@ -37,7 +41,7 @@ def merge_in_memory(method: str, raw: dict[str, Any], base: dict[str, torch.Tens
         job = TensorJob(n, "neuron" if base[n].ndim >= 2 else "point", base[n].to(dev).float(), deltas(n), w, by_key)
         result = m.merge(job, params)
         out[n] = result.delta.cpu()
-        tensor_stats[n] = result.stats
+        tensor_stats[n] = figure_values(result.stats)
     return out, m.report(params, by_key), tensor_stats
 
 

@@ -111,9 +111,19 @@ def tensor_seed(seed: int, name: str, task: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+DARE_CHUNK = 1 << 20
+
+
 def dare_keep_mask(shape: torch.Size, keep: float, seed: int, name: str, task: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(tensor_seed(seed, name, task))
-    return torch.rand(shape, generator=gen) < keep
+    """The documented DARE draw: the flattened tensor in chunks of 2^20 entries, chunk c drawn whole by a
+    CPU generator seeded from sha256('seed\0name\0task\0c') (first 8 bytes LE, 63 bits)."""
+    n = torch.Size(shape).numel()
+    draws = []
+    for c in range(0, -(-n // DARE_CHUNK)):
+        digest = hashlib.sha256(f"{seed}\0{name}\0{task}\0{c}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        draws.append(torch.rand(min(DARE_CHUNK, n - c * DARE_CHUNK), generator=gen))
+    return (torch.cat(draws) if draws else torch.empty(0)).reshape(shape) < keep
 
 
 def reference_merge(base_dir: Path, task_dirs: list[Path], method: str, params: dict | None = None,

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import reference
 from helpers import load_output, merge, recipe_dict, toy_family, write_model
+from neuromerge_cli.methods import common
 from neuromerge_cli.methods.common import dare_drop
 from reference import load_folder, reference_merge
 
@@ -81,3 +83,19 @@ def test_one_task_keeps_entries_at_tau_over_p_and_resets_the_rest(tmp_path: Path
     changed = theta != base["w"]
     assert abs(float(changed.float().mean()) - keep) < 5 * math.sqrt(keep * (1 - keep) / 10_000)
     torch.testing.assert_close(theta[changed] - base["w"][changed], tau[changed] / keep, rtol=1e-5, atol=1e-6)
+
+
+def test_draws_follow_the_documented_chunks_whatever_the_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of DARE_CHUNK entries, each from its own generator (reference.dare_keep_mask, written apart):
+    a block of rows draws only the chunks it overlaps and gets the same bits as the whole tensor."""
+    monkeypatch.setattr(common, "DARE_CHUNK", 64)
+    monkeypatch.setattr(reference, "DARE_CHUNK", 64)
+    tau = torch.randn(2, 37, 9, generator=torch.Generator().manual_seed(0))
+    keep, seed = 0.4, 7
+    want = torch.stack([torch.where(reference.dare_keep_mask(tau.shape[1:], keep, seed, "w", t), tau[t] / keep, 0.0)
+                        for t in range(2)])
+    assert torch.equal(dare_drop(tau, keep, seed, "w"), want)
+    for step in (1, 5, 8, 36):
+        blocks = [dare_drop(tau[:, r:r + step], keep, seed, "w", r, 37) for r in range(0, 37, step)]
+        assert torch.equal(torch.cat(blocks, dim=1), want), step
+    assert not torch.equal(dare_drop(tau, keep, seed + 1, "w"), want)

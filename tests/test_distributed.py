@@ -31,6 +31,7 @@ def run_cli(args: list[str], env: dict[str, str]) -> None:
 @pytest.mark.parametrize("method, params", [
     ("ties", {"density": 0.3}),  # global trim + majority sign: histograms and sums all-reduced
     ("ties", {"density": 0.3, "mask_scope": "tensor", "lambda": 0.8}),
+    ("dare_ties", {"density": 0.5, "seed": 3}),  # per-tensor majority signs; DARE draws by chunks of entries
 ])
 def test_two_processes_write_the_single_process_bytes(tmp_path: Path, method: str, params: dict) -> None:
     base, tasks = toy_family(tmp_path / "models", 3, torch.bfloat16, shards=2)
@@ -47,7 +48,7 @@ def test_two_processes_write_the_single_process_bytes(tmp_path: Path, method: st
         assert f.read_bytes() == (two / f.name).read_bytes(), f.name
     assert (one / "model.safetensors.index.json").read_text() == (two / "model.safetensors.index.json").read_text()
     r1, r2 = (json.loads((d / "merge_report.json").read_text()) for d in (one, two))
-    t1, t2 = r1["global"]["trim"], r2["global"]["trim"]
+    t1, t2 = r1["global"].get("trim", {"sigma": []}), r2["global"].get("trim", {"sigma": []})
     assert {k: v for k, v in t1.items() if k != "sigma"} == {k: v for k, v in t2.items() if k != "sigma"}
     assert t1["sigma"] == pytest.approx(t2["sigma"], rel=1e-12)  # float64 sums added in another order
     assert r1["global"].get("majority") == r2["global"].get("majority")

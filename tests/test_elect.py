@@ -57,6 +57,22 @@ def test_sign_conflict_rate() -> None:
     assert sign_conflict_rate(torch.zeros(2, 0)) == 0.0
 
 
+def test_a_majority_function_is_asked_only_when_a_nonzero_coordinate_ties() -> None:
+    asked: list[int] = []
+
+    def majority() -> float:
+        asked.append(1)
+        return -1.0
+
+    w = torch.ones(2)
+    no_tie = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # the all-zero coordinate is 0 whatever m is
+    assert torch.equal(merge_values(no_tie, w, "elect_mean", majority=majority), torch.tensor([1.5, 0.0]))
+    assert not asked
+    tie = torch.tensor([[1.0, 3.0], [-1.0, 1.0]])
+    assert torch.equal(merge_values(tie, w, "elect_mean", majority=majority), torch.tensor([-1.0, 2.0]))
+    assert asked == [1]
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 4), (2, 7), (4,), (3, 0, 2)])
 def test_weighted_sum_matches_a_float64_sum_over_tasks(shape: tuple[int, ...]) -> None:
     gen = torch.Generator().manual_seed(1)

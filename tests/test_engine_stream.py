@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import neuro_reference
 from helpers import toy_family, write_model, write_recipe
+from reference import reference_merge
 
 from neuromerge_cli import engine
 from neuromerge_cli.checkpoints import Source, open_checkpoint
@@ -113,3 +115,69 @@ def test_cuda_matches_cpu(tmp_path: Path, method: str) -> None:
     cpu, cuda = read_all(tmp_path / "cpu"), read_all(tmp_path / "cuda")
     for name, w in cpu.items():
         torch.testing.assert_close(cuda[name].float(), w.float(), rtol=1e-2, atol=1e-3)
+
+
+def cancelling_family(root: Path) -> tuple[Path, list[Path]]:
+    """Three tasks on float32 tensors of exact eighths, where tasks 0 and 1 cancel exactly on many rows
+    (so elections fall back to the tensor's majority sign), with row counts blocks cut unevenly."""
+    g = torch.Generator().manual_seed(5)
+    eighths = lambda *shape: torch.randint(-16, 17, shape, generator=g).float() / 8  # noqa: E731
+    base = {"w": eighths(37, 16), "conv": eighths(9, 2, 3, 3), "bias": eighths(70), "scale": torch.tensor(0.5)}
+    tasks = [{n: t + eighths(*t.shape) for n, t in base.items()} for _ in range(3)]
+    for n in ("w", "conv"):
+        d = tasks[0][n] - base[n]
+        tasks[1][n] = base[n] - d  # τ_1 = −τ_0 exactly
+        tasks[1][n][::3] = tasks[2][n][::3]  # a third of the rows elect normally
+        tasks[2][n][1::3] = base[n][1::3]  # and a third are pure ties
+    tasks[1]["bias"][:40] = 2 * base["bias"][:40] - tasks[0]["bias"][:40]
+    folders = [write_model(root / "base", base)] + [write_model(root / f"t{i}", t) for i, t in enumerate(tasks)]
+    return folders[0], folders[1:]
+
+
+@pytest.mark.parametrize("method, params", [
+    *[("ties", {"density": 0.6, "mask_scope": "tensor", "merge_fn": fn}) for fn in ("elect_mean", "elect_sum", "mean", "sum")],
+    ("dare_linear", {"density": 0.5, "seed": 4}),
+    ("dare_ties", {"density": 0.7, "seed": 2}),
+    ("dare_ties", {"density": 0.7, "merge_fn": "elect_sum"}),
+    ("neuromerging", {"density": 0.6, "mask_scope": "tensor", "lambda1": 0.7}),
+    ("neuromerging", {"density": 0.6, "mask_scope": "global", "lambda1": 0.7, "lambda2": 1.3}),
+    ("neuromerging", {"density": 1.0, "lambda1": 1.0, "merge_fn": "elect_sum"}),
+])
+def test_tensor_wide_elections_in_row_blocks_give_the_whole_tensor_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: dict) -> None:
+    base, tasks = cancelling_family(tmp_path / "m")
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, method, params)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1 << 20)
+    whole = merge(recipe, tmp_path / "whole")
+    assert all(p.rows is None for p in pieces(prepare(load_recipe(recipe)).plan, ["w", "conv"], True))
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)  # 3 rows of w (37 = 12·3 + 1), 2 of conv, bias whole
+    cut = pieces(prepare(load_recipe(recipe)).plan, ["w", "conv", "bias"], True)
+    assert [p.rows for p in cut if p.name == "w"][-1] == (36, 37) and [p for p in cut if p.name == "bias"] == [Piece("bias")]
+    blocks = merge(recipe, tmp_path / "blocks")
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "blocks" / "model.safetensors").read_bytes()
+    for name, row in whole["tensors"].items():
+        for key, value in row.items():
+            if key not in ("task_l1", "task_l2", "delta_norm", "role", "shape"):
+                assert blocks["tensors"][name][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (name, key)
+    got = load_file(tmp_path / "blocks" / "model.safetensors")
+    if method == "neuromerging":  # against the slow float64 SPEC references
+        b, ts = load_file(base / "model.safetensors"), [load_file(t / "model.safetensors") for t in tasks]
+        deltas, _, _ = neuro_reference.neuromerging(b, ts, params["density"], params.get("mask_scope", "global"),
+                                                    params["lambda1"], params.get("lambda2", "auto"),
+                                                    params.get("merge_fn", "elect_mean"))
+        want = {n: b[n].double() + d for n, d in deltas.items()}
+    else:
+        want = reference_merge(base, tasks, method, params)
+    for name, t in got.items():
+        torch.testing.assert_close(t.double(), want[name].double(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_the_cancellations_reach_the_majority_fallback(tmp_path: Path) -> None:
+    """The family above is a real test of the fallback: a majority of 0 (no fallback) changes the result."""
+    from neuromerge_cli.methods.elect import merge_values
+
+    base, tasks = cancelling_family(tmp_path / "m")
+    b, ts = load_file(base / "model.safetensors"), [load_file(t / "model.safetensors") for t in tasks]
+    x = torch.stack([t["w"] - b["w"] for t in ts])
+    w = torch.ones(3)
+    assert not torch.equal(merge_values(x, w, "elect_mean"), merge_values(x, w, "elect_mean", majority=0.0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class TensorJob:
-    """One tensor to merge, in float32 on the compute device."""
+    """One tensor to merge, or the block of its first-dimension rows [row, row + base.shape[0]), in
+    float32 on the compute device."""
 
     name: str
     role: str  # "neuron" (ndim >= 2) or "point" (ndim <= 1)
@@ -28,6 +29,16 @@ class TensorJob:
     weights: torch.Tensor  # (T,)
     stats: dict[str, GlobalStat] = field(default_factory=dict)  # finished global statistics by key
     seed: int = 0  # per-tensor seed, derived from the recipe seed and the tensor name
+    row: int = 0  # first row of the block
+    rows: int | None = None  # rows of the whole tensor when the job is a block of them, else None
+
+    def tensor_majority(self) -> Callable[[], float] | None:
+        """For an election whose group is the tensor: None for a whole tensor (the election finds its
+        majority sign itself), else a function giving the tensor's majority sign (stats.TensorMajorityStat)."""
+        stat = self.stats.get("tensor_majority")
+        if self.rows is None or stat is None:
+            return None
+        return lambda: stat.majority(self.name, self.weights)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -115,8 +126,9 @@ class Method(ABC):
 
     def rowwise(self, params: dict[str, Any]) -> bool:
         """True when merging a block of a tensor's rows needs nothing from its other rows (given the
-        global statistics) and every figure in the result's stats is a mean over the tensor's entries:
-        the engine may then stream large tensors in blocks of rows, in bounded memory."""
+        global statistics) and every figure in the result's stats is a mean over the tensor's entries or
+        a figures.Ratio / figures.Norm (which add up over blocks): the engine may then stream large
+        tensors in blocks of rows, in bounded memory (point tensors, ndim <= 1, are never cut)."""
         return False
 
     def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:

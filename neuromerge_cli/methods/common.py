@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 
 import torch
 
@@ -26,16 +27,58 @@ def tensor_seed(seed: int, name: str, task: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def dare_drop(deltas: torch.Tensor, keep: float, seed: int, name: str) -> torch.Tensor:
-    """DARE: keep each entry with probability ``keep`` and rescale by 1/keep (seeded per tensor).
+DARE_CHUNK = 1 << 20  # entries of a flattened task vector drawn from one generator
+# The chunks drawn last: a block of rows that ends inside a chunk leaves the rest of it to the next
+# block (rows whose width does not divide DARE_CHUNK), which then need not draw it again.
+_DRAWN: OrderedDict[tuple[int, str, int, int, int], torch.Tensor] = OrderedDict()
+DRAWN_CHUNKS_KEPT = 8
 
-    The random numbers are drawn on the CPU so that every device gives the same bits.
+
+def chunk_seed(seed: int, name: str, task: int, chunk: int) -> int:
+    """The generator seed of one chunk of DARE draws: like tensor_seed, with the chunk index appended."""
+    digest = hashlib.sha256(f"{seed}\0{name}\0{task}\0{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def dare_uniforms(seed: int, name: str, task: int, start: int, stop: int, numel: int) -> torch.Tensor:
+    """DARE's uniform draws for entries [start, stop) of the flattened task vector ``task`` of tensor
+    ``name`` (``numel`` entries), on the CPU.
+
+    Chunk c (entries [c·DARE_CHUNK, (c+1)·DARE_CHUNK) ∩ [0, numel)) is ``torch.rand(its length)`` from a
+    generator seeded with chunk_seed(seed, name, task, c): a block of rows draws only the chunks it
+    overlaps, so the draws do not depend on how a tensor is cut into blocks, nor on device or process.
+    """
+    if stop <= start:
+        return torch.empty(0)
+    parts = []
+    for c in range(start // DARE_CHUNK, (stop - 1) // DARE_CHUNK + 1):
+        lo = c * DARE_CHUNK
+        key = (seed, name, task, c, DARE_CHUNK)
+        drawn = _DRAWN.get(key)
+        if drawn is None or drawn.numel() != min(DARE_CHUNK, numel - lo):  # numel: another tensor of that name
+            gen = torch.Generator().manual_seed(chunk_seed(seed, name, task, c))
+            drawn = _DRAWN[key] = torch.rand(min(DARE_CHUNK, numel - lo), generator=gen)
+            while len(_DRAWN) > DRAWN_CHUNKS_KEPT:
+                _DRAWN.popitem(last=False)
+        parts.append(drawn[max(start, lo) - lo: min(stop, lo + DARE_CHUNK) - lo])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def dare_drop(deltas: torch.Tensor, keep: float, seed: int, name: str, row: int = 0,
+              rows: int | None = None) -> torch.Tensor:
+    """DARE: keep each entry with probability ``keep`` and rescale by 1/keep.
+
+    ``deltas`` (T, ...) may be the block of a tensor's first-dimension rows starting at ``row`` of a
+    tensor with ``rows`` rows (default: the block is the whole tensor); see dare_uniforms.
     """
     if keep >= 1.0:
         return deltas
+    per_row = deltas[0].numel() // max(1, deltas.shape[1]) if deltas.ndim > 1 else 1
+    numel = deltas[0].numel() if rows is None else rows * per_row
+    start = row * per_row
     out = torch.empty_like(deltas)
     for t in range(deltas.shape[0]):
-        gen = torch.Generator().manual_seed(tensor_seed(seed, name, t))
-        kept = (torch.rand(deltas.shape[1:], generator=gen) < keep).to(deltas.device)
+        u = dare_uniforms(seed, name, t, start, start + deltas[t].numel(), numel)
+        kept = (u < keep).reshape(deltas.shape[1:]).to(deltas.device)
         out[t] = torch.where(kept, deltas[t] / keep, 0.0)
     return out

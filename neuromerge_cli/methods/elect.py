@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 MERGE_FUNCTIONS = ("elect_mean", "elect_sum", "mean", "sum")
+
+
+Majority = torch.Tensor | float | Callable[[], float] | None
 
 
 def weighted_sum(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -17,15 +22,18 @@ def weighted_sum(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def elected_signs(
     x: torch.Tensor,
     group_dims: tuple[int, ...] | None = None,
-    majority: torch.Tensor | float | None = None,
+    majority: Majority = None,
 ) -> torch.Tensor:
     """Per-coordinate elected sign s = sign(Σ_t x_t) of weighted values ``x`` (T, *S).
 
     Where the sum is exactly zero the group's majority sign m = sign(Σ_group s) is used.
-    The group is either given (``majority``, e.g. a global figure) or the dims of S listed in
-    ``group_dims`` (None: all of S).
+    The group is either given (``majority``, e.g. a global figure, or a function called only when
+    some coordinate ties with a non-zero value — elsewhere m changes nothing) or the dims of S
+    listed in ``group_dims`` (None: all of S).
     """
     s = torch.sign(x.sum(dim=0))
+    if callable(majority):
+        majority = majority() if bool(((s == 0) & (x != 0).any(dim=0)).any()) else 0.0
     if majority is None:
         dims = tuple(range(s.ndim)) if group_dims is None else group_dims
         majority = torch.sign(s.sum(dim=dims, keepdim=True))
@@ -33,12 +41,23 @@ def elected_signs(
     return s.add_((1 - s.abs()).mul_(majority))  # m where s = 0; arithmetic is faster than where()
 
 
+def weighted_values(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """w_t · x_t of values ``values`` (T, *S), as every election computes them."""
+    return values * weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+def elected_sign_sum(values: torch.Tensor, weights: torch.Tensor) -> float:
+    """Σ over the coordinates of ``values`` (T, *S) of the elected sign sign(Σ_t w_t x_t): summed over
+    blocks of a group, its sign is the group's majority sign (exact: a sum of ±1 and 0)."""
+    return float(torch.sign(weighted_values(values, weights).sum(dim=0)).sum(dtype=torch.float64))
+
+
 def merge_values(
     values: torch.Tensor,
     weights: torch.Tensor,
     merge_fn: str,
     group_dims: tuple[int, ...] | None = None,
-    majority: torch.Tensor | float | None = None,
+    majority: Majority = None,
 ) -> torch.Tensor:
     """ψ over the task axis of ``values`` (T, *S) with task weights ``weights`` (T,).
 
@@ -53,7 +72,7 @@ def merge_values(
     if merge_fn not in MERGE_FUNCTIONS:
         raise ValueError(f"unknown merge function {merge_fn!r}")
     unit = bool((weights == 1).all())
-    weighted = values if unit else values * weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
+    weighted = values if unit else weighted_values(values, weights)
     signs = elected_signs(weighted, group_dims, majority)
     # s·x > 0 exactly where x is non-zero and has the elected sign s (never where s = 0), so the
     # agreeing values are relu(s·x), and Σ over them = s · Σ relu(s·x): arithmetic passes over

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from ..errors import MergeError
-from ..stats import GlobalStat, TrimStat
+from ..stats import GlobalStat, TensorMajorityStat, TrimStat
 from .base import Method, TensorJob, TensorParts
 from .common import MASK_SCOPE, MERGE_FN, density
 from .elect import merge_values, sign_conflict_rate
 from .params import Param, number, number_or_auto
-from .subspaces import as_rows, neuron_merge
+from .subspaces import as_rows, neuron_merge, parallel_sign_sum
 
 LAMBDA1 = number("lambda1", 0.0, "scale of the merged parallel parts τ̄∥ (along each base row)", lo=0.0)
 LAMBDA2 = number_or_auto("lambda2", "scale of the merged orthogonal parts τ̄⊥; auto = 1/(1 − max_t σ_t)")
@@ -42,14 +42,28 @@ class NeuroMerging(Method):
     scale_params = ("lambda1", "lambda2", "lambda_point")
 
     def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
-        return [TrimStat(params["density"], params["mask_scope"], num_tasks, device)]
+        trim = TrimStat(params["density"], params["mask_scope"], num_tasks, device)
+        if params["merge_fn"] not in ("elect_mean", "elect_sum"):
+            return [trim]
+
+        def sign_sum(name: str, shape: torch.Size, row: int, base: torch.Tensor, deltas: torch.Tensor,
+                     weights: torch.Tensor) -> float:
+            # point tensors are merged whole (the engine never cuts 1-d tensors): no cached majority needed
+            return parallel_sign_sum(base, trim.mask(deltas, name), weights) if len(shape) >= 2 else 0.0
+
+        # the parallel election's majority sign per neuron tensor, for blocks of rows with an exact tie
+        return [trim, TensorMajorityStat(sign_sum, device)]
+
+    def rowwise(self, params: dict[str, Any]) -> bool:
+        return True  # neurons are independent given the thresholds and the parallel majority sign
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
-        trimmed = job.stats["trim"].mask(job.deltas)
+        trimmed = job.stats["trim"].mask(job.deltas, job.name)
         if job.role != "neuron":
             merged = merge_values(trimmed, job.weights, params["merge_fn"])
             return TensorParts({"lambda_point": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
-        result = neuron_merge(as_rows(job.base), as_rows(trimmed, 1), job.weights, params["merge_fn"])
+        result = neuron_merge(as_rows(job.base), as_rows(trimmed, 1), job.weights, params["merge_fn"],
+                              parallel_majority=job.tensor_majority())
         shape = job.base.shape
         return TensorParts({"lambda1": result.parallel.reshape(shape), "lambda2": result.orthogonal.reshape(shape)},
                            result.stats)
@@ -68,8 +82,9 @@ class NeuroMerging(Method):
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
         scales = self.scales(params, stats)
+        extra = {k: stats[k].summary() for k in ("tensor_majority",) if k in stats}
         return {"trim": stats["trim"].summary(), "sigma": max_sigma(stats), **scales,
-                "lambda2_auto": params["lambda2"] == "auto"}
+                "lambda2_auto": params["lambda2"] == "auto", **extra}
 
 
 def max_sigma(stats: dict[str, GlobalStat]) -> float:

@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from .elect import merge_values
+from ..figures import Norm, Ratio
+from .elect import Majority, elected_sign_sum, merge_values
 
 RANK_RTOL = 1e-6
 COORD_RTOL = 1e-9
@@ -118,19 +119,58 @@ def orthogonal_merge(p: torch.Tensor, weights: torch.Tensor, merge_fn: str) -> t
 
 @dataclass
 class NeuronMerge:
-    """Unscaled merged parts of one neuron tensor and its statistics."""
+    """Unscaled merged parts of one neuron tensor (or block of rows) and its statistics."""
 
     parallel: torch.Tensor  # τ̄∥ (out, d) float32
     orthogonal: torch.Tensor  # τ̄⊥ (out, d) float32
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # figures that add up over blocks of rows
+
+
+def _load_rows(buffer: torch.Tensor, base: torch.Tensor, tau: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Q = [τ_1; …; τ_T; w0] per row of [r0, r1) in float64, in ``buffer``."""
+    num_tasks = tau.shape[0]
+    q = buffer[: r1 - r0]
+    q[:, :num_tasks].copy_(tau[:, r0:r1].transpose(0, 1))
+    q[:, num_tasks].copy_(base[r0:r1])
+    return q
+
+
+def _projections(q: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Gram of Q, ⟨τ_t, w0⟩ (rows, T), ‖w0‖² (rows,), a_t (rows, T)) of rows Q (rows, T+1, d)."""
+    gram = torch.bmm(q, q.transpose(1, 2))
+    dots, norm2 = gram[:, :num_tasks, num_tasks], gram[:, num_tasks, num_tasks]
+    safe = norm2.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    a = torch.where(norm2.unsqueeze(1) > 0, dots / safe, 0.0)
+    return gram, dots, norm2, a
+
+
+def _buffer(chunks: list[tuple[int, int]], num_tasks: int, width: int, device: torch.device) -> torch.Tensor:
+    return torch.empty((max((r1 - r0 for r0, r1 in chunks), default=0), num_tasks + 1, width),
+                       dtype=torch.float64, device=device)
+
+
+def parallel_sign_sum(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, budget: int | None = None) -> float:
+    """Σ over rows of the elected sign of the parallel coefficients a_t (as neuron_merge computes them):
+    summed over a tensor's blocks of rows, the sign is the majority of its parallel election."""
+    budget = budget or chunk_budget(base.device)
+    out, width = base.shape
+    num_tasks = tau.shape[0]
+    chunks = row_chunks(out, num_tasks + 1, width, budget)
+    buffer = _buffer(chunks, num_tasks, width, base.device)
+    coeffs = torch.empty((num_tasks, out), dtype=torch.float64, device=base.device)
+    for r0, r1 in chunks:
+        coeffs[:, r0:r1] = _projections(_load_rows(buffer, base, tau, r0, r1), num_tasks)[3].T
+    return elected_sign_sum(coeffs, weights.to(torch.float64))
 
 
 def neuron_merge(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, merge_fn: str,
-                 budget: int | None = None) -> NeuronMerge:
+                 budget: int | None = None, parallel_majority: Majority = None) -> NeuronMerge:
     """NeuroMerging's neuron step for base rows (out, d) and (masked) task rows τ (T, out, d).
 
-    τ̄∥ = ψ_t(a_t)·w0 with the elections over the tensor's rows; τ̄⊥ = V ψ_t(C) per row. Rows are
-    processed in blocks of about ``budget`` float64 elements (rows·(T+1)·d).
+    τ̄∥ = ψ_t(a_t)·w0 with the elections over the tensor's rows (given as ``parallel_majority``, see
+    elect.elected_signs, when the rows are a block of the tensor; parallel_sign_sum finds it);
+    τ̄⊥ = V ψ_t(C) per row. Rows are processed in blocks of about ``budget`` float64 elements
+    (rows·(T+1)·d).
     """
     budget = budget or chunk_budget(base.device)
     out, width = base.shape
@@ -143,17 +183,12 @@ def neuron_merge(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, m
     orth_energy = torch.zeros(num_tasks, dtype=torch.float64, device=dev)
     conflicts = torch.zeros((), dtype=torch.int64, device=dev)
     chunks = row_chunks(out, num_tasks + 1, width, budget)
-    buffer = torch.empty((max((r1 - r0 for r0, r1 in chunks), default=0), num_tasks + 1, width),
-                         dtype=torch.float64, device=dev)
+    buffer = _buffer(chunks, num_tasks, width, dev)
     for r0, r1 in chunks:
         # Q = [τ_1; …; τ_T; w0] per row: one Gram matrix gives ⟨τ_s, τ_t⟩, ⟨τ_t, w0⟩ and ‖w0‖²
-        q = buffer[: r1 - r0]
-        q[:, :num_tasks].copy_(tau[:, r0:r1].transpose(0, 1))
-        q[:, num_tasks].copy_(base[r0:r1])
-        gram = torch.bmm(q, q.transpose(1, 2))
-        dots, norm2 = gram[:, :num_tasks, num_tasks], gram[:, num_tasks, num_tasks]
+        q = _load_rows(buffer, base, tau, r0, r1)
+        gram, dots, norm2, a = _projections(q, num_tasks)
         safe = norm2.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-        a = torch.where(norm2.unsqueeze(1) > 0, dots / safe, 0.0)
         # ⟨p_s, p_t⟩ = ⟨τ_s, τ_t⟩ − ⟨τ_s, w0⟩⟨τ_t, w0⟩/‖w0‖²; the cancellation error (≈ eps64·s²) is far
         # below the rank tolerance, which is relative to s² = Σ_t ‖τ_t‖²
         outer = dots.unsqueeze(2) * dots.unsqueeze(1)
@@ -169,20 +204,19 @@ def neuron_merge(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, m
         conflicts += chunk.conflicts
         par_energy += (a * dots).sum(0)
         orth_energy += torch.diagonal(gram_p, dim1=1, dim2=2).sum(0)
-    merged_a = merge_values(coeffs, weights.to(torch.float64), merge_fn)
+    merged_a = merge_values(coeffs, weights.to(torch.float64), merge_fn, majority=parallel_majority)
     parallel = merged_a.float().unsqueeze(1) * base
     par_conflicts = int(((coeffs > 0).any(0) & (coeffs < 0).any(0)).sum())
     orth_conflicts, elections_orth = int(conflicts), int(rank.sum())
     total = par_energy + orth_energy
-    share = lambda e: [float(x / t) if t > 0 else 0.0 for x, t in zip(e.tolist(), total.tolist())]  # noqa: E731
     stats = {
-        "parallel_share": share(par_energy),
-        "orthogonal_share": share(orth_energy),
-        "mean_orthogonal_rank": float(rank.double().mean()) if out else 0.0,
-        "sign_conflict": (par_conflicts + orth_conflicts) / (out + elections_orth) if out else 0.0,
-        "sign_conflict_parallel": par_conflicts / out if out else 0.0,
-        "sign_conflict_orthogonal": orth_conflicts / elections_orth if elections_orth else 0.0,
-        "parallel_norm": float(parallel.norm()),
-        "orthogonal_norm": float(orthogonal.norm()),
+        "parallel_share": Ratio(tuple(par_energy.tolist()), tuple(total.tolist())),
+        "orthogonal_share": Ratio(tuple(orth_energy.tolist()), tuple(total.tolist())),
+        "mean_orthogonal_rank": Ratio(elections_orth, out),
+        "sign_conflict": Ratio(par_conflicts + orth_conflicts, out + elections_orth),
+        "sign_conflict_parallel": Ratio(par_conflicts, out),
+        "sign_conflict_orthogonal": Ratio(orth_conflicts, elections_orth),
+        "parallel_norm": Norm(float(parallel.double().square().sum())),
+        "orthogonal_norm": Norm(float(orthogonal.double().square().sum())),
     }
     return NeuronMerge(parallel, orthogonal, stats)

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from ..stats import GlobalStat, MajoritySignStat, TrimStat
+from ..stats import GlobalStat, MajoritySignStat, TensorMajorityStat, TrimStat
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MASK_SCOPE, MERGE_FN, density
-from .elect import merge_values, sign_conflict_rate
+from .elect import elected_sign_sum, merge_values, sign_conflict_rate
 
 
 class Ties(Method):
@@ -19,19 +19,22 @@ class Ties(Method):
 
     def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
         trim = TrimStat(params["density"], params["mask_scope"], num_tasks, device)
-        if params["mask_scope"] == "global" and params["merge_fn"] in ("elect_mean", "elect_sum"):
+        if params["merge_fn"] not in ("elect_mean", "elect_sum"):
+            return [trim]
+        if params["mask_scope"] == "global":
             return [trim, MajoritySignStat(trim)]
-        return [trim]
+        # per-tensor majority signs for blocks of rows, on demand (from the cached per-tensor thresholds)
+        return [trim, TensorMajorityStat(lambda name, shape, row, base, deltas, w:
+                                         elected_sign_sum(trim.mask(deltas, name), w), device)]
 
     scale_params = ("lambda",)
 
     def rowwise(self, params: dict[str, Any]) -> bool:
-        # per-tensor thresholds and majority signs need the whole tensor
-        return params["mask_scope"] == "global" or params["density"] >= 1.0 and params["merge_fn"] in ("mean", "sum")
+        return True  # given the thresholds and the global or per-tensor majority signs
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         trimmed = job.stats["trim"].mask(job.deltas, job.name)
-        majority = job.stats["majority"].sign if "majority" in job.stats else None
+        majority = job.stats["majority"].sign if "majority" in job.stats else job.tensor_majority()
         merged = merge_values(trimmed, job.weights, params["merge_fn"], majority=majority)
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
 
