@@ -2,7 +2,7 @@
 
 Each statistic sees every merged tensor's task vectors once per pass it asks for and keeps only
 small summaries. The engine schedules them: a statistic with ``after`` runs its passes once that
-one has finished.
+one has finished, or alongside that one's last ``joins`` passes.
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ from typing import Any
 
 import torch
 
-from .topk import StreamingTopK, kept_count, tensor_thresholds
+from .topk import LOW_BINS, StreamingTopK, TrimSplit, kept_count, tensor_thresholds
 
 
 class GlobalStat:
     """A streaming reduction over all merged tensors."""
 
     key: str = ""
-    passes: int = 1
+    passes: int = 1  # reads of the model; may grow in end_pass (the engine re-plans after every read)
     after: "GlobalStat | None" = None
+    # passes shared with the last passes of ``after``: in a shared read this statistic observes each
+    # tensor, and ends the pass, after ``after`` does (it must come after it in the list of statistics)
+    joins: int = 0
     rowwise: bool = False  # observe() may see blocks of a tensor's rows instead of whole tensors
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
@@ -32,6 +35,11 @@ class GlobalStat:
         """The accumulators of ``pass_index`` that add up across processes, summed in place between the
         last ``observe`` and ``end_pass`` when tensors are split across ranks (it may be called more
         than once; the last call's tensors count); None: every rank observes every tensor."""
+        return None
+
+    def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        """Sums that ``end_pass`` made from this process's own observations (e.g. held back until a
+        prerequisite's result was known), summed in place across processes right after ``end_pass``."""
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -59,6 +67,7 @@ class TrimStat(GlobalStat):
         self._n = 0
         self._n_box: torch.Tensor | None = None
         self._tensor_thr: dict[str, torch.Tensor] = {}  # per-tensor thresholds seen in the statistics pass
+        self._split: tuple[torch.Tensor, TrimSplit] | None = None  # the last chunk of pass 2 and its split
         self.rowwise = self.passes == 0 or scope == "global"
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
@@ -68,10 +77,13 @@ class TrimStat(GlobalStat):
         return [self._removed, self._total, self._kept, self._n_box]
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
-        mags = deltas.abs()
-        if self._topk is not None:
-            (self._topk.observe_coarse if pass_index == 0 else self._topk.observe_fine)(mags)
+        if self._topk is not None:  # global: |x| is read from the bits, no copy of |τ| needed
+            if pass_index == 0:
+                self._topk.observe_coarse(deltas)
+            else:
+                self._split = (deltas, self._topk.observe_fine(deltas))
             return
+        mags = deltas.abs()
         thr = tensor_thresholds(mags, self.density)
         self._tensor_thr[name] = thr.cpu()
         flat = mags.reshape(self.num_tasks, -1)
@@ -89,11 +101,20 @@ class TrimStat(GlobalStat):
         if pass_index == 0:
             self._topk.end_coarse()
         else:
+            self._split = None
             self._topk.end_fine()
             self._removed = torch.tensor(self._topk.removed_l1, dtype=torch.float64)
             self._total = torch.tensor(self._topk.total_l1, dtype=torch.float64)
             self._kept = torch.tensor(self._topk.kept, dtype=torch.float64)
             self._n = self._topk.n
+
+    def split(self, deltas: torch.Tensor) -> TrimSplit:
+        """Where the entries of ``deltas`` stand against the global thresholds' bins while pass 2 runs
+        (reused when ``deltas`` is the chunk this statistic observed last)."""
+        assert self._topk is not None, "a global trim in its second pass"
+        if self._split is not None and self._split[0] is deltas:
+            return self._split[1]
+        return self._topk.split(deltas)
 
     @property
     def thresholds(self) -> torch.Tensor | None:
@@ -133,35 +154,134 @@ class TrimStat(GlobalStat):
         }
 
 
+STASH_ROWS = 1 << 20  # coordinates with several undecided entries the folded majority may hold
+
+
 class MajoritySignStat(GlobalStat):
     """sign(Σ over all coordinates of the elected sign) of the trimmed, weighted task vectors.
 
     TIES with a global mask falls back to this sign where a coordinate's sum is exactly zero.
+
+    After a two-pass global trim it shares the trim's second read (``joins = 1``), before the exact
+    thresholds are known: an entry above its task's threshold bin is kept, one below it trimmed,
+    and one inside the bin is undecided until the threshold's low 16 bits are known. A coordinate
+    with no undecided entry adds its sign s; one with a single undecided entry adds s as if that
+    entry were trimmed, and files (s if kept − s if trimmed) under its task and low bits, which
+    count once those bits reach the threshold's. Coordinates with several undecided entries (rare:
+    about the square of the in-bin share) are held, trimmed entries zeroed and equal ones merged,
+    and settled at the end. If they exceed STASH_ROWS, a third read computes the sign plainly.
     """
 
     key = "majority"
-    passes = 1
 
     def __init__(self, trim: TrimStat) -> None:
         self.after = trim
         self._trim = trim
-        self._sum = torch.zeros(1, dtype=torch.float64)  # a sum of signs: exact in float64
         self.rowwise = trim.rowwise
+        self.passes = 1
+        self.folded = trim.passes == 2
+        self.joins = 1 if self.folded else 0
+        num_tasks = trim.num_tasks
+        self._sum = torch.zeros(1, dtype=torch.float64)  # a sum of signs: exact in float64
+        self._late = torch.zeros(1, dtype=torch.float64)  # the held coordinates' part, per process
+        self._flips = torch.zeros(num_tasks * LOW_BINS, dtype=torch.float64)
+        self._overflow = torch.zeros(1, dtype=torch.int64)
+        self._held: list[torch.Tensor] = []  # (m, T) int32 bits of held coordinates' task values
+        self._held_counts: list[torch.Tensor] = []  # (m,) how often each occurred
+        self._held_rows = 0
+        self._weights: torch.Tensor | None = None
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.folded and pass_index == 0:
+            if not self._overflow.item():
+                self._observe_folded(deltas, weights)
+            return
         w = weights.reshape((-1,) + (1,) * (deltas.ndim - 1))
-        self._sum += torch.sign((self._trim.mask(deltas, name) * w).sum(0)).sum().double().cpu()
+        self._sum += signs_sum(self._trim.mask(deltas, name) * w).cpu()
+
+    def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
+        split = self._trim.split(deltas)
+        flat = deltas.reshape(deltas.shape[0], -1)
+        weighted = flat * weights.reshape(-1, 1)  # the products the merge pass elects on, bit for bit
+        kept, undecided = split.kept, split.undecided
+        s_trimmed = torch.sign(torch.where(kept, weighted, 0.0).sum(0))
+        open_ = undecided.sum(0)
+        self._sum += torch.where(open_ <= 1, s_trimmed, 0.0).sum(dtype=torch.float64).cpu()
+        one = (open_ == 1).nonzero().squeeze(1)
+        if one.numel():
+            u = undecided[:, one]
+            s_kept = torch.sign(torch.where(kept[:, one] | u, weighted[:, one], 0.0).sum(0))
+            flip = s_kept - s_trimmed[one]
+            task = (u * torch.arange(u.shape[0], device=u.device).unsqueeze(1)).sum(0)
+            low = split.low[:, one].gather(0, task.unsqueeze(0)).squeeze(0)
+            change = flip != 0
+            self._flips += torch.bincount((task * LOW_BINS + low)[change], weights=flip[change].double(),
+                                          minlength=self._flips.numel()).cpu()
+        many = (open_ >= 2).nonzero().squeeze(1)
+        if many.numel():
+            rows = torch.where(kept[:, many] | undecided[:, many], flat[:, many], 0.0)
+            self._hold(rows.t().contiguous().view(torch.int32).cpu(), weights)
+
+    def _hold(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        self._weights = weights
+        self._held.append(rows)
+        self._held_counts.append(torch.ones(rows.shape[0], dtype=torch.int64))
+        self._held_rows += rows.shape[0]
+        if self._held_rows <= STASH_ROWS:
+            return
+        rows, counts = self._merged_held()
+        if rows.shape[0] > STASH_ROWS // 2:  # too many distinct ones: give up and read once more
+            self._overflow.fill_(1)
+            rows, counts = rows[:0], counts[:0]
+        self._held, self._held_counts, self._held_rows = [rows], [counts], rows.shape[0]
+
+    def _merged_held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held rows, each once, with how often it occurred."""
+        rows, counts = torch.cat(self._held), torch.cat(self._held_counts)
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        return unique, torch.zeros(unique.shape[0], dtype=torch.int64).index_add_(0, inverse, counts)
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        if self.folded and pass_index == 0:
+            return [self._sum, self._flips, self._overflow]
         return [self._sum]
+
+    def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        return [self._late] if self.folded and pass_index == 0 else None
+
+    def end_pass(self, pass_index: int) -> None:
+        if not (self.folded and pass_index == 0):
+            return
+        if self._overflow.item():  # on any process: the plain pass follows
+            self.passes = 2
+            self._sum.zero_()
+        else:
+            thresholds = self._trim.thresholds
+            assert thresholds is not None
+            low = thresholds.view(torch.int32).cpu() & 0xFFFF
+            reached = torch.arange(LOW_BINS).unsqueeze(0) >= low.unsqueeze(1)
+            self._sum += torch.where(reached, self._flips.view(-1, LOW_BINS), 0.0).sum()
+            if self._held_rows:
+                rows, counts = self._merged_held()
+                values = rows.view(torch.float32).t().to(thresholds.device)
+                w = self._weights.reshape(-1, 1)
+                kept = values.abs() >= thresholds.unsqueeze(1)
+                signs = torch.sign(torch.where(kept, values * w, 0.0).sum(0)).cpu()
+                self._late += (signs.double() * counts.double()).sum()
+        self._held, self._held_counts, self._held_rows = [], [], 0
 
     @property
     def sign(self) -> float:
-        total = float(self._sum.item())
+        total = float((self._sum + self._late).item())
         return float((total > 0) - (total < 0))
 
     def summary(self) -> dict[str, Any]:
         return {"majority_sign": self.sign}
+
+
+def signs_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the coordinates of sign(Σ_t x_t) for x (T, ...), exactly, as a float64 tensor (1,)."""
+    return torch.sign(x.sum(0)).sum(dtype=torch.float64).reshape(1)
 
 
 __all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "kept_count"]
