@@ -263,7 +263,8 @@ class MajoritySignStat(GlobalStat):
             self._sum += torch.where(reached, self._flips.view(-1, LOW_BINS), 0.0).sum()
             if self._held_rows:
                 rows, counts = self._merged_held()
-                values = rows.view(torch.float32).t().to(thresholds.device)
+                # (T, m) contiguous: sum(0) then adds the tasks in the order the merge pass does
+                values = rows.view(torch.float32).t().contiguous().to(thresholds.device)
                 w = self._weights.reshape(-1, 1)
                 kept = values.abs() >= thresholds.unsqueeze(1)
                 signs = torch.sign(torch.where(kept, values * w, 0.0).sum(0)).cpu()
@@ -271,8 +272,13 @@ class MajoritySignStat(GlobalStat):
         self._held, self._held_counts, self._held_rows = [], [], 0
 
     @property
+    def total(self) -> float:
+        """Σ over all coordinates of the elected sign (an integer)."""
+        return float((self._sum + self._late).item())
+
+    @property
     def sign(self) -> float:
-        total = float((self._sum + self._late).item())
+        total = self.total
         return float((total > 0) - (total < 0))
 
     def summary(self) -> dict[str, Any]:
