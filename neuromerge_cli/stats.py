@@ -202,16 +202,20 @@ class MajoritySignStat(GlobalStat):
     def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         split = self._trim.split(deltas)
         flat = deltas.reshape(deltas.shape[0], -1)
-        weighted = flat * weights.reshape(-1, 1)  # the products the merge pass elects on, bit for bit
-        kept, undecided = split.kept, split.undecided
-        s_trimmed = torch.sign(torch.where(kept, weighted, 0.0).sum(0))
-        open_ = undecided.sum(0)
-        self._sum += torch.where(open_ <= 1, s_trimmed, 0.0).sum(dtype=torch.float64).cpu()
+        # the products the merge pass elects on, bit for bit (x · 1 = x: no product needed)
+        weighted = flat if bool((weights == 1).all()) else flat * weights.reshape(-1, 1)
+        kept = (weighted.view(torch.int32) & split.kept_mask()).view(torch.float32)  # trimmed → +0.0
+        s_trimmed = torch.sign(kept.sum(0))
+        self._sum += s_trimmed.sum(dtype=torch.float64).cpu()
+        if not split.columns.numel():
+            return
+        cols, undecided = split.columns, split.undecided
+        as_kept = torch.where(undecided, weighted[:, cols], kept[:, cols])  # the undecided ones kept
+        open_ = split.open[cols]
         one = (open_ == 1).nonzero().squeeze(1)
         if one.numel():
             u = undecided[:, one]
-            s_kept = torch.sign(torch.where(kept[:, one] | u, weighted[:, one], 0.0).sum(0))
-            flip = s_kept - s_trimmed[one]
+            flip = torch.sign(as_kept[:, one].sum(0)) - s_trimmed[cols[one]]
             task = (u * torch.arange(u.shape[0], device=u.device).unsqueeze(1)).sum(0)
             low = split.low[:, one].gather(0, task.unsqueeze(0)).squeeze(0)
             change = flip != 0
@@ -219,7 +223,9 @@ class MajoritySignStat(GlobalStat):
                                           minlength=self._flips.numel()).cpu()
         many = (open_ >= 2).nonzero().squeeze(1)
         if many.numel():
-            rows = torch.where(kept[:, many] | undecided[:, many], flat[:, many], 0.0)
+            held = cols[many]
+            self._sum -= s_trimmed[held].sum(dtype=torch.float64).cpu()  # settled at the end instead
+            rows = torch.where(split.high[:, held] >= split.bins, flat[:, held], 0.0)  # τ, trimmed ones 0
             self._hold(rows.t().contiguous().view(torch.int32).cpu(), weights)
 
     def _hold(self, rows: torch.Tensor, weights: torch.Tensor) -> None:

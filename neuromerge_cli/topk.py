@@ -10,7 +10,6 @@ and StreamingSelect (values of any sign: ``order_keys``). Neither holds a task v
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterator, Sequence
 
@@ -85,7 +84,8 @@ class HistogramSelect:
         self.device = torch.device(device)
         self._ranks_of = ranks
         self.n = 0
-        self._offsets = (torch.arange(num_tasks, dtype=torch.int32, device=self.device) * KEY_BINS).unsqueeze(1)
+        # (T, 1) int32: task t's histogram starts at t · KEY_BINS of the flat counts
+        self.offsets = (torch.arange(num_tasks, dtype=torch.int32, device=self.device) * KEY_BINS).unsqueeze(1)
         self._coarse = torch.zeros(num_tasks * KEY_BINS, dtype=torch.int64, device=self.device)
         self._fine: torch.Tensor | None = None  # (T, R, KEY_BINS) counts of low halves
         self._ranks: torch.Tensor | None = None  # (R,) int64
@@ -98,7 +98,7 @@ class HistogramSelect:
 
     def _count(self, halves: torch.Tensor) -> torch.Tensor:
         """Per-task counts (T·KEY_BINS,) of 16-bit ``halves`` (T, n), in one bincount."""
-        return torch.bincount((halves + self._offsets).reshape(-1), minlength=self.num_tasks * KEY_BINS)
+        return torch.bincount((halves + self.offsets).reshape(-1), minlength=self.num_tasks * KEY_BINS)
 
     def observe_coarse(self, high: torch.Tensor) -> None:
         """Pass 1: count the high halves (T, n) of one chunk's keys."""
@@ -129,15 +129,18 @@ class HistogramSelect:
         self._under = cum.gather(1, self.bins) - counts.gather(1, self.bins)
         self._fine = torch.zeros(self.num_tasks, len(ranks), KEY_BINS, dtype=torch.int64, device=self.device)
 
-    def observe_fine(self, high: torch.Tensor, low: torch.Tensor, inside: list[torch.Tensor] | None = None) -> None:
-        """Pass 2: count the low halves of the keys inside each rank's bin (``inside``: the (T, n)
-        masks ``high == bins[:, r]`` per rank r, if the caller has them already)."""
+    def observe_fine(self, high: torch.Tensor, low: torch.Tensor) -> None:
+        """Pass 2: count the low halves of the keys inside each rank's bin."""
         assert self.bins is not None and self._fine is not None, "end_coarse() first"
-        idx = low + self._offsets
+        idx = low + self.offsets
         for r in range(self.bins.shape[1]):
-            mask = inside[r] if inside is not None else high == self.bins[:, r:r + 1]
-            counts = torch.bincount(idx[mask], minlength=self.num_tasks * KEY_BINS)
-            self._fine[:, r] += counts.view(self.num_tasks, KEY_BINS)
+            self.add_fine(r, idx[high == self.bins[:, r:r + 1]])
+
+    def add_fine(self, rank: int, idx: torch.Tensor) -> None:
+        """Pass 2, for a caller that picked the keys inside rank ``rank``'s bin itself: count their
+        low halves, given as ``idx`` = task · KEY_BINS + low half (1-d)."""
+        assert self._fine is not None, "end_coarse() first"
+        self._fine[:, rank] += torch.bincount(idx, minlength=self.num_tasks * KEY_BINS).view(self.num_tasks, KEY_BINS)
 
     @property
     def fine_counts(self) -> torch.Tensor:
@@ -166,24 +169,33 @@ def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
     return values.float().contiguous().view(torch.int32).reshape(values.shape[0], -1) & 0x7FFFFFFF
 
 
-@dataclass
 class TrimSplit:
     """Where one chunk's entries (T, n) stand against the trim thresholds while pass 2 runs.
 
     An entry above its task's threshold bin is kept, one below it is trimmed; one inside the bin
-    (``undecided``) is kept iff its ``low`` 16 bits reach the threshold's, known after pass 2.
+    is undecided: kept iff its low 16 bits reach the threshold's, known after pass 2. Undecided
+    entries are few (about the share of one bin), so they are handled by the ``columns`` that
+    hold any (the coordinates, in order), as (T, m) slices.
     """
 
-    bits: torch.Tensor  # int32 (T, n): the bit patterns of |x|
-    high: torch.Tensor  # int32 (T, n): their high 16 bits
-    low: torch.Tensor  # int32 (T, n): their low 16 bits
-    bins: torch.Tensor  # int32 (T, 1): the high 16 bits of each task's threshold
-    undecided: torch.Tensor  # bool (T, n): inside the threshold bin
+    def __init__(self, bits: torch.Tensor, bins: torch.Tensor) -> None:
+        self.bits = bits  # int32 (T, n): bit patterns of |x|
+        self.bins = bins  # int32 (T, 1): the high 16 bits of each task's threshold
+        self.high = bits >> 16
+        undecided = self.high == bins
+        count = torch.uint8 if bits.shape[0] < 256 else torch.int32  # summing bytes is the fast path
+        self.open = undecided.view(torch.uint8).sum(0, dtype=count)  # undecided entries per column
+        self.columns = self.open.nonzero().squeeze(1)  # columns with any
+        self.undecided = undecided[:, self.columns]  # bool (T, m)
+        self.low = self.bits[:, self.columns] & 0xFFFF  # int32 (T, m)
 
-    @property
-    def kept(self) -> torch.Tensor:
-        """bool (T, n): kept whatever the threshold's low bits."""
-        return self.high > self.bins
+    def kept_mask(self) -> torch.Tensor:
+        """int32 (T, n): all ones where an entry is kept whatever the threshold's low bits, else 0."""
+        return (self.bins - self.high) >> 31  # the sign of bins − high, spread over the 32 bits
+
+    def below_mask(self) -> torch.Tensor:
+        """int32 (T, n): all ones where an entry is trimmed whatever the threshold's low bits, else 0."""
+        return (self.high - self.bins) >> 31
 
 
 class StreamingTopK:
@@ -222,9 +234,9 @@ class StreamingTopK:
 
     def observe_coarse(self, values: torch.Tensor) -> None:
         """Pass 1: count the high bits of |x| of one chunk (T, ...) and add up its L1 norms."""
-        bits = values.float().contiguous().view(torch.int32).reshape(values.shape[0], -1)
-        self._select.observe_coarse((bits >> 16) & 0x7FFF)  # the sign bit dropped
-        self._total_l1 += torch.linalg.vector_norm(bits.view(torch.float32), 1, dim=1, dtype=torch.float64)
+        bits = magnitude_bits(values)
+        self._select.observe_coarse(bits >> 16)
+        self._total_l1 += bits.view(torch.float32).sum(1, dtype=torch.float64)
 
     def end_coarse(self) -> None:
         """Find, per task, the high-bits bin that holds the k-th largest value."""
@@ -238,17 +250,15 @@ class StreamingTopK:
 
     def split(self, values: torch.Tensor) -> TrimSplit:
         """Where the entries of one chunk (T, ...) stand against the threshold bins (after pass 1)."""
-        bits = magnitude_bits(values)
-        high = bits >> 16
-        bins = self.bins.to(torch.int32).unsqueeze(1)
-        return TrimSplit(bits, high, bits & 0xFFFF, bins, high == bins)
+        return TrimSplit(magnitude_bits(values), self.bins.to(torch.int32).unsqueeze(1))
 
     def observe_fine(self, values: torch.Tensor) -> TrimSplit:
         """Pass 2: count the low bits of |x| inside each task's threshold bin and add up the L1
         of the values below that bin; returns where the chunk's entries stand (see TrimSplit)."""
         split = self.split(values)
-        self._select.observe_fine(split.high, split.low, [split.undecided])
-        self._below_l1 += torch.where(split.high < split.bins, split.bits.view(torch.float32), 0.0).sum(1, dtype=torch.float64)
+        self._select.add_fine(0, (split.low + self._select.offsets)[split.undecided])
+        below = (split.bits & split.below_mask()).view(torch.float32)  # |x| below the bin, 0.0 elsewhere
+        self._below_l1 += below.sum(1, dtype=torch.float64)
         return split
 
     def end_fine(self) -> None:
