@@ -61,6 +61,7 @@ class TrimStat(GlobalStat):
         self.num_tasks = num_tasks
         self.passes = 0 if density >= 1.0 else (2 if scope == "global" else 1)
         self._topk = StreamingTopK(num_tasks, density, device) if self.passes == 2 else None
+        self.device = torch.device(device)
         self._removed = torch.zeros(num_tasks, dtype=torch.float64)
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
         self._kept = torch.zeros(num_tasks, dtype=torch.float64)
@@ -68,6 +69,7 @@ class TrimStat(GlobalStat):
         self._n_box: torch.Tensor | None = None
         self._tensor_thr: dict[str, torch.Tensor] = {}  # per-tensor thresholds seen in the statistics pass
         self._split: tuple[torch.Tensor, TrimSplit] | None = None  # the last chunk of pass 2 and its split
+        self.keep_split = False  # keep that split for one ``split`` call (a statistic sharing the read)
         self.rowwise = self.passes == 0 or scope == "global"
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
@@ -81,7 +83,8 @@ class TrimStat(GlobalStat):
             if pass_index == 0:
                 self._topk.observe_coarse(deltas)
             else:
-                self._split = (deltas, self._topk.observe_fine(deltas))
+                split = self._topk.observe_fine(deltas)
+                self._split = (deltas, split) if self.keep_split else None
             return
         mags = deltas.abs()
         thr = tensor_thresholds(mags, self.density)
@@ -110,11 +113,17 @@ class TrimStat(GlobalStat):
 
     def split(self, deltas: torch.Tensor) -> TrimSplit:
         """Where the entries of ``deltas`` stand against the global thresholds' bins while pass 2 runs
-        (reused when ``deltas`` is the chunk this statistic observed last)."""
+        (with ``keep_split``, the split made when this statistic observed ``deltas``, handed over once)."""
         assert self._topk is not None, "a global trim in its second pass"
-        if self._split is not None and self._split[0] is deltas:
-            return self._split[1]
+        kept, self._split = self._split, None
+        if kept is not None and kept[0] is deltas:
+            return kept[1]
         return self._topk.split(deltas)
+
+    @property
+    def thresholds_pending(self) -> bool:
+        """True when the statistics passes find global thresholds (a split exists in the second)."""
+        return self._topk is not None
 
     @property
     def thresholds(self) -> torch.Tensor | None:
@@ -174,17 +183,20 @@ class MajoritySignStat(GlobalStat):
 
     key = "majority"
 
-    def __init__(self, trim: TrimStat) -> None:
+    def __init__(self, trim: TrimStat, fold: bool = True) -> None:
+        """``fold=False``: always a read of its own after the trim's (the plain computation)."""
         self.after = trim
         self._trim = trim
         self.rowwise = trim.rowwise
         self.passes = 1
-        self.folded = trim.passes == 2
+        self.folded = fold and trim.thresholds_pending
         self.joins = 1 if self.folded else 0
+        trim.keep_split = self.folded
         num_tasks = trim.num_tasks
         self._sum = torch.zeros(1, dtype=torch.float64)  # a sum of signs: exact in float64
         self._late = torch.zeros(1, dtype=torch.float64)  # the held coordinates' part, per process
-        self._flips = torch.zeros(num_tasks * LOW_BINS, dtype=torch.float64)
+        device = trim.device if self.folded else torch.device("cpu")
+        self._flips = torch.zeros(num_tasks * LOW_BINS, dtype=torch.float64, device=device)
         self._overflow = torch.zeros(1, dtype=torch.int64)
         self._held: list[torch.Tensor] = []  # (m, T) int32 bits of held coordinates' task values
         self._held_counts: list[torch.Tensor] = []  # (m,) how often each occurred
@@ -220,7 +232,7 @@ class MajoritySignStat(GlobalStat):
             low = split.low[:, one].gather(0, task.unsqueeze(0)).squeeze(0)
             change = flip != 0
             self._flips += torch.bincount((task * LOW_BINS + low)[change], weights=flip[change].double(),
-                                          minlength=self._flips.numel()).cpu()
+                                          minlength=self._flips.numel())
         many = (open_ >= 2).nonzero().squeeze(1)
         if many.numel():
             held = cols[many]
@@ -264,13 +276,14 @@ class MajoritySignStat(GlobalStat):
         else:
             thresholds = self._trim.thresholds
             assert thresholds is not None
-            low = thresholds.view(torch.int32).cpu() & 0xFFFF
-            reached = torch.arange(LOW_BINS).unsqueeze(0) >= low.unsqueeze(1)
-            self._sum += torch.where(reached, self._flips.view(-1, LOW_BINS), 0.0).sum()
+            low = thresholds.view(torch.int32).to(self._flips.device) & 0xFFFF
+            reached = torch.arange(LOW_BINS, device=low.device).unsqueeze(0) >= low.unsqueeze(1)
+            self._sum += torch.where(reached, self._flips.view(-1, LOW_BINS), 0.0).sum().cpu()
             if self._held_rows:
                 rows, counts = self._merged_held()
                 # (T, m) contiguous: sum(0) then adds the tasks in the order the merge pass does
                 values = rows.view(torch.float32).t().contiguous().to(thresholds.device)
+                assert self._weights is not None
                 w = self._weights.reshape(-1, 1)
                 kept = values.abs() >= thresholds.unsqueeze(1)
                 signs = torch.sign(torch.where(kept, values * w, 0.0).sum(0)).cpu()

@@ -167,8 +167,7 @@ def test_majority_in_the_trims_second_read_equals_the_separate_pass(kind: str, n
         assert folded.total == expected
         # the former separate pass, run after the trim: the same figure
         trim = TrimStat(density, "global", num_tasks, torch.device("cpu"))
-        separate = MajoritySignStat(trim)
-        separate.folded, separate.joins = False, 0
+        separate = MajoritySignStat(trim, fold=False)
         assert run_scheduled([trim, separate], chunks, weights) == 3
         assert separate.total == expected
 
