@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from .checkpoints import resolve
 from .corpora import Exemplar, load_corpora
 from .errors import MergeError
+from .memory import peak_rss_bytes
 from .neuron_groups import SUPPORTED_ARCHITECTURES, NeuronGroups, save_groups
 from .recipe import DTYPES, ClassifyConfig, Recipe
 
@@ -231,7 +231,7 @@ def classify(recipe: Recipe, config: ClassifyConfig, device: torch.device,
         "exemplars": json.dumps(counts), "tie_rule": TIE_RULE,
     }
     groups = NeuronGroups(categories, {layer: codes[pos] for pos, layer in enumerate(layers)}, metadata)
-    peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peak = {"rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     summary = {

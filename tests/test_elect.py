@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate
+from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate, weighted_sum
 
 # three tasks, five coordinates
 X = torch.tensor([
@@ -55,3 +55,50 @@ def test_weighted_elect_mean_is_the_weight_normalised_mean_of_the_agreeing_value
 def test_sign_conflict_rate() -> None:
     assert sign_conflict_rate(X) == pytest.approx(3 / 5)  # coordinates 0 and 2 agree
     assert sign_conflict_rate(torch.zeros(2, 0)) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (2, 7), (4,), (3, 0, 2)])
+def test_weighted_sum_matches_a_float64_sum_over_tasks(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen)
+    w = torch.rand(shape[0], generator=gen) + 0.5
+    expected = (x.double() * w.double().reshape((-1,) + (1,) * (x.ndim - 1))).sum(0)
+    got = weighted_sum(x, w)
+    assert got.shape == x.shape[1:] and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def _psi_reference(values: torch.Tensor, weights: torch.Tensor, merge_fn: str, majority: float) -> torch.Tensor:
+    """ψ coordinate by coordinate, in plain Python floats, straight from the SPEC."""
+    t, n = values.shape
+    out = []
+    for j in range(n):
+        x = [float(weights[i]) * float(values[i, j]) for i in range(t)]
+        total = sum(x)
+        s = (total > 0) - (total < 0) or majority
+        agree = [i for i in range(t) if x[i] != 0 and ((x[i] > 0) - (x[i] < 0)) == s]
+        summed = sum(x[i] for i in agree)
+        if merge_fn == "elect_sum":
+            out.append(summed)
+        else:
+            count = sum(float(weights[i]) for i in agree)
+            out.append(summed / count if count > 0 else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("merge_fn", ["elect_mean", "elect_sum"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 1.0, 1.5]])
+@pytest.mark.parametrize("majority", [1.0, -1.0, 0.0])
+def test_elections_match_a_per_coordinate_reference_with_ties(merge_fn: str, weights: list[float], majority: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(-2, 3, (4, 400), generator=gen).float()  # small integers: many zero sums
+    values[:, :5] = 0.0  # nothing to elect: the result must be +0.0 whatever the majority
+    w = torch.tensor(weights)
+    got = merge_values(values, w, merge_fn, majority=majority)
+    torch.testing.assert_close(got.double(), _psi_reference(values, w, merge_fn, majority), rtol=1e-6, atol=1e-6)
+    assert not torch.signbit(got[got == 0]).any()  # zeros are +0.0, as a masked sum gives
+
+
+def test_sign_conflict_rate_counts_tiny_values() -> None:
+    x = torch.tensor([[1e-30, 0.0, 2.0], [-1e-30, 0.0, 3.0]])
+    assert sign_conflict_rate(x) == pytest.approx(1 / 3)

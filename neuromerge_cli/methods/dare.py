@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MERGE_FN, SEED, dare_drop, density
-from .elect import merge_values, sign_conflict_rate
+from .elect import merge_values, sign_conflict_rate, weighted_sum
 
 KEEP = density(0.2, "probability of keeping each entry of a task vector (1 − p); kept entries are scaled by 1/density")
 
@@ -20,8 +20,7 @@ class DareLinear(Method):
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name)
-        w = job.weights.reshape((-1,) + (1,) * (dropped.ndim - 1))
-        return TensorParts({"lambda": (dropped * w).sum(0)})
+        return TensorParts({"lambda": weighted_sum(dropped, job.weights)})
 
 
 class DareTies(Method):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Method, TensorJob, TensorResult
+from .elect import weighted_sum
 
 
 class Linear(Method):
@@ -15,5 +16,4 @@ class Linear(Method):
         return True
 
     def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
-        w = job.weights.reshape((-1,) + (1,) * (job.deltas.ndim - 1))
-        return TensorResult((job.deltas * w).sum(0) / job.weights.sum())
+        return TensorResult(weighted_sum(job.deltas, job.weights) / job.weights.sum())

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import MergeError
+from .elect import weighted_sum
 from .params import choice, number
 
 SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -37,8 +38,7 @@ def relative_weights(weights: torch.Tensor) -> torch.Tensor:
 
 def average(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ w_t τ_t / Σ w_t: what the authors do with tensors they do not decompose."""
-    w = weights.reshape((-1,) + (1,) * (deltas.ndim - 1))
-    return (deltas * w).sum(0) / weights.sum()
+    return weighted_sum(deltas, weights) / weights.sum()
 
 
 def top_svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA
+from .elect import weighted_sum
 
 
 class TaskArithmetic(Method):
@@ -19,5 +20,4 @@ class TaskArithmetic(Method):
         return True
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
-        w = job.weights.reshape((-1,) + (1,) * (job.deltas.ndim - 1))
-        return TensorParts({"lambda": (job.deltas * w).sum(0)})
+        return TensorParts({"lambda": weighted_sum(job.deltas, job.weights)})
