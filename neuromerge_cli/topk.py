@@ -16,8 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 KEY_BINS = 1 << 16  # histogram bins of each half of a 32-bit key
-LOW_BINS = KEY_BINS
-HIGH_BINS = 1 << 15  # high halves of |x| bit patterns (sign bit clear)
+LOW_BINS = KEY_BINS  # values of the low 16 bits of |x| inside a threshold bin
 
 
 def kept_count(n: int, density: float) -> int:
