@@ -163,7 +163,33 @@ class TrimStat(GlobalStat):
         }
 
 
-STASH_ROWS = 1 << 20  # coordinates with several undecided entries the folded majority may hold
+STASH_ROWS = 1 << 20  # distinct entries the folded majority may hold for ambiguous coordinates
+
+
+class Tally:
+    """Rows (m, k) of integers with a weight each, equal rows merged (summing their weights) once
+    more than STASH_ROWS are held; ``full`` once STASH_ROWS / 2 distinct ones remain after merging."""
+
+    def __init__(self) -> None:
+        self._rows: list[torch.Tensor] = []
+        self._weights: list[torch.Tensor] = []
+        self.size = 0
+        self.full = False
+
+    def add(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        self._rows.append(rows)
+        self._weights.append(weights)
+        self.size += rows.shape[0]
+        if self.size > STASH_ROWS:
+            rows, weights = self.merged()
+            self.full = rows.shape[0] > STASH_ROWS // 2
+            self._rows, self._weights, self.size = [rows], [weights], rows.shape[0]
+
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct rows and their summed weights."""
+        rows, weights = torch.cat(self._rows), torch.cat(self._weights)
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        return unique, torch.zeros(unique.shape[0], dtype=weights.dtype).index_add_(0, inverse, weights)
 
 
 class MajoritySignStat(GlobalStat):
@@ -173,12 +199,15 @@ class MajoritySignStat(GlobalStat):
 
     After a two-pass global trim it shares the trim's second read (``joins = 1``), before the exact
     thresholds are known: an entry above its task's threshold bin is kept, one below it trimmed,
-    and one inside the bin is undecided until the threshold's low 16 bits are known. A coordinate
-    with no undecided entry adds its sign s; one with a single undecided entry adds s as if that
-    entry were trimmed, and files (s if kept − s if trimmed) under its task and low bits, which
-    count once those bits reach the threshold's. Coordinates with several undecided entries (rare:
-    about the square of the in-bin share) are held, trimmed entries zeroed and equal ones merged,
-    and settled at the end. If they exceed STASH_ROWS, a third read computes the sign plainly.
+    and one inside the bin is undecided until the threshold's low 16 bits are known (kept iff its
+    own low bits reach them: an indicator d). A coordinate's sign s is then a polynomial in its
+    undecided entries' d: with none, s; with one entry u, s₀ + d_u (s_u − s₀) (s₀: all trimmed,
+    s_u: u kept), the change filed in a histogram under u's task and low bits, which counts once
+    those bits reach the threshold's; with two, the same per entry plus d_u d_v times their
+    interaction, tallied by the pair's tasks and low bits (few distinct ones: in-bin entries share
+    their high bits). Coordinates with three or more (about the cube of the in-bin share) are held
+    as their task values, trimmed ones zeroed and equal rows merged, and settled at the end. Past
+    STASH_ROWS distinct pairs or rows, a third read computes the sign plainly.
     """
 
     key = "majority"
@@ -198,9 +227,8 @@ class MajoritySignStat(GlobalStat):
         device = trim.device if self.folded else torch.device("cpu")
         self._flips = torch.zeros(num_tasks * LOW_BINS, dtype=torch.float64, device=device)
         self._overflow = torch.zeros(1, dtype=torch.int64)
-        self._held: list[torch.Tensor] = []  # (m, T) int32 bits of held coordinates' task values
-        self._held_counts: list[torch.Tensor] = []  # (m,) how often each occurred
-        self._held_rows = 0
+        self._pairs = Tally()  # (task pair, low bits of both) → Σ interaction, of 2-undecided coordinates
+        self._rows = Tally()  # τ bits (T,) of coordinates with 3 or more undecided entries → count
         self._weights: torch.Tensor | None = None
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
@@ -221,43 +249,53 @@ class MajoritySignStat(GlobalStat):
         self._sum += s_trimmed.sum(dtype=torch.float64).cpu()
         if not split.columns.numel():
             return
-        cols, undecided = split.columns, split.undecided
-        as_kept = torch.where(undecided, weighted[:, cols], kept[:, cols])  # the undecided ones kept
+        cols = split.columns
         open_ = split.open[cols]
+        tasks = torch.arange(flat.shape[0], device=flat.device).unsqueeze(1)
         one = (open_ == 1).nonzero().squeeze(1)
-        if one.numel():
-            u = undecided[:, one]
-            flip = torch.sign(as_kept[:, one].sum(0)) - s_trimmed[cols[one]]
-            task = (u * torch.arange(u.shape[0], device=u.device).unsqueeze(1)).sum(0)
-            low = split.low[:, one].gather(0, task.unsqueeze(0)).squeeze(0)
-            change = flip != 0
-            self._flips += torch.bincount((task * LOW_BINS + low)[change], weights=flip[change].double(),
-                                          minlength=self._flips.numel())
-        many = (open_ >= 2).nonzero().squeeze(1)
+        if one.numel():  # s = s_trimmed + [kept] · (s if kept − s_trimmed)
+            u = split.undecided[:, one]
+            c = cols[one]
+            s_u = torch.sign(torch.where(u, weighted[:, c], kept[:, c]).sum(0))
+            task = (u * tasks).sum(0)
+            self._file(task, split.low[:, one].gather(0, task.unsqueeze(0)).squeeze(0), s_u - s_trimmed[c])
+        two = (open_ == 2).nonzero().squeeze(1)
+        if two.numel():  # the same per entry, and the interaction of the two, filed by both entries' low bits
+            both = split.undecided[:, two]
+            c = cols[two]
+            first = torch.where(both, tasks, flat.shape[0]).amin(0)
+            second = (both * tasks).amax(0)
+            w, k = weighted[:, c], kept[:, c]
+            s_first = torch.sign(torch.where(tasks == first, w, k).sum(0))
+            s_second = torch.sign(torch.where(tasks == second, w, k).sum(0))
+            s_both = torch.sign(torch.where(both, w, k).sum(0))
+            low = split.low[:, two]
+            low_first = low.gather(0, first.unsqueeze(0)).squeeze(0)
+            low_second = low.gather(0, second.unsqueeze(0)).squeeze(0)
+            self._file(first, low_first, s_first - s_trimmed[c])
+            self._file(second, low_second, s_second - s_trimmed[c])
+            joint = s_both - s_first - s_second + s_trimmed[c]
+            some = joint != 0
+            if bool(some.any()):
+                key = ((first * flat.shape[0] + second) << 32) | (low_first.long() << 16) | low_second.long()
+                self._pairs.add(key[some].unsqueeze(1).cpu(), joint[some].double().cpu())
+        many = (open_ >= 3).nonzero().squeeze(1)
         if many.numel():
             held = cols[many]
             self._sum -= s_trimmed[held].sum(dtype=torch.float64).cpu()  # settled at the end instead
             rows = torch.where(split.high[:, held] >= split.bins, flat[:, held], 0.0)  # τ, trimmed ones 0
-            self._hold(rows.t().contiguous().view(torch.int32).cpu(), weights)
-
-    def _hold(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        self._weights = weights
-        self._held.append(rows)
-        self._held_counts.append(torch.ones(rows.shape[0], dtype=torch.int64))
-        self._held_rows += rows.shape[0]
-        if self._held_rows <= STASH_ROWS:
-            return
-        rows, counts = self._merged_held()
-        if rows.shape[0] > STASH_ROWS // 2:  # too many distinct ones: give up and read once more
+            self._rows.add(rows.t().contiguous().view(torch.int32).cpu(), torch.ones(held.numel(), dtype=torch.float64))
+            self._weights = weights
+        if self._pairs.full or self._rows.full:  # too many distinct ones: a plain read follows
             self._overflow.fill_(1)
-            rows, counts = rows[:0], counts[:0]
-        self._held, self._held_counts, self._held_rows = [rows], [counts], rows.shape[0]
+            self._pairs, self._rows = Tally(), Tally()
 
-    def _merged_held(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held rows, each once, with how often it occurred."""
-        rows, counts = torch.cat(self._held), torch.cat(self._held_counts)
-        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        return unique, torch.zeros(unique.shape[0], dtype=torch.int64).index_add_(0, inverse, counts)
+    def _file(self, task: torch.Tensor, low: torch.Tensor, change: torch.Tensor) -> None:
+        """Add ``change`` (per coordinate) under each entry's task and low bits: it counts once the
+        threshold's low bits are at most the entry's."""
+        some = change != 0
+        self._flips += torch.bincount((task * LOW_BINS + low)[some], weights=change[some].double(),
+                                      minlength=self._flips.numel())
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         if self.folded and pass_index == 0:
@@ -279,16 +317,24 @@ class MajoritySignStat(GlobalStat):
             low = thresholds.view(torch.int32).to(self._flips.device) & 0xFFFF
             reached = torch.arange(LOW_BINS, device=low.device).unsqueeze(0) >= low.unsqueeze(1)
             self._sum += torch.where(reached, self._flips.view(-1, LOW_BINS), 0.0).sum().cpu()
-            if self._held_rows:
-                rows, counts = self._merged_held()
+            if self._pairs.size:
+                keys, joint = self._pairs.merged()
+                keys = keys.squeeze(1)
+                pair, low_first, low_second = keys >> 32, (keys >> 16) & 0xFFFF, keys & 0xFFFF
+                num_tasks = self._trim.num_tasks
+                low = low.cpu()
+                hit = (low_first >= low[pair // num_tasks]) & (low_second >= low[pair % num_tasks])
+                self._late += torch.where(hit, joint, 0.0).sum()
+            if self._rows.size:
+                rows, counts = self._rows.merged()
                 # (T, m) contiguous: sum(0) then adds the tasks in the order the merge pass does
                 values = rows.view(torch.float32).t().contiguous().to(thresholds.device)
                 assert self._weights is not None
                 w = self._weights.reshape(-1, 1)
                 kept = values.abs() >= thresholds.unsqueeze(1)
                 signs = torch.sign(torch.where(kept, values * w, 0.0).sum(0)).cpu()
-                self._late += (signs.double() * counts.double()).sum()
-        self._held, self._held_counts, self._held_rows = [], [], 0
+                self._late += (signs.double() * counts).sum()
+        self._pairs, self._rows = Tally(), Tally()
 
     @property
     def total(self) -> float:
