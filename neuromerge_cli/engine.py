@@ -206,10 +206,13 @@ class PassProgress:
 
 
 def schedule(stats: list[GlobalStat]) -> list[list[tuple[GlobalStat, int]]]:
-    """Group statistics passes into reads of the model: [(stat, its pass index)] per read."""
+    """Group statistics passes into reads of the model: [(stat, its pass index)] per read, in the order
+    of ``stats``. A statistic starts once ``after`` has finished, or ``joins`` passes before that."""
     start: dict[int, int] = {}
     for s in stats:
-        start[id(s)] = start[id(s.after)] + s.after.passes if s.after is not None else 0
+        if s.after is not None and id(s.after) not in start:
+            raise ValueError(f"statistic {s.key!r} is listed before the one it runs after")
+        start[id(s)] = start[id(s.after)] + max(0, s.after.passes - s.joins) if s.after is not None else 0
     total = max((start[id(s)] + s.passes for s in stats), default=0)
     return [[(s, g - start[id(s)]) for s in stats if start[id(s)] <= g < start[id(s)] + s.passes]
             for g in range(total)]
@@ -225,14 +228,17 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
     """Run every statistics pass; returns the number of reads of the model it took.
 
     Across several processes each rank observes its share of the tensors and the partial sums are
-    added up before ``end_pass``; a statistic without partial sums sees every tensor on every rank.
+    added up before ``end_pass`` (late partial sums right after it); a statistic without partial
+    sums sees every tensor on every rank. The reads are planned again after each one, as a
+    statistic may ask for another pass in ``end_pass``.
     """
     world = world or World()
     plan = prepared.plan
     by_name = plan.by_name()
-    passes = schedule(stats)
     names = [t.name for t in plan.merged]
-    for g, active in enumerate(passes):
+    g = 0
+    while g < len(passes := schedule(stats)):
+        active = passes[g]
         split = not world.alone and all(stat.partials(p) is not None for stat, p in active)
         mine = world.share(names, [by_name[n].nbytes for n in names]) if split else names
         work = pieces(plan, mine, all(stat.rowwise for stat, _ in active))
@@ -253,7 +259,10 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
             world.all_reduce_([t for stat, p in active for t in stat.partials(p) or ()])
         for stat, p in active:
             stat.end_pass(p)
-    return len(passes)
+        if split:
+            world.all_reduce_([t for stat, p in active for t in stat.late_partials(p) or ()])
+        g += 1
+    return g
 
 
 class TensorFigures:

@@ -1,21 +1,22 @@
-"""Exact top-k magnitude thresholds: per tensor, and streamed over a whole model.
+"""Exact order statistics over a stream of tensors, in two passes of 16-bit histograms.
 
-The streamed threshold never holds a task vector in memory. |τ| as float32 is non-negative, so
-its bit pattern orders like the value. Pass 1 counts the high 16 bits (sign excluded: 32768
-bins) and finds the bin holding the k-th largest value; pass 2 counts the low 16 bits of the
-values in that bin, which pins the exact bit pattern of the k-th largest value.
+One scheme (HistogramSelect) over 32-bit integer keys that order like the values: pass 1 counts
+the high 16 bits of every key and finds, per task, the bin that holds each wanted rank; pass 2
+counts the low 16 bits of the keys inside that bin, which pins the exact key. Two users:
+StreamingTopK (the k-th largest |x|: the key is the bit pattern of |x|, which orders like |x|)
+and StreamingSelect (values of any sign: ``order_keys``). Neither holds a task vector in memory.
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-HIGH_BINS = 1 << 15
-LOW_BINS = 1 << 16
+KEY_BINS = 1 << 16  # histogram bins of each half of a 32-bit key
+LOW_BINS = KEY_BINS  # values of the low 16 bits of |x| inside a threshold bin
 
 
 def kept_count(n: int, density: float) -> int:
@@ -66,92 +67,216 @@ def _kth_smallest(row: torch.Tensor, q: int) -> torch.Tensor:
     return torch.kthvalue(row, q).values
 
 
-def _bits(magnitudes: torch.Tensor) -> torch.Tensor:
-    return magnitudes.float().contiguous().view(torch.int32).reshape(magnitudes.shape[0], -1)
+class HistogramSelect:
+    """Exact ranked keys per task over a stream of (T, n) chunks of 32-bit keys, in two passes.
+
+    Keys are non-negative integers below 2³², handed over as their high and low 16-bit halves.
+    ``ranks(n)`` gives the 1-based ranks (ascending, the same for every task) once the count n
+    per task is known. After ``end_fine``: ``keys`` (T, R) equals ``sorted(keys)[rank - 1]`` of
+    the whole stream, ties included; ``at_or_below`` and ``below`` count the keys <= and < it.
+    Between the passes ``bins`` (T, R) holds the high half of each selected key.
+    """
+
+    def __init__(self, num_tasks: int, ranks: Callable[[int], Sequence[int]],
+                 device: torch.device | str = "cpu") -> None:
+        self.num_tasks = num_tasks
+        self.device = torch.device(device)
+        self._ranks_of = ranks
+        self.n = 0
+        # (T, 1) int32: task t's histogram starts at t · KEY_BINS of the flat counts
+        self.offsets = (torch.arange(num_tasks, dtype=torch.int32, device=self.device) * KEY_BINS).unsqueeze(1)
+        self._coarse = torch.zeros(num_tasks * KEY_BINS, dtype=torch.int64, device=self.device)
+        self._fine: torch.Tensor | None = None  # (T, R, KEY_BINS) counts of low halves
+        self._ranks: torch.Tensor | None = None  # (R,) int64
+        self.bins: torch.Tensor | None = None  # (T, R) high half of each selected key
+        self._under: torch.Tensor | None = None  # (T, R) count of keys in lower bins
+        self._n_box: torch.Tensor | None = None  # n as a tensor, while partials are being summed
+        self.keys: torch.Tensor | None = None  # (T, R) int64: the selected keys
+        self.at_or_below: torch.Tensor | None = None  # (T, R) int64: count of keys <= each
+        self.below: torch.Tensor | None = None  # (T, R) int64: count of keys < each
+
+    def _count(self, halves: torch.Tensor) -> torch.Tensor:
+        """Per-task counts (T·KEY_BINS,) of 16-bit ``halves`` (T, n), in one bincount."""
+        return torch.bincount((halves + self.offsets).reshape(-1), minlength=self.num_tasks * KEY_BINS)
+
+    def observe_coarse(self, high: torch.Tensor) -> None:
+        """Pass 1: count the high halves (T, n) of one chunk's keys."""
+        self.n += high.shape[1]
+        self._coarse += self._count(high)
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        """The counts of pass ``pass_index`` (0: coarse, 1: fine); summed in place across processes
+        that each observed part of the stream, they give every process the whole stream's result."""
+        if pass_index == 0:
+            self._n_box = torch.tensor([self.n], dtype=torch.int64, device=self.device)
+            return [self._coarse, self._n_box]
+        assert self._fine is not None, "end_coarse() first"
+        return [self._fine]
+
+    def end_coarse(self) -> None:
+        """Find, per task and rank, the high-half bin that holds the ranked key."""
+        if self._n_box is not None:  # the count summed across processes
+            self.n, self._n_box = int(self._n_box.item()), None
+        ranks = [int(k) for k in self._ranks_of(self.n)]
+        if self.n and not all(1 <= k <= self.n for k in ranks):
+            raise ValueError(f"ranks {ranks} outside 1..{self.n}")
+        self._ranks = torch.tensor(ranks, dtype=torch.int64, device=self.device)
+        counts = self._coarse.view(self.num_tasks, KEY_BINS)
+        cum = counts.cumsum(1)
+        wanted = self._ranks.expand(self.num_tasks, -1).contiguous()
+        self.bins = torch.searchsorted(cum, wanted).clamp(max=KEY_BINS - 1)
+        self._under = cum.gather(1, self.bins) - counts.gather(1, self.bins)
+        self._fine = torch.zeros(self.num_tasks, len(ranks), KEY_BINS, dtype=torch.int64, device=self.device)
+
+    def observe_fine(self, high: torch.Tensor, low: torch.Tensor) -> None:
+        """Pass 2: count the low halves of the keys inside each rank's bin."""
+        assert self.bins is not None and self._fine is not None, "end_coarse() first"
+        idx = low + self.offsets
+        for r in range(self.bins.shape[1]):
+            self.add_fine(r, idx[high == self.bins[:, r:r + 1]])
+
+    def add_fine(self, rank: int, idx: torch.Tensor) -> None:
+        """Pass 2, for a caller that picked the keys inside rank ``rank``'s bin itself: count their
+        low halves, given as ``idx`` = task · KEY_BINS + low half (1-d)."""
+        assert self._fine is not None, "end_coarse() first"
+        self._fine[:, rank] += torch.bincount(idx, minlength=self.num_tasks * KEY_BINS).view(self.num_tasks, KEY_BINS)
+
+    @property
+    def fine_counts(self) -> torch.Tensor:
+        """(T, R, KEY_BINS) counts of the low halves inside each rank's bin (after pass 2)."""
+        assert self._fine is not None, "end_coarse() first"
+        return self._fine
+
+    def end_fine(self) -> None:
+        """The exact selected keys and the counts of keys at or below, and below, each."""
+        assert self.bins is not None and self._fine is not None and self._ranks is not None
+        if self.n == 0:
+            self.keys = torch.zeros(self.bins.shape, dtype=torch.int64, device=self.device)
+            self.at_or_below = torch.zeros_like(self.keys)
+            self.below = torch.zeros_like(self.keys)
+            return
+        cum = self._fine.cumsum(2) + self._under.unsqueeze(2)
+        wanted = self._ranks.expand(self.num_tasks, -1).unsqueeze(2).contiguous()
+        low = torch.searchsorted(cum, wanted)
+        self.keys = ((self.bins << 16) | low.squeeze(2)).to(torch.int64)
+        self.at_or_below = cum.gather(2, low).squeeze(2)
+        self.below = self.at_or_below - self._fine.gather(2, low).squeeze(2)
+
+
+def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of |x| (T, n) as int32 for float32 ``values`` (T, ...) of any sign: they order like |x|."""
+    return values.float().contiguous().view(torch.int32).reshape(values.shape[0], -1) & 0x7FFFFFFF
+
+
+class TrimSplit:
+    """Where one chunk's entries (T, n) stand against the trim thresholds while pass 2 runs.
+
+    An entry above its task's threshold bin is kept, one below it is trimmed; one inside the bin
+    is undecided: kept iff its low 16 bits reach the threshold's, known after pass 2. Undecided
+    entries are few (about the share of one bin), so they are handled by the ``columns`` that
+    hold any (the coordinates, in order), as (T, m) slices.
+    """
+
+    def __init__(self, bits: torch.Tensor, bins: torch.Tensor) -> None:
+        self.bits = bits  # int32 (T, n): bit patterns of |x|
+        self.bins = bins  # int32 (T, 1): the high 16 bits of each task's threshold
+        self.high = bits >> 16
+        undecided = self.high == bins
+        count = torch.uint8 if bits.shape[0] < 256 else torch.int32  # summing bytes is the fast path
+        self.open = undecided.view(torch.uint8).sum(0, dtype=count)  # undecided entries per column
+        self.columns = self.open.nonzero().squeeze(1)  # columns with any
+        self.undecided = undecided[:, self.columns]  # bool (T, m)
+        self.low = self.bits[:, self.columns] & 0xFFFF  # int32 (T, m)
+
+    def kept_mask(self) -> torch.Tensor:
+        """int32 (T, n): all ones where an entry is kept whatever the threshold's low bits, else 0."""
+        return (self.bins - self.high) >> 31  # the sign of bins − high, spread over the 32 bits
+
+    def below_mask(self) -> torch.Tensor:
+        """int32 (T, n): all ones where an entry is trimmed whatever the threshold's low bits, else 0."""
+        return (self.high - self.bins) >> 31
 
 
 class StreamingTopK:
-    """Exact k-th largest |x| per task over a stream of (T, ...) magnitude chunks, two passes."""
+    """Exact k-th largest |x| per task over a stream of (T, ...) chunks, two passes, with the L1
+    mass that a top-k trim at that threshold removes.
+
+    Chunks may hold signed values or magnitudes: |x| is read from the bits (sign bit cleared).
+    """
 
     def __init__(self, num_tasks: int, density: float, device: torch.device | str = "cpu") -> None:
         self.num_tasks = num_tasks
         self.density = density
         self.device = torch.device(device)
-        self.n = 0
-        self._coarse = torch.zeros(num_tasks * HIGH_BINS, dtype=torch.int64, device=self.device)
-        self._coarse_l1 = torch.zeros(num_tasks * HIGH_BINS, dtype=torch.float64, device=self.device)
-        self._fine = torch.zeros(num_tasks * LOW_BINS, dtype=torch.int64, device=self.device)
-        self._fine_l1 = torch.zeros(num_tasks * LOW_BINS, dtype=torch.float64, device=self.device)
-        self._bin: torch.Tensor | None = None
+        self.k = 0
+        self._select = HistogramSelect(num_tasks, self._rank, device)
+        self._total_l1 = torch.zeros(num_tasks, dtype=torch.float64, device=self.device)
+        self._below_l1 = torch.zeros(num_tasks, dtype=torch.float64, device=self.device)  # in lower bins
         self.thresholds: torch.Tensor | None = None
         self.kept: list[int] = []
         self.removed_l1: list[float] = []
         self.total_l1: list[float] = []
 
-    def _offsets(self, bins: int) -> torch.Tensor:
-        return (torch.arange(self.num_tasks, device=self.device) * bins).unsqueeze(1)
+    def _rank(self, n: int) -> list[int]:
+        self.k = kept_count(n, self.density)
+        return [n - self.k + 1]  # the k-th largest is the (n − k + 1)-th smallest
 
-    def observe_coarse(self, magnitudes: torch.Tensor) -> None:
-        """Pass 1: count the high bits of one chunk (T, ...)."""
-        bits = _bits(magnitudes)
-        self.n += bits.shape[1]
-        idx = (bits >> 16) + self._offsets(HIGH_BINS)
-        self._coarse += torch.bincount(idx.flatten(), minlength=self._coarse.numel())
-        self._coarse_l1 += torch.bincount(
-            idx.flatten(), weights=magnitudes.reshape(-1).double(), minlength=self._coarse.numel()
-        )
+    @property
+    def n(self) -> int:
+        return self._select.n
+
+    @property
+    def bins(self) -> torch.Tensor:
+        """(T,) the high 16 bits of each task's threshold (after pass 1)."""
+        assert self._select.bins is not None, "end_coarse() first"
+        return self._select.bins[:, 0]
+
+    def observe_coarse(self, values: torch.Tensor) -> None:
+        """Pass 1: count the high bits of |x| of one chunk (T, ...) and add up its L1 norms."""
+        bits = magnitude_bits(values)
+        self._select.observe_coarse(bits >> 16)
+        self._total_l1 += bits.view(torch.float32).sum(1, dtype=torch.float64)
 
     def end_coarse(self) -> None:
         """Find, per task, the high-bits bin that holds the k-th largest value."""
-        if getattr(self, "_n_box", None) is not None:
-            self.n, self._n_box = int(self._n_box.item()), None
-        counts = self._coarse.view(self.num_tasks, HIGH_BINS)
-        from_top = counts.flip(1).cumsum(1).flip(1)  # count of values in this bin or above
-        k = kept_count(self.n, self.density)
-        self.k = k
-        # the bin holding the k-th largest: the highest bin with from_top >= k
-        has = from_top >= k
-        self._bin = (has.int() * torch.arange(HIGH_BINS, device=self.device)).amax(dim=1)
-        above = from_top.gather(1, (self._bin + 1).clamp(max=HIGH_BINS - 1).unsqueeze(1)).squeeze(1)
-        self._above = torch.where(self._bin + 1 < HIGH_BINS, above, torch.zeros_like(above))
+        self._select.end_coarse()
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
         """The counts and sums of pass ``pass_index`` (0: coarse, 1: fine), to be summed across processes."""
         if pass_index == 0:
-            self._n_box = torch.tensor([self.n], dtype=torch.int64, device=self.device)
-            return [self._coarse, self._coarse_l1, self._n_box]
-        return [self._fine, self._fine_l1]
+            return [*self._select.partials(0), self._total_l1]
+        return [*self._select.partials(1), self._below_l1]
 
-    def observe_fine(self, magnitudes: torch.Tensor) -> None:
-        """Pass 2: count the low bits of the values that fall in each task's chosen bin."""
-        assert self._bin is not None, "end_coarse() first"
-        bits = _bits(magnitudes)
-        in_bin = (bits >> 16) == self._bin.unsqueeze(1)
-        idx = ((bits & 0xFFFF) + self._offsets(LOW_BINS))[in_bin]
-        self._fine += torch.bincount(idx, minlength=self._fine.numel())
-        vals = magnitudes.reshape(self.num_tasks, -1)[in_bin].double()
-        self._fine_l1 += torch.bincount(idx, weights=vals, minlength=self._fine.numel())
+    def split(self, values: torch.Tensor) -> TrimSplit:
+        """Where the entries of one chunk (T, ...) stand against the threshold bins (after pass 1)."""
+        return TrimSplit(magnitude_bits(values), self.bins.to(torch.int32).unsqueeze(1))
+
+    def observe_fine(self, values: torch.Tensor) -> TrimSplit:
+        """Pass 2: count the low bits of |x| inside each task's threshold bin and add up the L1
+        of the values below that bin; returns where the chunk's entries stand (see TrimSplit)."""
+        split = self.split(values)
+        self._select.add_fine(0, (split.low + self._select.offsets)[split.undecided])
+        below = (split.bits & split.below_mask()).view(torch.float32)  # |x| below the bin, 0.0 elsewhere
+        self._below_l1 += below.sum(1, dtype=torch.float64)
+        return split
 
     def end_fine(self) -> None:
         """Exact thresholds, kept counts and the L1 mass below the threshold, per task."""
-        fine = self._fine.view(self.num_tasks, LOW_BINS)
-        from_top = fine.flip(1).cumsum(1).flip(1) + self._above.unsqueeze(1)
-        has = from_top >= self.k
-        low = (has.int() * torch.arange(LOW_BINS, device=self.device)).amax(dim=1)
-        bits = ((self._bin << 16) | low).to(torch.int32)
-        self.thresholds = bits.view(torch.float32)
-        self.kept = from_top.gather(1, low.unsqueeze(1)).squeeze(1).tolist()
-        coarse_l1 = self._coarse_l1.view(self.num_tasks, HIGH_BINS)
-        fine_l1 = self._fine_l1.view(self.num_tasks, LOW_BINS)
-        cols_h = torch.arange(HIGH_BINS, device=self.device)
-        cols_l = torch.arange(LOW_BINS, device=self.device)
-        below_coarse = torch.where(cols_h < self._bin.unsqueeze(1), coarse_l1, 0.0).sum(1)
-        below_fine = torch.where(cols_l < low.unsqueeze(1), fine_l1, 0.0).sum(1)
-        self.removed_l1 = (below_coarse + below_fine).tolist()
-        self.total_l1 = coarse_l1.sum(1).tolist()
+        sel = self._select
+        sel.end_fine()
+        assert sel.keys is not None and sel.below is not None
+        keys = sel.keys[:, 0]
+        self.thresholds = keys.to(torch.int32).view(torch.float32)
+        self.kept = (self.n - sel.below[:, 0]).tolist()
+        # every in-bin value is fixed by its low bits: L1 below the threshold = Σ count × value
+        low = torch.arange(LOW_BINS, device=self.device, dtype=torch.int32)
+        in_bin = ((self.bins.to(torch.int32).unsqueeze(1) << 16) | low).view(torch.float32).double()
+        counts = sel.fine_counts[:, 0]
+        below_fine = torch.where(low < (keys & 0xFFFF).unsqueeze(1), counts * in_bin, 0.0).sum(1)
+        self.removed_l1 = (self._below_l1 + below_fine).tolist()
+        self.total_l1 = self._total_l1.tolist()
 
 
-SELECT_BINS = 1 << 16
 SELECT_CHUNK = 1 << 22  # values per task handled at once, so temporaries stay small on big tensors
 
 
@@ -174,88 +299,51 @@ def column_chunks(n: int, size: int | None = None) -> list[slice]:
 
 
 class StreamingSelect:
-    """Exact k-th smallest values per task over a stream of (T, ...) chunks, in two passes.
+    """Exact k-th smallest values of any sign per task over a stream of (T, ...) chunks, two passes.
 
-    The same two-pass histogram scheme as StreamingTopK, for values of any sign and several
-    ranks at once: pass 1 counts the high 16 bits of an order-preserving 32-bit key, pass 2 the
-    low 16 bits of the values inside the bin that holds each wanted rank. ``ranks(n)`` gives the
-    1-based ranks (the same for every task) once the count n per task is known; the result
-    equals ``sorted(values)[k - 1]`` of the whole stream, ties included.
+    HistogramSelect over ``order_keys``; ``ranks(n)`` gives the 1-based ranks (the same for every
+    task) once the count n per task is known; the result equals ``sorted(values)[k - 1]`` of the
+    whole stream, ties included.
     """
 
     def __init__(self, num_tasks: int, ranks: Callable[[int], Sequence[int]],
                  device: torch.device | str = "cpu") -> None:
         self.num_tasks = num_tasks
-        self.device = torch.device(device)
-        self._ranks_of = ranks
-        self.n = 0
-        self._coarse = torch.zeros(num_tasks * SELECT_BINS, dtype=torch.int64, device=self.device)
-        self._fine: torch.Tensor | None = None
-        self._ranks: torch.Tensor | None = None  # (R,) int64
-        self._bin: torch.Tensor | None = None  # (T, R) high 16 bits of each selected key
-        self._below: torch.Tensor | None = None  # (T, R) count of values in lower bins
-        self._n_box: torch.Tensor | None = None  # n as a tensor, while partials are being summed
+        self._select = HistogramSelect(num_tasks, ranks, device)
         self.values: torch.Tensor | None = None  # (T, R) float32: the selected values
         self.at_or_below: torch.Tensor | None = None  # (T, R) int64: count of values <= each
 
-    def _flat(self, values: torch.Tensor) -> torch.Tensor:
-        return values.reshape(self.num_tasks, -1)
+    @property
+    def n(self) -> int:
+        return self._select.n
+
+    def _keys(self, values: torch.Tensor) -> Iterator[torch.Tensor]:
+        flat = values.reshape(self.num_tasks, -1)
+        for sl in column_chunks(flat.shape[1]):
+            yield order_keys(flat[:, sl])
 
     def observe_coarse(self, values: torch.Tensor) -> None:
         """Pass 1: count the high key bits of one chunk (T, ...)."""
-        flat = self._flat(values)
-        self.n += flat.shape[1]
-        offsets = (torch.arange(self.num_tasks, device=self.device) * SELECT_BINS).unsqueeze(1)
-        for sl in column_chunks(flat.shape[1]):
-            idx = (order_keys(flat[:, sl]) >> 16) + offsets
-            self._coarse += torch.bincount(idx.flatten(), minlength=self._coarse.numel())
+        for keys in self._keys(values):
+            self._select.observe_coarse(keys >> 16)
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
-        """The counts of pass ``pass_index`` (0: coarse, 1: fine); summed in place across processes
-        that each observed part of the stream, they give every process the whole stream's result."""
-        if pass_index == 0:
-            self._n_box = torch.tensor([self.n], dtype=torch.int64, device=self.device)
-            return [self._coarse, self._n_box]
-        assert self._fine is not None, "end_coarse() first"
-        return [self._fine]
+        """The counts of pass ``pass_index`` (see HistogramSelect.partials)."""
+        return self._select.partials(pass_index)
 
     def end_coarse(self) -> None:
         """Find, per task and rank, the high-bits bin that holds the ranked value."""
-        if self._n_box is not None:  # the count summed across processes
-            self.n, self._n_box = int(self._n_box.item()), None
-        ranks = [int(k) for k in self._ranks_of(self.n)]
-        if self.n and not all(1 <= k <= self.n for k in ranks):
-            raise ValueError(f"ranks {ranks} outside 1..{self.n}")
-        self._ranks = torch.tensor(ranks, dtype=torch.int64, device=self.device)
-        counts = self._coarse.view(self.num_tasks, SELECT_BINS)
-        cum = counts.cumsum(1)
-        wanted = self._ranks.expand(self.num_tasks, -1).contiguous()
-        self._bin = torch.searchsorted(cum, wanted).clamp(max=SELECT_BINS - 1)
-        self._below = cum.gather(1, self._bin) - counts.gather(1, self._bin)
-        self._fine = torch.zeros(self.num_tasks, len(ranks), SELECT_BINS, dtype=torch.int64, device=self.device)
+        self._select.end_coarse()
 
     def observe_fine(self, values: torch.Tensor) -> None:
         """Pass 2: count the low key bits of the values inside each rank's bin."""
-        assert self._bin is not None and self._fine is not None, "end_coarse() first"
-        flat = self._flat(values)
-        offsets = (torch.arange(self.num_tasks, device=self.device) * SELECT_BINS).unsqueeze(1)
-        for sl in column_chunks(flat.shape[1]):
-            keys = order_keys(flat[:, sl])
-            high, low = keys >> 16, (keys & 0xFFFF) + offsets
-            for r in range(self._bin.shape[1]):
-                inside = high == self._bin[:, r:r + 1]
-                counts = torch.bincount(low[inside], minlength=self.num_tasks * SELECT_BINS)
-                self._fine[:, r] += counts.view(self.num_tasks, SELECT_BINS)
+        for keys in self._keys(values):
+            self._select.observe_fine(keys >> 16, keys & 0xFFFF)
 
     def end_fine(self) -> None:
         """The exact selected values and the count of values at or below each."""
-        assert self._bin is not None and self._fine is not None and self._ranks is not None
-        if self.n == 0:
-            self.values = torch.zeros(self._bin.shape, dtype=torch.float32, device=self.device)
-            self.at_or_below = torch.zeros(self._bin.shape, dtype=torch.int64, device=self.device)
-            return
-        cum = self._fine.cumsum(2) + self._below.unsqueeze(2)
-        wanted = self._ranks.expand(self.num_tasks, -1).unsqueeze(2).contiguous()
-        low = torch.searchsorted(cum, wanted).squeeze(2)
-        self.values = key_values((self._bin << 16) | low)
-        self.at_or_below = cum.gather(2, low.unsqueeze(2)).squeeze(2)
+        self._select.end_fine()
+        assert self._select.keys is not None
+        empty = self._select.n == 0  # no value: 0.0 (key 0 would decode to NaN)
+        self.values = torch.zeros_like(self._select.keys, dtype=torch.float32) if empty else key_values(self._select.keys)
+        self.at_or_below = self._select.at_or_below

@@ -18,13 +18,20 @@ from reference import load_folder, reference_merge
 def test_schedule_runs_dependent_statistics_after_their_prerequisite() -> None:
     ties = get_method("ties")
     trim, majority = ties.global_stats(ties.parse_params({}), 2, torch.device("cpu"))
-    assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1)], [(majority, 0)]]
+    # the majority sign joins the trim's second read (it needs only the trim's bins there) ...
+    assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)]]
+    majority.passes = 2  # ... and may ask for a plain pass of its own after it
+    assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)], [(majority, 1)]]
+    with pytest.raises(ValueError, match="listed before"):
+        schedule([majority, trim])
+    trim, majority = ties.global_stats(ties.parse_params({"density": 1.0}), 2, torch.device("cpu"))
+    assert schedule([trim, majority]) == [[(majority, 0)]]  # no trim pass: nothing to join
     per_tensor, on_demand = ties.global_stats(ties.parse_params({"mask_scope": "tensor"}), 2, torch.device("cpu"))
     assert schedule([per_tensor, on_demand]) == [[(per_tensor, 0)]]  # the tensor majority reads on demand only
     assert schedule([]) == []
 
 
-@pytest.mark.parametrize("params, reads", [({}, 3), ({"mask_scope": "tensor"}, 1), ({"merge_fn": "sum"}, 2),
+@pytest.mark.parametrize("params, reads", [({}, 2), ({"mask_scope": "tensor"}, 1), ({"merge_fn": "sum"}, 2),
                                            ({"density": 1.0}, 1)])
 def test_statistics_reads(tmp_path: Path, params: dict, reads: int) -> None:
     base, tasks = toy_family(tmp_path, 2)

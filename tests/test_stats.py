@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from neuromerge_cli import stats as stats_module
+from neuromerge_cli.engine import schedule
 from neuromerge_cli.stats import GlobalStat, MajoritySignStat, TrimStat
 from reference import kept_k
 
@@ -107,3 +109,106 @@ def test_majority_sign_is_the_sign_of_the_summed_elected_signs() -> None:
     majority = MajoritySignStat(trim)
     run_passes([trim, majority], [torch.tensor([[1.0, 2.0, -3.0, 1.0], [1.0, -1.0, 1.0, -1.0]])], torch.ones(2))
     assert majority.sign == 1.0
+
+
+def majority_chunks(kind: str, num_tasks: int, seed: int) -> list[torch.Tensor]:
+    """Task vector chunks (T, ...): continuous, differences of bfloat16 weights (few low bits, many
+    ties at the threshold), or a handful of values (exact ties and cancelling sums everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in [(40, 30), (257,), (6, 7, 5), (1,), (300, 4)]:
+        if kind == "bf16":
+            base = torch.randn(shape, generator=g).bfloat16()
+            tasks = [(base.float() + 0.02 * torch.randn(shape, generator=g)).bfloat16() for _ in range(num_tasks)]
+            out.append(torch.stack([t.float() - base.float() for t in tasks]))
+        elif kind == "few":
+            out.append(torch.randint(-2, 3, (num_tasks, *shape), generator=g).float() * 0.25)
+        else:
+            out.append(torch.randn(num_tasks, *shape, generator=g) * 0.01)
+    return out
+
+
+def majority_reference(chunks: list[torch.Tensor], weights: torch.Tensor, density: float) -> float:
+    """Σ_coords sign(Σ_t w_t m_t τ_t) with the exact global thresholds, from the whole concatenation."""
+    flat = torch.cat([c.reshape(c.shape[0], -1) for c in chunks], dim=1)
+    n = flat.shape[1]
+    thr = torch.kthvalue(flat.abs(), n - kept_k(n, density) + 1, dim=1).values
+    trimmed = torch.where(flat.abs() >= thr[:, None], flat, 0.0) * weights[:, None]
+    return float(torch.sign(trimmed.sum(0)).double().sum())
+
+
+def run_scheduled(stats: list[GlobalStat], chunks: list[torch.Tensor], weights: torch.Tensor,
+                  fresh: bool = False) -> int:
+    """Drive the passes the way the engine does (shared reads, re-planned after each); ``fresh``: hand
+    every statistic its own copy of a chunk (as a scoped view does). Returns the number of reads."""
+    g = 0
+    while g < len(passes := schedule(stats)):
+        for x in chunks:
+            for stat, p in passes[g]:
+                stat.observe(p, "t", x.clone() if fresh else x, weights)
+        for stat, p in passes[g]:
+            stat.end_pass(p)
+        g += 1
+    return g
+
+
+WEIGHTS = torch.tensor([1.0, 0.5, 2.0, 0.3, 1.7])
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16", "few"])
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5])
+def test_majority_in_the_trims_second_read_equals_the_separate_pass(kind: str, num_tasks: int) -> None:
+    chunks = majority_chunks(kind, num_tasks, seed=num_tasks)
+    for weights, density in [(torch.ones(num_tasks), 0.2), (WEIGHTS[:num_tasks], 0.35)]:
+        expected = majority_reference(chunks, weights, density)
+        trim = TrimStat(density, "global", num_tasks, torch.device("cpu"))
+        folded = MajoritySignStat(trim)
+        assert run_scheduled([trim, folded], chunks, weights, fresh=kind == "few") == 2
+        assert folded.total == expected
+        # the former separate pass, run after the trim: the same figure
+        trim = TrimStat(density, "global", num_tasks, torch.device("cpu"))
+        separate = MajoritySignStat(trim, fold=False)
+        assert run_scheduled([trim, separate], chunks, weights) == 3
+        assert separate.total == expected
+
+
+@pytest.mark.parametrize("held, reads", [(1 << 20, 2), (300, 2), (8, 3)])
+def test_majority_holds_ambiguous_coordinates_merged_and_reads_again_past_its_bound(
+        monkeypatch: pytest.MonkeyPatch, held: int, reads: int) -> None:
+    """'few' values: many coordinates have several entries in the threshold bin; held ones are merged
+    when they pass STASH_ROWS, and past STASH_ROWS / 2 distinct ones a plain third read takes over."""
+    monkeypatch.setattr(stats_module, "STASH_ROWS", held)
+    chunks = majority_chunks("few", 3, seed=11)
+    weights = WEIGHTS[:3]
+    trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
+    majority = MajoritySignStat(trim)
+    assert run_scheduled([trim, majority], chunks, weights) == reads
+    assert majority.total == majority_reference(chunks, weights, 0.3) != 0
+
+
+def test_majority_partials_summed_across_processes_give_the_single_process_figure() -> None:
+    """Two 'processes' observe halves of the chunks; partial sums are added up before end_pass and
+    the late ones (the held coordinates, settled once the thresholds are known) right after it."""
+    chunks = majority_chunks("bf16", 3, seed=4) + majority_chunks("few", 3, seed=5)
+    weights = WEIGHTS[:3]
+    procs = [[TrimStat(0.25, "global", 3, torch.device("cpu"))] for _ in range(2)]
+    for stats in procs:
+        stats.append(MajoritySignStat(stats[0]))
+    halves = [chunks[::2], chunks[1::2]]
+    for g in range(2):
+        for stats, part in zip(procs, halves):
+            for x in part:
+                for stat, p in schedule(stats)[g]:
+                    stat.observe(p, "t", x, weights)
+        for kind in ("partials", "late_partials"):
+            if kind == "late_partials":
+                for stats in procs:
+                    for stat, p in schedule(stats)[g]:
+                        stat.end_pass(p)
+            lists = [[t for stat, p in schedule(stats)[g] for t in getattr(stat, kind)(p) or ()] for stats in procs]
+            for mine, other in zip(*lists):
+                total = mine + other
+                mine.copy_(total)
+                other.copy_(total)
+    expected = majority_reference(chunks, weights, 0.25)
+    assert [stats[1].total for stats in procs] == [expected, expected]

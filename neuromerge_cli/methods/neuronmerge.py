@@ -58,6 +58,10 @@ class ScopedStat(GlobalStat):
     def passes(self) -> int:
         return self.inner.passes
 
+    @property  # type: ignore[override]
+    def joins(self) -> int:
+        return self.inner.joins
+
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         part = self.view(name, deltas)
         if part is not None:
