@@ -17,7 +17,7 @@ from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
 from .figures import Figure, Norm, Ratio, figure_values
 from .methods import Method, TensorJob, get_method
-from .memory import peak_rss_bytes, reuse_freed_memory
+from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
@@ -151,10 +151,12 @@ class TensorLoader:
             yield piece.name, tensors
 
     def stream_pieces(self, items: list[Piece]) -> Iterator[tuple[Piece, list[torch.Tensor]]]:
-        """(piece, [base, task_1..task_T] blocks as stored, on the CPU), read ahead of use."""
+        """(piece, [base, task_1..task_T] blocks as stored, on the CPU), read ahead of use; the heap is
+        kept from creeping up through the pass (HeapGuard)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuromerge-reader") as pool:
             ahead: deque[tuple[Piece, Future[list[torch.Tensor]], int]] = deque()
             nxt, held = 0, 0
+            guard = HeapGuard()
             while ahead or nxt < len(items):
                 while nxt < len(items) and (not ahead or (len(ahead) < PREFETCH + 1
                                                           and held + self._nbytes(items[nxt]) <= PREFETCH_BYTES)):
@@ -166,6 +168,7 @@ class TensorLoader:
                 piece, future, size = ahead.popleft()
                 tensors = future.result()
                 held -= size
+                guard.check()
                 yield piece, tensors
 
     def as_float(self, tensors: list[torch.Tensor], name: str = "", check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

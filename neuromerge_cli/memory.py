@@ -45,6 +45,41 @@ def release_free_memory() -> None:
         pass
 
 
+def rss_bytes() -> int | None:
+    """This process's resident set size now (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class HeapGuard:
+    """Hands the allocator's free pages back whenever the resident set has grown by ``slack`` bytes
+    since the last hand-back.
+
+    A pass that allocates blocks of varied sizes on one thread and frees them on another leaves
+    holes in glibc's heap that are never reused in full, so the resident set creeps up through the
+    pass (0.5 → 1.5 GiB over a 0.47B model). Trimming on every block would cost page faults on every
+    allocation after it; trimming only on growth bounds the creep at ``slack`` for a few trims.
+    """
+
+    def __init__(self, slack: int = 256 << 20) -> None:
+        self.slack = slack
+        self.floor: int | None = None  # the resident set right after the last hand-back
+        self.trims = 0
+
+    def check(self) -> None:
+        now = rss_bytes()
+        if now is None or (self.floor is not None and now <= self.floor + self.slack):
+            return
+        release_free_memory()
+        self.trims += 1
+        self.floor = rss_bytes() or now
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size.
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 from fractions import Fraction
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -115,15 +117,18 @@ DARE_CHUNK = 1 << 20
 
 
 def dare_keep_mask(shape: torch.Size, keep: float, seed: int, name: str, task: int) -> torch.Tensor:
-    """The documented DARE draw: the flattened tensor in chunks of 2^20 entries, chunk c drawn whole by a
-    CPU generator seeded from sha256('seed\0name\0task\0c') (first 8 bytes LE, 63 bits)."""
+    """The documented DARE draw: the flattened tensor in chunks of 2^20 entries, chunk c drawn whole as
+    uniform 32-bit integers by numpy's Generator(PCG64(s)), s from sha256('seed\0name\0task\0c') (first
+    8 bytes LE, 63 bits); an entry is kept where its draw is < ceil(keep * 2^32)."""
     n = torch.Size(shape).numel()
+    bound = math.ceil(keep * 2 ** 32)
     draws = []
     for c in range(0, -(-n // DARE_CHUNK)):
         digest = hashlib.sha256(f"{seed}\0{name}\0{task}\0{c}".encode()).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-        draws.append(torch.rand(min(DARE_CHUNK, n - c * DARE_CHUNK), generator=gen))
-    return (torch.cat(draws) if draws else torch.empty(0)).reshape(shape) < keep
+        gen = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)))
+        size = min(DARE_CHUNK, n - c * DARE_CHUNK)
+        draws.append(torch.from_numpy(gen.integers(0, 2 ** 32, size=size, dtype=np.uint32).astype(np.int64)))
+    return (torch.cat(draws) if draws else torch.empty(0, dtype=torch.int64)).reshape(shape) < bound
 
 
 def reference_merge(base_dir: Path, task_dirs: list[Path], method: str, params: dict | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate, weighted_sum
+from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate, ties_with_values, weighted_sum
 
 # three tasks, five coordinates
 X = torch.tensor([
@@ -113,6 +113,22 @@ def test_elections_match_a_per_coordinate_reference_with_ties(merge_fn: str, wei
     got = merge_values(values, w, merge_fn, majority=majority)
     torch.testing.assert_close(got.double(), _psi_reference(values, w, merge_fn, majority), rtol=1e-6, atol=1e-6)
     assert not torch.signbit(got[got == 0]).any()  # zeros are +0.0, as a masked sum gives
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_with_values_matches_the_boolean_definition(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (3, 40), generator=g).float()  # small integers: many exact ties and zeros
+    for cols in (slice(None), x.abs().sum(0) == 0, x.sum(0) != 0):
+        part = x[:, cols]
+        s = torch.sign(part.sum(0))
+        assert ties_with_values(part, s) == bool(((s == 0) & (part != 0).any(dim=0)).any())
+
+
+def test_ties_with_values_sees_subnormal_values() -> None:
+    x = torch.tensor([[1e-45, 0.0], [-1e-45, 0.0]])  # the smallest float32 subnormals cancel
+    assert ties_with_values(x, torch.sign(x.sum(0)))
+    assert not ties_with_values(x[:, 1:], torch.zeros(1))
 
 
 def test_sign_conflict_rate_counts_tiny_values() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 
 import torch
@@ -30,7 +31,7 @@ def tensor_seed(seed: int, name: str, task: int) -> int:
 DARE_CHUNK = 1 << 20  # entries of a flattened task vector drawn from one generator
 # The chunks drawn last: a block of rows that ends inside a chunk leaves the rest of it to the next
 # block (rows whose width does not divide DARE_CHUNK), which then need not draw it again.
-_DRAWN: OrderedDict[tuple[int, str, int, int, int], torch.Tensor] = OrderedDict()
+_DRAWN: OrderedDict[tuple[int, str, int, int, int, int], torch.Tensor] = OrderedDict()
 DRAWN_CHUNKS_KEPT = 8
 
 
@@ -40,27 +41,39 @@ def chunk_seed(seed: int, name: str, task: int, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def dare_uniforms(seed: int, name: str, task: int, start: int, stop: int, numel: int) -> torch.Tensor:
-    """DARE's uniform draws for entries [start, stop) of the flattened task vector ``task`` of tensor
-    ``name`` (``numel`` entries), on the CPU.
+def chunk_keep(seed: int, length: int, bound: int) -> torch.Tensor:
+    """Keep mask of one chunk: ``length`` 32-bit draws from numpy's PCG64 seeded with ``seed`` (its raw
+    64-bit outputs, each split into its low then its high 32 bits), True where a draw is < ``bound``."""
+    import numpy as np
 
-    Chunk c (entries [c·DARE_CHUNK, (c+1)·DARE_CHUNK) ∩ [0, numel)) is ``torch.rand(its length)`` from a
-    generator seeded with chunk_seed(seed, name, task, c): a block of rows draws only the chunks it
-    overlaps, so the draws do not depend on how a tensor is cut into blocks, nor on device or process.
+    if bound >= 1 << 32:
+        return torch.ones(length, dtype=torch.bool)
+    raw = np.random.PCG64(seed).random_raw((length + 1) // 2).astype("<u8", copy=False)
+    return torch.from_numpy(np.less(raw.view("<u4")[:length], bound))
+
+
+def dare_keep(keep: float, seed: int, name: str, task: int, start: int, stop: int, numel: int) -> torch.Tensor:
+    """DARE's keep mask (bool, on the CPU) for entries [start, stop) of the flattened task vector
+    ``task`` of tensor ``name`` (``numel`` entries).
+
+    Chunk c (entries [c·DARE_CHUNK, (c+1)·DARE_CHUNK) ∩ [0, numel)) is drawn whole by chunk_keep from
+    chunk_seed(seed, name, task, c): an entry is kept where its draw is < ⌈keep·2^32⌉. A block of rows
+    draws only the chunks it overlaps, so the mask depends neither on how a tensor is cut into blocks,
+    nor on the device or the process. (numpy's generators are several times faster than torch.rand.)
     """
     if stop <= start:
-        return torch.empty(0)
+        return torch.empty(0, dtype=torch.bool)
+    bound = math.ceil(keep * 2.0 ** 32)
     parts = []
     for c in range(start // DARE_CHUNK, (stop - 1) // DARE_CHUNK + 1):
         lo = c * DARE_CHUNK
-        key = (seed, name, task, c, DARE_CHUNK)
-        drawn = _DRAWN.get(key)
-        if drawn is None or drawn.numel() != min(DARE_CHUNK, numel - lo):  # numel: another tensor of that name
-            gen = torch.Generator().manual_seed(chunk_seed(seed, name, task, c))
-            drawn = _DRAWN[key] = torch.rand(min(DARE_CHUNK, numel - lo), generator=gen)
+        key = (seed, name, task, c, DARE_CHUNK, bound)
+        kept = _DRAWN.get(key)
+        if kept is None or kept.numel() != min(DARE_CHUNK, numel - lo):  # numel: another tensor of that name
+            kept = _DRAWN[key] = chunk_keep(chunk_seed(seed, name, task, c), min(DARE_CHUNK, numel - lo), bound)
             while len(_DRAWN) > DRAWN_CHUNKS_KEPT:
                 _DRAWN.popitem(last=False)
-        parts.append(drawn[max(start, lo) - lo: min(stop, lo + DARE_CHUNK) - lo])
+        parts.append(kept[max(start, lo) - lo: min(stop, lo + DARE_CHUNK) - lo])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -69,7 +82,7 @@ def dare_drop(deltas: torch.Tensor, keep: float, seed: int, name: str, row: int 
     """DARE: keep each entry with probability ``keep`` and rescale by 1/keep.
 
     ``deltas`` (T, ...) may be the block of a tensor's first-dimension rows starting at ``row`` of a
-    tensor with ``rows`` rows (default: the block is the whole tensor); see dare_uniforms.
+    tensor with ``rows`` rows (default: the block is the whole tensor); see dare_keep.
     """
     if keep >= 1.0:
         return deltas
@@ -78,7 +91,9 @@ def dare_drop(deltas: torch.Tensor, keep: float, seed: int, name: str, row: int 
     start = row * per_row
     out = torch.empty_like(deltas)
     for t in range(deltas.shape[0]):
-        u = dare_uniforms(seed, name, t, start, start + deltas[t].numel(), numel)
-        kept = (u < keep).reshape(deltas.shape[1:]).to(deltas.device)
-        out[t] = torch.where(kept, deltas[t] / keep, 0.0)
+        kept = dare_keep(keep, seed, name, t, start, start + deltas[t].numel(), numel)
+        # 1.0 where kept, times τ / keep; + 0.0 turns the −0.0 of a dropped negative entry into +0.0.
+        # On a CPU this is several times faster than where() over the boolean mask (and copying the
+        # mask's bytes as uint8 six times faster than copying it as bool).
+        out[t].copy_(kept.view(torch.uint8).reshape(deltas.shape[1:])).mul_(deltas[t]).div_(keep).add_(0.0)
     return out

@@ -22,7 +22,7 @@ class DareLinear(Method):
     scale_params = ("lambda",)
 
     def rowwise(self, params: dict[str, Any]) -> bool:
-        return True  # the drop of an entry depends on its index only (see dare_uniforms)
+        return True  # the drop of an entry depends on its index only (see dare_keep)
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name, job.row, job.rows)
