@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .memory import release_free_memory
+from .sums import row_sums_f64, sum_f64
 from .topk import LOW_BINS, StreamingTopK, TrimSplit, kept_count, tensor_thresholds
 
 
@@ -112,9 +113,9 @@ class TrimStat(GlobalStat):
             n = mags.shape[1]
             thr[t] = tensor_thresholds(mags, self.density)[0]
             keep = mags >= thr[t].to(mags.device)
-            self._total[t] += float(mags.sum(dtype=torch.float64))
+            self._total[t] += sum_f64(mags)
             self._kept[t] += int(torch.count_nonzero(keep))
-            self._removed[t] += float(mags.masked_fill_(keep, 0.0).sum(dtype=torch.float64))
+            self._removed[t] += sum_f64(mags.masked_fill_(keep, 0.0))
             del mags, keep
         self._tensor_thr[name] = thr
         self._n += n
@@ -270,7 +271,7 @@ class MajoritySignStat(GlobalStat):
         weighted = flat if bool((weights == 1).all()) else flat * weights.reshape(-1, 1)
         kept = (weighted.view(torch.int32) & split.kept_mask()).view(torch.float32)  # trimmed → +0.0
         s_trimmed = torch.sign(kept.sum(0))
-        self._sum += s_trimmed.sum(dtype=torch.float64).cpu()
+        self._sum += sum_f64(s_trimmed)
         if not split.columns.numel():
             return
         cols = split.columns
@@ -306,7 +307,7 @@ class MajoritySignStat(GlobalStat):
         many = (open_ >= 3).nonzero().squeeze(1)
         if many.numel():
             held = cols[many]
-            self._sum -= s_trimmed[held].sum(dtype=torch.float64).cpu()  # settled at the end instead
+            self._sum -= sum_f64(s_trimmed[held])  # settled at the end instead
             rows = torch.where(split.high[:, held] >= split.bins, flat[:, held], 0.0)  # τ, trimmed ones 0
             self._rows.add(rows.t().contiguous().view(torch.int32).cpu(), torch.ones(held.numel(), dtype=torch.float64))
             self._weights = weights
@@ -432,7 +433,7 @@ class TensorMajorityStat(GlobalStat):
 
 def signs_sum(x: torch.Tensor) -> torch.Tensor:
     """Σ over the coordinates of sign(Σ_t x_t) for x (T, ...), exactly, as a float64 tensor (1,)."""
-    return torch.sign(x.sum(0)).sum(dtype=torch.float64).reshape(1)
+    return row_sums_f64(torch.sign(x.sum(0)).reshape(1, -1))
 
 
 __all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "TensorMajorityStat", "kept_count"]

@@ -15,6 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .sums import row_sums_f64
+
 KEY_BINS = 1 << 16  # histogram bins of each half of a 32-bit key
 LOW_BINS = KEY_BINS  # values of the low 16 bits of |x| inside a threshold bin
 
@@ -235,7 +237,7 @@ class StreamingTopK:
         """Pass 1: count the high bits of |x| of one chunk (T, ...) and add up its L1 norms."""
         bits = magnitude_bits(values)
         self._select.observe_coarse(bits >> 16)
-        self._total_l1 += bits.view(torch.float32).sum(1, dtype=torch.float64)
+        self._total_l1 += row_sums_f64(bits.view(torch.float32))
 
     def end_coarse(self) -> None:
         """Find, per task, the high-bits bin that holds the k-th largest value."""
@@ -257,7 +259,7 @@ class StreamingTopK:
         split = self.split(values)
         self._select.add_fine(0, (split.low + self._select.offsets)[split.undecided])
         below = (split.bits & split.below_mask()).view(torch.float32)  # |x| below the bin, 0.0 elsewhere
-        self._below_l1 += below.sum(1, dtype=torch.float64)
+        self._below_l1 += row_sums_f64(below)
         return split
 
     def end_fine(self) -> None:

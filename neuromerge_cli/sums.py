@@ -1,0 +1,27 @@
+"""Float64 sums of float32 tensors, the way a CPU does them fast."""
+
+from __future__ import annotations
+
+import torch
+
+SUM_CHUNK = 1 << 16  # entries of a row converted to float64 at a time
+
+
+def row_sums_f64(x: torch.Tensor) -> torch.Tensor:
+    """Σ of each row of ``x`` (R, ...) flattened, in float64: shape (R,), on x's device.
+
+    On a CPU, ``torch.sum(dtype=float64)`` of float32 is four to seven times slower than converting
+    chunks to float64 and summing those; the chunks bound the extra memory to R · SUM_CHUNK doubles.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    if flat.device.type != "cpu":
+        return flat.sum(1, dtype=torch.float64)
+    acc = torch.zeros(flat.shape[0], dtype=torch.float64)
+    for lo in range(0, flat.shape[1], SUM_CHUNK):
+        acc += flat[:, lo:lo + SUM_CHUNK].to(torch.float64).sum(1)
+    return acc
+
+
+def sum_f64(x: torch.Tensor) -> float:
+    """Σ of every entry of ``x``, in float64 (see row_sums_f64)."""
+    return float(row_sums_f64(x.reshape(1, -1))[0]) if x.numel() else 0.0

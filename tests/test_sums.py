@@ -1,0 +1,27 @@
+"""Float64 sums of float32 tensors in chunks equal a float64 sum of the same numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuromerge_cli import sums
+from neuromerge_cli.sums import row_sums_f64, sum_f64
+
+
+@pytest.mark.parametrize("shape", [(3, 1000), (2, 5, 7), (1, 0), (4, 1)])
+def test_row_sums_match_math_fsum(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sums, "SUM_CHUNK", 64)  # several chunks, the last one short
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 1e3
+    got = row_sums_f64(x)
+    assert got.dtype == torch.float64 and got.shape == (shape[0],)
+    for row, value in zip(x.reshape(shape[0], -1), got.tolist()):
+        assert value == pytest.approx(math.fsum(row.tolist()), rel=1e-12, abs=1e-9)
+
+
+def test_sums_of_signs_are_exact_beyond_float32_integers() -> None:
+    x = torch.ones((1 << 24) + 3)  # 2^24 + 3 is not a float32 integer
+    assert sum_f64(x) == (1 << 24) + 3
+    assert sum_f64(torch.empty(0)) == 0.0
