@@ -11,6 +11,7 @@ import json
 import os
 import re
 import struct
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,10 +195,24 @@ class Checkpoint:
     config: dict[str, Any] | None
     sharded: bool
     _bins: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
         return self.source.path
+
+    def _open(self, file: Path) -> int:
+        """A read-only descriptor of ``file``, opened once (blocks of rows make thousands of reads) and
+        closed when the checkpoint is garbage-collected."""
+        fd = self._fds.get(file)
+        if fd is None:
+            if not self._fds:
+                weakref.finalize(self, _close_all, self._fds)
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if self._fds.setdefault(file, fd) != fd:  # another thread opened it meanwhile
+                os.close(fd)
+                fd = self._fds[file]
+        return fd
 
     def read(self, name: str, rows: tuple[int, int] | None = None, pin: bool = False) -> torch.Tensor:
         """One tensor (or the block of its first-dimension ``rows`` [start, stop)) in its storage dtype,
@@ -217,20 +232,37 @@ class Checkpoint:
             t = t if rows is None else t[rows[0]:rows[1]]
             return t.contiguous().pin_memory() if pin else t.contiguous()
         out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        view, got = memoryview(out.numpy()), 0
         try:
-            with open(info.file, "rb", buffering=0) as f:
-                f.seek(begin)
-                view, got = memoryview(out.numpy()), 0
+            if hasattr(os, "preadv"):  # positional reads on one descriptor per file, shared by threads
+                fd = self._open(info.file)
                 while got < nbytes:
-                    n = f.readinto(view[got:])
+                    n = os.preadv(fd, [view[got:]], begin + got)
                     if not n:
                         break
                     got += n
+            else:
+                with open(info.file, "rb", buffering=0) as f:
+                    f.seek(begin)
+                    while got < nbytes:
+                        n = f.readinto(view[got:])
+                        if not n:
+                            break
+                        got += n
         except OSError as exc:
             raise MergeError(f"{info.file}: cannot read tensor '{name}' ({exc.strerror or exc})") from None
         if got != nbytes:
             raise MergeError(f"{info.file}: truncated while reading tensor '{name}'")
         return out.view(info.dtype).reshape(shape)
+
+
+def _close_all(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
 
 
 def _index_files(folder: Path, index_name: str) -> list[Path] | None:

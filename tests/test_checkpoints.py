@@ -52,6 +52,24 @@ def test_header_and_reads_agree_with_safetensors(tmp_path: Path) -> None:
     assert not ck.sharded and ck.config is None
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open descriptors in /proc")
+def test_reads_share_one_descriptor_per_file_closed_with_the_checkpoint(tmp_path: Path) -> None:
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    tensors = {"a": torch.arange(600.0).reshape(30, 20), "b": torch.ones(7)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    before = len(os.listdir("/proc/self/fd"))
+    ck = open_checkpoint(resolve(str(tmp_path)))
+    with ThreadPoolExecutor(4) as pool:  # blocks of rows from several threads at once
+        blocks = list(pool.map(lambda r: ck.read("a", (r, r + 3)), range(0, 30, 3)))
+    assert torch.equal(torch.cat(blocks), tensors["a"]) and torch.equal(ck.read("b"), tensors["b"])
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    del ck
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_sharded_safetensors_index(tmp_path: Path) -> None:
     tensors = toy_tensors()
     write_model(tmp_path, tensors, shards=3)
