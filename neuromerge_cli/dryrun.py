@@ -7,33 +7,66 @@ from typing import Any
 
 import torch
 
-from .engine import PREFETCH, Prepared, pick_device, schedule
+from .engine import PREFETCH, PREFETCH_BYTES, Piece, Prepared, pick_device, pieces, schedule
+from .memory import HEAP_SLACK
 from .units import format_bytes
 
 # The float32 base + task vectors and the method's temporaries (magnitudes, masks, elections, parts,
-# histogram bins in the statistics passes), as a multiple of (T+1) × the largest tensor × 4 bytes.
+# histogram bins in the statistics passes), as a multiple of (T+1) × the largest piece × 4 bytes.
 # Measured on CPU (4 tensors of 2048×2048, T = 3; peak RSS minus the ~260 MB of an idle run):
 # task_arithmetic ≈ 4, ties ≈ 7.6 (scripts/dryrun_memory.py). The larger, rounded up, is used.
 WORKSPACE_FACTOR = 8
+# A statistics pass over the stored inputs (per-tensor trim thresholds) holds, for one whole tensor,
+# θ0 and one task's |τ_t| in float32 and the selection's masks: a multiple of the tensor × 4 bytes.
+STORED_FACTOR = 3
 
 
 def memory_estimate(prepared: Prepared) -> dict[str, Any]:
-    """Expected peak memory of the merge pass, beyond the interpreter itself.
+    """Expected peak memory beyond the interpreter: the largest, over the statistics reads and the
+    merge read, of the pieces in flight plus the working set of the largest piece.
 
-    in_flight: the tensors read but not yet written — PREFETCH read ahead plus the one being merged,
-    each from the base and every task in its storage dtype — taken as the PREFETCH + 1 largest reads.
-    working: the largest tensor as float32, base plus T task vectors, times WORKSPACE_FACTOR for
-    the method's temporaries; it lives on the compute device (GPU memory under CUDA).
+    A read goes over pieces (tensors, or blocks of rows for a method or statistic that streams rows;
+    see engine.pieces). in_flight: the piece being merged plus the read-ahead (PREFETCH pieces within
+    PREFETCH_BYTES, at least one), base and tasks in their storage dtype. working: the largest piece
+    as float32, base plus T task vectors, times WORKSPACE_FACTOR (STORED_FACTOR × one tensor for a pass
+    over the stored inputs), on the compute device. heap_slack: what the allocator may hold in freed
+    blocks before it hands them back (HeapGuard).
     """
-    plan = prepared.plan
-    reads = sorted((prepared.read_bytes(t.name) for t in plan.tensors if t.alias_of is None), reverse=True)
-    largest = max(plan.merged, key=lambda t: _numel(t.shape), default=None)
-    numel = _numel(largest.shape) if largest is not None else 0
+    plan, recipe, method = prepared.plan, prepared.recipe, prepared.method
     tasks = len(prepared.tasks)
-    in_flight = sum(reads[:PREFETCH + 1])
-    working = (tasks + 1) * numel * 4 * WORKSPACE_FACTOR
-    return {"in_flight_bytes": in_flight, "working_bytes": working, "largest_tensor": largest.name if largest else None,
-            "largest_numel": numel, "prefetch": PREFETCH, "workspace_factor": WORKSPACE_FACTOR}
+    stats = method.global_stats(recipe.params, tasks, torch.device("cpu"))
+    merged = [t.name for t in plan.merged]
+    reads = [(f"statistics read {g + 1}", merged, all(s.rowwise for s, _ in active),
+              any(s.stored_inputs for s, _ in active)) for g, active in enumerate(schedule(stats))]
+    unique = [t.name for t in plan.tensors if t.alias_of is None]
+    reads.append(("merge read", unique, method.rowwise(recipe.params), False))
+    by_name = plan.by_name()
+    best: dict[str, Any] = {}
+    for phase, names, rowwise, stored in reads:
+        work = pieces(plan, names, rowwise)
+        if not work:
+            continue
+        sizes = sorted((prepared.piece_bytes(p) for p in work), reverse=True)
+        ahead = max(sizes[0], min(sum(sizes[:PREFETCH + 1]), PREFETCH_BYTES))
+        in_flight = sizes[0] + ahead
+        merging = [p for p in work if by_name[p.name].role != "copy"]
+        largest = max(merging, key=lambda p: _piece_numel(by_name[p.name].shape, p), default=None)
+        numel = _piece_numel(by_name[largest.name].shape, largest) if largest is not None else 0
+        working = numel * 4 * (STORED_FACTOR if stored else (tasks + 1) * WORKSPACE_FACTOR)
+        if not best or in_flight + working > best["in_flight_bytes"] + best["working_bytes"]:
+            best = {"phase": phase, "in_flight_bytes": in_flight, "working_bytes": working,
+                    "largest_tensor": largest.name if largest else None, "largest_rows": largest.rows if largest else None,
+                    "largest_numel": numel, "stored_inputs": stored}
+    return {"in_flight_bytes": 0, "working_bytes": 0, "largest_tensor": None, "largest_rows": None, "largest_numel": 0,
+            "phase": "merge read", "stored_inputs": False, **best, "heap_slack_bytes": HEAP_SLACK,
+            "prefetch": PREFETCH, "workspace_factor": WORKSPACE_FACTOR, "stored_factor": STORED_FACTOR}
+
+
+def _piece_numel(shape: tuple[int, ...], piece: Piece) -> int:
+    numel = _numel(shape)
+    if piece.rows is None or not shape or not shape[0]:
+        return numel
+    return numel // shape[0] * (piece.rows[1] - piece.rows[0])
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -74,6 +107,11 @@ def describe(prepared: Prepared, device: str, output: Path, push: str | None = N
     }
 
 
+def _piece_label(mem: dict[str, Any]) -> str:
+    rows = mem["largest_rows"]
+    return f"{mem['largest_tensor']}" + (f" rows {rows[0]}–{rows[1]}" if rows else "")
+
+
 def plan_lines(d: dict[str, Any]) -> list[str]:
     """The dry-run plan for a person."""
     mem = d["memory"]
@@ -88,11 +126,13 @@ def plan_lines(d: dict[str, Any]) -> list[str]:
         f"read: {format_bytes(d['bytes_read'])} ({format_bytes(d['bytes_read_statistics'])} for statistics, "
         f"{format_bytes(d['bytes_read_merge'])} for the merge)",
         f"write: {format_bytes(d['bytes_written'])} in {d['shards']} shard(s) to {d['output']}",
-        f"peak memory (estimate): {format_bytes(mem['in_flight_bytes'])} of tensors in flight "
-        f"({mem['prefetch']} read ahead + 1 merging, base and models in storage dtype) + "
-        f"{format_bytes(mem['working_bytes'])} working set on {d['device']} (largest tensor "
-        f"{mem['largest_tensor']}, {mem['largest_numel']:,} values × {len(d['models']) + 1} × float32 × "
-        f"{mem['workspace_factor']}), plus the interpreter (~260 MB)",
+        f"peak memory (estimate, {mem['phase']}): {format_bytes(mem['in_flight_bytes'])} of inputs in flight "
+        f"(the piece being merged + up to {mem['prefetch']} read ahead, base and models in storage dtype) + "
+        f"{format_bytes(mem['working_bytes'])} working set on {d['device']} (largest piece "
+        f"{_piece_label(mem)}, {mem['largest_numel']:,} values × "
+        + (f"float32 × {mem['stored_factor']}" if mem["stored_inputs"] else
+           f"{len(d['models']) + 1} × float32 × {mem['workspace_factor']}")
+        + f") + up to {format_bytes(mem['heap_slack_bytes'])} of freed heap, plus the interpreter (~260 MB)",
     ]
     if d["push"]:
         lines.append(f"then push to the Hub: {d['push']}")

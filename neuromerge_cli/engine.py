@@ -58,6 +58,14 @@ class Prepared:
         """Bytes that reading tensor ``name`` from the base and every task takes."""
         return sum(ck.tensors[name].nbytes for ck in (self.base, *self.tasks))
 
+    def piece_bytes(self, piece: "Piece") -> int:
+        """Bytes that reading ``piece`` (a tensor or a block of its rows) from the base and every task takes."""
+        total = self.read_bytes(piece.name)
+        shape = self.base.tensors[piece.name].shape
+        if piece.rows is None or not shape:
+            return total
+        return total // shape[0] * (piece.rows[1] - piece.rows[0])
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -130,6 +138,7 @@ class TensorLoader:
     """
 
     def __init__(self, prepared: Prepared, device: torch.device, allow_nonfinite: bool) -> None:
+        self.prepared = prepared
         self.checkpoints = [prepared.base, *prepared.tasks]
         self.device = device
         self.allow_nonfinite = allow_nonfinite
@@ -138,12 +147,6 @@ class TensorLoader:
     def _read(self, piece: Piece | str) -> list[torch.Tensor]:
         piece = Piece(piece) if isinstance(piece, str) else piece
         return [ck.read(piece.name, piece.rows, self.pin) for ck in self.checkpoints]
-
-    def _nbytes(self, piece: Piece) -> int:
-        info = self.checkpoints[0].tensors[piece.name]
-        if piece.rows is None or not info.shape:
-            return info.nbytes * len(self.checkpoints)
-        return info.nbytes // info.shape[0] * (piece.rows[1] - piece.rows[0]) * len(self.checkpoints)
 
     def stream(self, names: Iterable[str | Piece]) -> Iterator[tuple[str, list[torch.Tensor]]]:
         """(name, [base, task_1..task_T] as stored, on the CPU), read ahead of use."""
@@ -159,8 +162,8 @@ class TensorLoader:
             guard = HeapGuard()
             while ahead or nxt < len(items):
                 while nxt < len(items) and (not ahead or (len(ahead) < PREFETCH + 1
-                                                          and held + self._nbytes(items[nxt]) <= PREFETCH_BYTES)):
-                    size = self._nbytes(items[nxt])
+                                                          and held + self.prepared.piece_bytes(items[nxt]) <= PREFETCH_BYTES)):
+                    size = self.prepared.piece_bytes(items[nxt])
                     piece = items[nxt]
                     ahead.append((piece, pool.submit(self._read, piece.name if piece.rows is None else piece), size))
                     held += size

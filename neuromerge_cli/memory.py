@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 MALLOC_REUSE_BYTES = 32 << 20  # glibc's largest mmap threshold
+HEAP_SLACK = 256 << 20  # growth of the resident set at which HeapGuard hands freed pages back
 
 
 def reuse_freed_memory() -> None:
@@ -66,7 +67,7 @@ class HeapGuard:
     allocation after it; trimming only on growth bounds the creep at ``slack`` for a few trims.
     """
 
-    def __init__(self, slack: int = 256 << 20) -> None:
+    def __init__(self, slack: int = HEAP_SLACK) -> None:
         self.slack = slack
         self.floor: int | None = None  # the resident set right after the last hand-back
         self.trims = 0

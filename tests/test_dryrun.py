@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from helpers import fine_tune, toy_family, toy_tensors, write_model, write_recipe
 from neuromerge_cli.checkpoints import Checkpoint
 from neuromerge_cli.cli import app
-from neuromerge_cli.dryrun import WORKSPACE_FACTOR, describe
+from neuromerge_cli import engine
+from neuromerge_cli.dryrun import STORED_FACTOR, WORKSPACE_FACTOR, describe
 from neuromerge_cli.engine import PREFETCH, MergeOptions, prepare, run_merge
 from neuromerge_cli.errors import MergeError
 from neuromerge_cli.recipe import load_recipe
@@ -58,9 +59,31 @@ def test_plan_figures_from_headers(family, tmp_path: Path, no_weight_reads: None
     mem = plan["memory"]
     largest = max(floats, key=lambda n: floats[n][1])
     assert mem["largest_tensor"] == largest == "embed.weight"
-    assert mem["in_flight_bytes"] == sum(sorted((s[0] for s in sizes.values()), reverse=True)[:PREFETCH + 1])
+    reads = sorted((s[0] for s in sizes.values()), reverse=True)  # toys are never cut into blocks
+    assert mem["in_flight_bytes"] == reads[0] + sum(reads[:PREFETCH + 1])  # merging one, PREFETCH + 1 ahead
     assert mem["working_bytes"] == (T + 1) * floats[largest][1] * 4 * WORKSPACE_FACTOR
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_estimate_of_row_blocks_and_of_a_pass_over_stored_inputs(family, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hand-worked with blocks of 32 entries: embed.weight (20×8) in blocks of 4 rows is the largest
+    piece (32 values); per-tensor trim thresholds take a pass over whole stored tensors."""
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 32)
+    base, tasks = family
+    ta = describe(prepare(load_recipe(write_recipe(tmp_path / "a.yaml", base, tasks, "task_arithmetic")),
+                          read_weights=False), "cpu", tmp_path / "out")["memory"]
+    block = 4 * 8 * 4 * (T + 1)  # bytes of a 4-row block of embed.weight, float32, base + T tasks
+    assert (ta["phase"], ta["largest_tensor"], ta["largest_rows"], ta["largest_numel"]) == ("merge read", "embed.weight", (0, 4), 32)
+    assert ta["working_bytes"] == (T + 1) * 32 * 4 * WORKSPACE_FACTOR
+    assert ta["in_flight_bytes"] == block + (PREFETCH + 1) * block
+    ties = describe(prepare(load_recipe(write_recipe(tmp_path / "t.yaml", base, tasks, "ties", {"mask_scope": "tensor"})),
+                            read_weights=False), "cpu", tmp_path / "out")["memory"]
+    whole = {n: s[0] for n, s in _sizes().items() if n != "position_ids"}  # the pass reads merged tensors only
+    reads = sorted(whole.values(), reverse=True)
+    assert (ties["phase"], ties["largest_tensor"], ties["largest_rows"], ties["stored_inputs"]) == ("statistics read 1", "embed.weight", None, True)
+    assert ties["working_bytes"] == 20 * 8 * 4 * STORED_FACTOR
+    assert ties["in_flight_bytes"] == reads[0] + sum(reads[:PREFETCH + 1])
 
 
 def test_plan_matches_what_a_run_reads(family, tmp_path: Path) -> None:
@@ -114,7 +137,7 @@ def test_cli_dry_run(family, tmp_path: Path, no_weight_reads: None) -> None:
     assert lines[1] == "tensors: 7 (4 neuron, 2 point, 1 copied)"
     assert lines[2] == "passes: 2 statistics read(s) + 1 merge read of the base and every model"
     assert lines[3].startswith("read: ") and lines[4].startswith("write: ")
-    assert lines[5].startswith("peak memory (estimate): ")
+    assert lines[5].startswith("peak memory (estimate, statistics read 1): ")
     assert not (tmp_path / "out").exists()
 
     result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run", "--json-log"])
