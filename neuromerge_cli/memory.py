@@ -46,15 +46,20 @@ def release_free_memory() -> None:
         pass
 
 
-def rss_bytes() -> int | None:
-    """This process's resident set size now (Linux), else None."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A size in bytes from Linux's /proc/self/status (e.g. VmRSS, VmHWM), else None."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set size now (Linux), else None."""
+    return _proc_status_bytes("VmRSS")
 
 
 class HeapGuard:
@@ -88,11 +93,8 @@ def peak_rss_bytes() -> int:
     the parent across fork and exec, so a small merge started by a big process would report the
     parent's peak.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
