@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -431,7 +432,26 @@ def main_options(
 
 
 def main() -> None:
-    app()
+    """The ``neuromerge`` command. Once a command has finished (outputs written and published), the
+    process ends without the interpreter's teardown: unloading torch takes ~0.6 s on a small CPU,
+    a tenth of a small merge. Streams and logging are flushed first; atexit handlers do not run."""
+    import logging
+
+    try:
+        app()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if isinstance(code, str):  # sys.exit("message"): Python prints it and exits with 1
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing more to say
+            pass
+    os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,18 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "neuromerge_cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def test_the_command_keeps_exit_codes_and_flushes_its_output_when_it_skips_teardown(tmp_path: Path) -> None:
+    """main() ends the process with os._exit: the exit codes and everything printed must survive."""
+    from neuromerge_cli.methods import METHODS
+
+    ok = _cli("methods")  # a long listing, to a pipe: all of it must arrive
+    assert ok.returncode == 0 and all(f"{name}: " in ok.stdout for name in METHODS)
+    missing = _cli("run", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 1 and "no such recipe file" in missing.stderr
+    usage = _cli("run", "--no-such-option")
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
 def test_json_log_is_json_only(family, tmp_path: Path) -> None:
     proc = _cli("run", str(_recipe(family, tmp_path)), "--json-log")
     assert proc.returncode == 0, proc.stderr
