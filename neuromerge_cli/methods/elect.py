@@ -51,7 +51,10 @@ def ties_with_values(x: torch.Tensor, s: torch.Tensor) -> bool:
 
 
 def weighted_values(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """w_t · x_t of values ``values`` (T, *S), as every election computes them."""
+    """w_t · x_t of values ``values`` (T, *S), as every election computes them: ``values`` itself (not
+    a copy: callers do not write to it) when every weight is 1, as x · 1 = x bit for bit."""
+    if bool((weights == 1).all()):
+        return values
     return values * weights.to(values.dtype).reshape((-1,) + (1,) * (values.ndim - 1))
 
 
@@ -81,7 +84,7 @@ def merge_values(
     if merge_fn not in MERGE_FUNCTIONS:
         raise ValueError(f"unknown merge function {merge_fn!r}")
     unit = bool((weights == 1).all())
-    weighted = values if unit else weighted_values(values, weights)
+    weighted = weighted_values(values, weights)
     signs = elected_signs(weighted, group_dims, majority)
     # s·x > 0 exactly where x is non-zero and has the elected sign s (never where s = 0), so the
     # agreeing values are relu(s·x), and Σ over them = s · Σ relu(s·x): arithmetic passes over
