@@ -161,10 +161,10 @@ class TensorLoader:
             nxt, held = 0, 0
             guard = HeapGuard()
             while ahead or nxt < len(items):
-                while nxt < len(items) and (not ahead or (len(ahead) < PREFETCH + 1
-                                                          and held + self.prepared.piece_bytes(items[nxt]) <= PREFETCH_BYTES)):
-                    size = self.prepared.piece_bytes(items[nxt])
-                    piece = items[nxt]
+                while nxt < len(items):
+                    piece, size = items[nxt], self.prepared.piece_bytes(items[nxt])
+                    if ahead and (len(ahead) > PREFETCH or held + size > PREFETCH_BYTES):
+                        break
                     ahead.append((piece, pool.submit(self._read, piece.name if piece.rows is None else piece), size))
                     held += size
                     nxt += 1

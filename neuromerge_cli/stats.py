@@ -79,7 +79,6 @@ class TrimStat(GlobalStat):
         self.keep_split = False  # keep that split for one ``split`` call (a statistic sharing the read)
         self.rowwise = self.passes == 0 or scope == "global"
         self.stored_inputs = self.passes == 1
-        self.device = torch.device(device)
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         if self._topk is not None:
@@ -119,6 +118,7 @@ class TrimStat(GlobalStat):
             del mags, keep
         self._tensor_thr[name] = thr
         self._n += n
+
     def end_pass(self, pass_index: int) -> None:
         if self._topk is None:
             release_free_memory()  # the whole tensors' temporaries, before the merge pass
@@ -427,8 +427,6 @@ class TensorMajorityStat(GlobalStat):
 
     def summary(self) -> dict[str, Any]:
         return {"tensors_read_again": len(self._sums)}  # blocks of these tensors had an exact tie
-
-
 
 
 def signs_sum(x: torch.Tensor) -> torch.Tensor:

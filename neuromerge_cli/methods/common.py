@@ -22,10 +22,15 @@ def density(default: float, help: str = "fraction of each task vector kept") -> 
     return number("density", default, help, lo=0.0, hi=1.0, lo_open=True)
 
 
+def _seed_of(*fields: object) -> int:
+    """The first 8 bytes (little endian, 63 bits) of sha256 of the fields joined by NUL bytes."""
+    digest = hashlib.sha256("\0".join(str(f) for f in fields).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def tensor_seed(seed: int, name: str, task: int) -> int:
     """A seed for one task's tensor, independent of tensor order, device and process split."""
-    digest = hashlib.sha256(f"{seed}\0{name}\0{task}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _seed_of(seed, name, task)
 
 
 DARE_CHUNK = 1 << 20  # entries of a flattened task vector drawn from one generator
@@ -37,8 +42,7 @@ DRAWN_CHUNKS_KEPT = 8
 
 def chunk_seed(seed: int, name: str, task: int, chunk: int) -> int:
     """The generator seed of one chunk of DARE draws: like tensor_seed, with the chunk index appended."""
-    digest = hashlib.sha256(f"{seed}\0{name}\0{task}\0{chunk}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _seed_of(seed, name, task, chunk)
 
 
 def chunk_keep(seed: int, length: int, bound: int) -> torch.Tensor:
