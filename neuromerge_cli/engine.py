@@ -22,6 +22,7 @@ from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
 from .stats import GlobalStat, TensorMajorityStat
+from .sums import row_norms
 from .distributed import World, shutdown, world_from_env
 from .writer import AsyncWriter, ShardWriter, check_free_space, check_output_location, shared_folder, signals_as_exceptions
 
@@ -171,7 +172,7 @@ class TensorLoader:
                 piece, future, size = ahead.popleft()
                 tensors = future.result()
                 held -= size
-                guard.check()
+                guard.check(size)
                 yield piece, tensors
 
     def as_float(self, tensors: list[torch.Tensor], name: str = "", check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +351,7 @@ def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
             deltas = [delta]
         else:
             deltas = [split.combine(s) for s in scales]
-    norms = [float(torch.linalg.vector_norm(d)) for d in deltas]
+    norms = [float(row_norms(d.reshape(1, -1))[0]) for d in deltas]
     outs = [job.base + d for d in deltas[:-1]] + [job.base.add_(deltas[-1])]
     return outs, norms, stats
 
@@ -458,7 +459,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                     l1 = task_l1(flat, scratch)
                     if not options.allow_nonfinite:
                         loader.check_finite(tensors, l1, piece.name)
-                    l2 = torch.linalg.vector_norm(flat, 2, dim=1)
+                    l2 = row_norms(flat)
                     job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
                                     tensor_seed(recipe.params.get("seed", 0), piece.name, -1),
                                     piece.row, None if piece.rows is None else t.shape[0])

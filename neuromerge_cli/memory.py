@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
 
 MALLOC_REUSE_BYTES = 32 << 20  # glibc's largest mmap threshold
 HEAP_SLACK = 256 << 20  # growth of the resident set at which HeapGuard hands freed pages back
+HEAP_CHECK_BYTES = 64 << 20  # input read between two looks at the resident set
 
 
 def reuse_freed_memory() -> None:
@@ -58,8 +60,12 @@ def _proc_status_bytes(field: str) -> int | None:
 
 
 def rss_bytes() -> int | None:
-    """This process's resident set size now (Linux), else None."""
-    return _proc_status_bytes("VmRSS")
+    """This process's resident set size now (Linux's /proc/self/statm), else None."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class HeapGuard:
@@ -70,14 +76,23 @@ class HeapGuard:
     holes in glibc's heap that are never reused in full, so the resident set creeps up through the
     pass (0.5 → 1.5 GiB over a 0.47B model). Trimming on every block would cost page faults on every
     allocation after it; trimming only on growth bounds the creep at ``slack`` for a few trims.
+    The resident set is looked at once every ``every`` bytes of input: while the reader thread faults
+    pages in, one look costs ~2 ms (measured: 0.9 s of a 9 s merge when it looked at every block).
     """
 
-    def __init__(self, slack: int = HEAP_SLACK) -> None:
-        self.slack = slack
+    def __init__(self, slack: int = HEAP_SLACK, every: int = HEAP_CHECK_BYTES) -> None:
+        self.slack, self.every = slack, every
         self.floor: int | None = None  # the resident set right after the last hand-back
         self.trims = 0
+        self.unchecked: int | None = None  # input bytes since the last look (None: never looked)
 
-    def check(self) -> None:
+    def check(self, nbytes: int = 0) -> None:
+        """Called after ``nbytes`` of input were read; the first call always looks."""
+        if self.unchecked is not None:
+            self.unchecked += nbytes
+            if self.unchecked < self.every:
+                return
+        self.unchecked = 0
         now = rss_bytes()
         if now is None or (self.floor is not None and now <= self.floor + self.slack):
             return

@@ -42,13 +42,23 @@ def test_the_guard_trims_only_when_the_resident_set_grew_by_the_slack(monkeypatc
     trims: list[int] = []
     monkeypatch.setattr(memory, "rss_bytes", lambda: now[0])
     monkeypatch.setattr(memory, "release_free_memory", lambda: (trims.append(now[0]), now.__setitem__(0, now[0] - 50)))
-    guard = HeapGuard(slack=100)
+    guard = HeapGuard(slack=100, every=0)
     guard.check()  # the first check sets the floor, after a trim: 950
     for rss, expect in [(1000, 1), (1050, 1), (1051, 2), (1100, 2), (1102, 3)]:
         now[0] = rss
         guard.check()
         assert len(trims) == expect, rss
     assert trims == [1000, 1051, 1102]
+
+
+def test_the_guard_looks_at_the_resident_set_once_every_so_many_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    looks: list[int] = []
+    monkeypatch.setattr(memory, "rss_bytes", lambda: looks.append(1) or 0)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: None)
+    guard = HeapGuard(slack=100, every=10)
+    for nbytes in [4, 4, 4, 4, 4, 4, 4, 30, 1]:  # looks at the first call, then after 12, 12 and 30 bytes
+        guard.check(nbytes)
+    assert len(looks) == 2 + 3  # the first look trims, then looks again for the new floor
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")

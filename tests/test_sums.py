@@ -1,4 +1,5 @@
-"""Float64 sums of float32 tensors in chunks equal a float64 sum of the same numbers."""
+"""Float64 sums of float32 tensors in chunks equal a float64 sum of the same numbers; row norms match
+float64 norms."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from neuromerge_cli import sums
-from neuromerge_cli.sums import row_sums_f64, sum_f64
+from neuromerge_cli.sums import row_norms, row_sums_f64, sum_f64
 
 
 @pytest.mark.parametrize("shape", [(3, 1000), (2, 5, 7), (1, 0), (4, 1)])
@@ -25,3 +26,12 @@ def test_sums_of_signs_are_exact_beyond_float32_integers() -> None:
     x = torch.ones((1 << 24) + 3)  # 2^24 + 3 is not a float32 integer
     assert sum_f64(x) == (1 << 24) + 3
     assert sum_f64(torch.empty(0)) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(3, 100_000), (2, 5, 7), (1, 0)])
+def test_row_norms_match_float64_norms(shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 1e-2 + 1e-3
+    got = row_norms(x)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    for row, value in zip(x.reshape(shape[0], -1), got.tolist()):
+        assert value == pytest.approx(math.sqrt(math.fsum(v * v for v in row.double().tolist())), rel=1e-5)
