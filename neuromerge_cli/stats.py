@@ -421,7 +421,6 @@ class TensorMajorityStat(GlobalStat):
                 deltas = torch.stack([v.to(self.device, torch.float32) for v in views[1:]]).sub_(base)
                 total += self._sign_sum(name, shape, r0, base, deltas, weights)
             self._sums[name] = total
-            release_free_memory()
         total = self._sums[name]
         return float((total > 0) - (total < 0))
 
