@@ -54,6 +54,21 @@ class GlobalStat:
         return {}
 
 
+DIFF_CHUNK = 1 << 20  # entries converted and subtracted at a time by abs_difference
+
+
+def abs_difference(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|x − base| in float32 (a new tensor) of two tensors as stored, one chunk of DIFF_CHUNK entries at
+    a time: both chunks converted while in cache. On a CPU twice as fast as subtracting a bfloat16
+    tensor from a float32 one, which converts on the fly; no whole float32 copy of ``base`` is held."""
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    flat, xs, bs = out.view(-1), x.reshape(-1), base.reshape(-1)
+    for lo in range(0, flat.numel(), DIFF_CHUNK):
+        hi = lo + DIFF_CHUNK
+        torch.sub(xs[lo:hi].float(), bs[lo:hi].float(), out=flat[lo:hi]).abs_()
+    return out
+
+
 class TrimStat(GlobalStat):
     """Top-k trim of every task vector: σ_t and, for the global scope, the exact thresholds.
 
@@ -99,8 +114,7 @@ class TrimStat(GlobalStat):
 
     def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
         base = tensors[0].to(self.device)
-        self._observe_tensor(name, len(tensors) - 1,
-                             lambda t: tensors[t + 1].to(self.device, torch.float32, copy=True).sub_(base).abs_())
+        self._observe_tensor(name, len(tensors) - 1, lambda t: abs_difference(tensors[t + 1].to(self.device), base))
 
     def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], torch.Tensor]) -> None:
         """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``

@@ -7,7 +7,7 @@ import torch
 
 from neuromerge_cli import stats as stats_module
 from neuromerge_cli.engine import schedule
-from neuromerge_cli.stats import GlobalStat, MajoritySignStat, TrimStat
+from neuromerge_cli.stats import GlobalStat, MajoritySignStat, TrimStat, abs_difference
 from reference import kept_k
 
 SHAPES = [(6, 5), (11,), (2, 3, 4), ()]
@@ -212,3 +212,16 @@ def test_majority_partials_summed_across_processes_give_the_single_process_figur
                 other.copy_(total)
     expected = majority_reference(chunks, weights, 0.25)
     assert [stats[1].total for stats in procs] == [expected, expected]
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (13,), (), (0, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_abs_difference_in_chunks_equals_the_float32_difference(shape: tuple[int, ...], dtype: torch.dtype,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats_module, "DIFF_CHUNK", 4)  # several chunks, the last one short
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=g).to(dtype)
+    x = (base.float() + torch.randn(shape, generator=g) * 1e-2).to(dtype)
+    got = abs_difference(x, base)
+    assert got.dtype == torch.float32 and got.shape == base.shape
+    assert torch.equal(got, (x.double() - base.double()).abs().float())  # one rounding, as the SPEC's τ
