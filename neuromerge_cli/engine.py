@@ -134,7 +134,7 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
 class TensorLoader:
     """Reads base and task tensors ahead of the consumer on a background thread.
 
-    Reads go straight into freshly allocated (page-locked, on CUDA) tensors, one ``readinto`` per
+    Reads go straight into freshly allocated (page-locked, on CUDA) tensors, one ``preadv`` per
     input; the read-ahead is bounded by PREFETCH pieces and PREFETCH_BYTES bytes.
     """
 
