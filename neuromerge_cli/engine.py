@@ -24,7 +24,8 @@ from .recipe import Recipe
 from .stats import GlobalStat, TensorMajorityStat
 from .sums import row_norms
 from .distributed import World, shutdown, world_from_env
-from .writer import AsyncWriter, ShardWriter, check_free_space, check_output_location, shared_folder, signals_as_exceptions
+from .writer import (AsyncWriter, ShardWriter, check_free_space, check_output_location, deferred_signals, shared_folder,
+                     signals_as_exceptions)
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2
@@ -157,7 +158,8 @@ class TensorLoader:
     def stream_pieces(self, items: list[Piece]) -> Iterator[tuple[Piece, list[torch.Tensor]]]:
         """(piece, [base, task_1..task_T] blocks as stored, on the CPU), read ahead of use; the heap is
         kept from creeping up through the pass (HeapGuard)."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuromerge-reader") as pool:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neuromerge-reader")
+        try:
             ahead: deque[tuple[Piece, Future[list[torch.Tensor]], int]] = deque()
             nxt, held = 0, 0
             guard = HeapGuard()
@@ -174,6 +176,9 @@ class TensorLoader:
                 held -= size
                 guard.check(size)
                 yield piece, tensors
+        finally:
+            with deferred_signals():  # the reader thread is joined whole
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def as_float(self, tensors: list[torch.Tensor], name: str = "", check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(θ0, τ stacked (T, ...)) in float32 on the compute device; refuses NaN/Inf inputs unless allowed."""

@@ -146,12 +146,14 @@ class AsyncWriter:
         if self._thread.is_alive():
             self._error = self._error or RuntimeError("stopped")
             self._queue.put(None)
-            self._thread.join()
+            with deferred_signals():  # joined whole
+                self._thread.join()
 
     def drain(self) -> None:
         """Wait until every queued block is written; raise the thread's error if any."""
         self._queue.put(None)
-        self._thread.join()
+        with deferred_signals():  # joined whole
+            self._thread.join()
         self._check()
 
 
@@ -217,8 +219,14 @@ def shared_folder(output: Path, overwrite: bool, world: "World") -> Iterator[Pat
 
 
 @contextlib.contextmanager
-def deferred_signals() -> Iterator[None]:
-    """Hold back a signal for a step that must not be cut in half; raise it once the step is done."""
+def deferred_signals(published: bool = False) -> Iterator[None]:
+    """Hold back a signal for a step that must not be cut in half; raise it once the step is done
+    (``published``: the step publishes the output, as the raised Interrupted then says).
+
+    Joins of worker threads are such steps: before Python 3.12 a signal handler that raises while the
+    main thread waits in ``Thread.join`` can leave the thread's end half-recorded (bpo-45274); the
+    thread, still running, then fails as it ends and prints a traceback over the one-line message.
+    """
     state = _state
     if state is None:
         yield
@@ -230,7 +238,8 @@ def deferred_signals() -> Iterator[None]:
         state.deferring -= 1
     if not state.deferring and state.pending is not None and not state.raised:
         signum, state.pending, state.raised = state.pending, None, True
-        raise Interrupted(signum, published=True)
+        raise Interrupted(signum, published=published)
+
 
 
 def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -368,7 +377,7 @@ def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
         try:
             yield tmp
             _sync_tree(tmp)
-            with deferred_signals():
+            with deferred_signals(published=True):
                 _publish(tmp, output, overwrite)
                 published = True
                 _fsync(parent, folder=True)

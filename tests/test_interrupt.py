@@ -21,7 +21,7 @@ from neuromerge_cli.cli import app
 from neuromerge_cli.engine import MergeOptions, prepare, run_merge
 from neuromerge_cli.errors import Interrupted
 from neuromerge_cli.recipe import load_recipe
-from neuromerge_cli.writer import atomic_folder, signals_as_exceptions
+from neuromerge_cli.writer import AsyncWriter, atomic_folder, signals_as_exceptions
 
 MANY = 2000  # tensors: enough per-tensor work that a merge lasts well beyond the moment we signal it
 
@@ -225,3 +225,25 @@ def test_overwrite_of_a_link_replaces_the_link_not_its_target(tmp_path: Path) ->
     assert not out.is_symlink() and (out / "weights").read_text() == "new"
     assert (target / "weights").read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "merged"]
+
+
+def test_a_signal_while_the_writer_thread_is_joined_is_raised_once_it_has_ended() -> None:
+    """A handler raising inside Thread.join (Python < 3.12) would leave the thread's end half-recorded
+    and let it print a traceback later; the signal waits until the join has returned."""
+    written: list[str] = []
+
+    class SlowShard:
+        def write(self, name: str, tensor: torch.Tensor, row: int) -> None:
+            time.sleep(0.5)
+            written.append(name)
+
+    main = threading.main_thread().ident
+    assert main is not None
+    with pytest.raises(Interrupted) as caught:
+        with signals_as_exceptions():
+            background = AsyncWriter()
+            background.write(SlowShard(), ["w"], torch.zeros(1))  # type: ignore[arg-type]
+            threading.Timer(0.1, signal.pthread_kill, (main, signal.SIGTERM)).start()
+            background.drain()  # the signal lands in the main thread while it waits here
+    assert written == ["w"] and not background._thread.is_alive()
+    assert caught.value.signum == signal.SIGTERM and not caught.value.published
