@@ -168,7 +168,9 @@ class TensorLoader:
                     piece, size = items[nxt], self.prepared.piece_bytes(items[nxt])
                     if ahead and (len(ahead) > PREFETCH or held + size > PREFETCH_BYTES):
                         break
-                    ahead.append((piece, pool.submit(self._read, piece.name if piece.rows is None else piece), size))
+                    with deferred_signals():  # the first submit starts the reader thread: started whole
+                        future = pool.submit(self._read, piece.name if piece.rows is None else piece)
+                    ahead.append((piece, future, size))
                     held += size
                     nxt += 1
                 piece, future, size = ahead.popleft()

@@ -112,7 +112,12 @@ class AsyncWriter:
         self._queue: "queue.Queue[tuple | None]" = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="neuromerge-writer", daemon=True)
-        self._thread.start()
+        try:
+            with deferred_signals():  # started whole
+                self._thread.start()
+        except BaseException:  # a signal came while it started: stopped again, then raised
+            self.stop()
+            raise
 
     def _run(self) -> None:
         while True:
@@ -223,9 +228,11 @@ def deferred_signals(published: bool = False) -> Iterator[None]:
     """Hold back a signal for a step that must not be cut in half; raise it once the step is done
     (``published``: the step publishes the output, as the raised Interrupted then says).
 
-    Joins of worker threads are such steps: before Python 3.12 a signal handler that raises while the
-    main thread waits in ``Thread.join`` can leave the thread's end half-recorded (bpo-45274); the
-    thread, still running, then fails as it ends and prints a traceback over the one-line message.
+    Starting and joining worker threads are such steps. ``Thread.start`` catches an exception raised
+    by a signal handler right after the new thread began and unregisters it; the running thread then
+    fails as it registers itself (KeyError in ``_bootstrap_inner``) and prints a traceback over the
+    one-line interruption message. Before Python 3.12 a handler raising inside ``Thread.join`` marks
+    a still-running thread as stopped (bpo-45274).
     """
     state = _state
     if state is None:

@@ -247,3 +247,40 @@ def test_a_signal_while_the_writer_thread_is_joined_is_raised_once_it_has_ended(
             background.drain()  # the signal lands in the main thread while it waits here
     assert written == ["w"] and not background._thread.is_alive()
     assert caught.value.signum == signal.SIGTERM and not caught.value.published
+
+
+@pytest.fixture
+def signal_as_a_thread_starts(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """SIGTERM to the main thread right after the next threads begin (inside ``Thread.start``);
+    returns what reaches ``sys.unraisablehook`` (a thread failing as it starts ends up there)."""
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    real, main = threading._start_new_thread, threading.main_thread().ident  # type: ignore[attr-defined]
+
+    def start_then_signal(*args: object) -> int:
+        ident = real(*args)
+        signal.pthread_kill(main, signal.SIGTERM)  # type: ignore[arg-type]
+        return ident
+
+    monkeypatch.setattr(threading, "_start_new_thread", start_then_signal)
+    return unraisable
+
+
+def test_a_signal_while_the_writer_thread_starts_leaves_no_thread_behind(signal_as_a_thread_starts: list[object]) -> None:
+    with pytest.raises(Interrupted):
+        with signals_as_exceptions():
+            AsyncWriter()
+    time.sleep(0.2)  # a thread unregistered by Thread.start would fail about now, as it registers itself
+    assert signal_as_a_thread_starts == []
+    assert not [t for t in threading.enumerate() if t.name == "neuromerge-writer"]
+
+
+def test_a_signal_while_the_reader_thread_starts_stops_the_merge_cleanly(
+        tmp_path: Path, signal_as_a_thread_starts: list[object]) -> None:
+    base, tasks = toy_family(tmp_path / "in", 2)
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", base, tasks, "task_arithmetic"))
+    with pytest.raises(Interrupted) as caught:
+        run_merge(prepare(recipe), MergeOptions(tmp_path / "merged", "cpu"))
+    time.sleep(0.2)
+    assert signal_as_a_thread_starts == [] and not caught.value.published
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "recipe.yaml"]
