@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Callable, Iterator, TextIO
 
 from .units import format_bytes, format_duration
+from .writer import deferred_signals
 
 Clock = Callable[[], float]
 SUMMARY_KEYS = ("method", "parameters", "device", "global", "tasks", "totals", "timings", "peak_memory")
@@ -134,7 +135,8 @@ class RichLog(TextLog):
                                  TextColumn("{task.fields[tensors]} tensors"), DownloadColumn(binary_units=True),
                                  speed, TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  console=self.console)
-            self._bar.start()
+            with deferred_signals():  # its refresh thread is started whole
+                self._bar.start()
         tensors = f"{done}/{total}"
         if done == 0 or phase != self._phase:
             self._phase = phase
