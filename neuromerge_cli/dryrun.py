@@ -63,10 +63,7 @@ def memory_estimate(prepared: Prepared) -> dict[str, Any]:
 
 
 def _piece_numel(shape: tuple[int, ...], piece: Piece) -> int:
-    numel = _numel(shape)
-    if piece.rows is None or not shape or not shape[0]:
-        return numel
-    return numel // shape[0] * (piece.rows[1] - piece.rows[0])
+    return piece.share(_numel(shape), shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -62,11 +62,7 @@ class Prepared:
 
     def piece_bytes(self, piece: "Piece") -> int:
         """Bytes that reading ``piece`` (a tensor or a block of its rows) from the base and every task takes."""
-        total = self.read_bytes(piece.name)
-        shape = self.base.tensors[piece.name].shape
-        if piece.rows is None or not shape:
-            return total
-        return total // shape[0] * (piece.rows[1] - piece.rows[0])
+        return piece.share(self.read_bytes(piece.name), self.base.tensors[piece.name].shape)
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,6 +107,12 @@ class Piece:
     @property
     def row(self) -> int:
         return 0 if self.rows is None else self.rows[0]
+
+    def share(self, total: int, shape: tuple[int, ...]) -> int:
+        """The part of ``total`` (the entries or bytes of the whole tensor of ``shape``) in this piece's rows."""
+        if self.rows is None or not shape or not shape[0]:
+            return total
+        return total // shape[0] * (self.rows[1] - self.rows[0])
 
 
 def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = None) -> list[Piece]:

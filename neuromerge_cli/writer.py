@@ -248,7 +248,6 @@ def deferred_signals(published: bool = False) -> Iterator[None]:
         raise Interrupted(signum, published=published)
 
 
-
 def check_output_location(output: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse an existing output (without overwrite) and an output inside or over an input."""
     out = output.resolve()

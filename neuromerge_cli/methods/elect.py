@@ -87,8 +87,8 @@ def merge_values(
         return weighted_sum(values, weights) / weights.sum().to(values.dtype)
     if merge_fn not in MERGE_FUNCTIONS:
         raise ValueError(f"unknown merge function {merge_fn!r}")
-    unit = bool((weights == 1).all())
     weighted = weighted_values(values, weights)
+    unit = weighted is values  # every weight is 1
     signs = elected_signs(weighted, group_dims, majority)
     # s·x > 0 exactly where x is non-zero and has the elected sign s (never where s = 0), so the
     # agreeing values are relu(s·x), and Σ over them = s · Σ relu(s·x): arithmetic passes over
