@@ -7,13 +7,14 @@ one has finished, or alongside that one's last ``joins`` passes.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
 from .memory import release_free_memory
-from .sums import row_sums_f64, sum_f64
-from .topk import LOW_BINS, StreamingTopK, TrimSplit, kept_count, tensor_thresholds
+from .sums import row_sums_f64, sum_and_capped_sum, sum_f64
+from .topk import LOW_BINS, StreamingTopK, TrimSplit, kept_count, row_threshold, tensor_thresholds
 
 
 class GlobalStat:
@@ -118,18 +119,31 @@ class TrimStat(GlobalStat):
 
     def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], torch.Tensor]) -> None:
         """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``
-        is a fresh float32 |τ_t| of the tensor (consumed)."""
+        is a fresh float32 |τ_t| of the tensor (consumed).
+
+        The entries kept are those not below the threshold, counted while finding it; the L1 norm
+        trimmed is Σ min(|τ|, thr) − thr · kept, exact up to float64 rounding of the sums (absolute
+        error in σ_t ~1e-16). NaN or Inf (with --allow-nonfinite) are counted and summed plainly.
+        """
         thr = torch.empty(num_tasks, dtype=torch.float32)
         n = 0
         for t in range(num_tasks):
-            mags = magnitudes(t).reshape(1, -1)
-            n = mags.shape[1]
-            thr[t] = tensor_thresholds(mags, self.density)[0]
-            keep = mags >= thr[t].to(mags.device)
-            self._total[t] += sum_f64(mags)
-            self._kept[t] += int(torch.count_nonzero(keep))
-            self._removed[t] += sum_f64(mags.masked_fill_(keep, 0.0))
-            del mags, keep
+            mags = magnitudes(t).reshape(-1)
+            n = mags.numel()
+            value, below = row_threshold(mags, self.density)
+            thr[t] = value
+            total, capped = sum_and_capped_sum(mags, value)
+            if math.isfinite(total):
+                kept = n - below
+                removed = max(0.0, capped - float(value) * kept)
+            else:
+                keep = mags >= value.to(mags.device)
+                kept = int(torch.count_nonzero(keep))
+                removed = sum_f64(mags.masked_fill_(keep, 0.0))
+            self._total[t] += total
+            self._kept[t] += kept
+            self._removed[t] += removed
+            del mags
         self._tensor_thr[name] = thr
         self._n += n
 

@@ -27,6 +27,22 @@ def sum_f64(x: torch.Tensor) -> float:
     return float(row_sums_f64(x.reshape(1, -1))[0]) if x.numel() else 0.0
 
 
+def sum_and_capped_sum(x: torch.Tensor, cap: torch.Tensor) -> tuple[float, float]:
+    """(Σ x, Σ min(x, cap)) over every entry of ``x``, in float64 (chunked as in row_sums_f64): both
+    from one read, and a cap costs a third of a masked sum on a CPU."""
+    flat = x.reshape(-1)
+    if flat.device.type != "cpu":
+        total = flat.sum(dtype=torch.float64)
+        return float(total), float(flat.clamp_max(cap.to(flat.device)).sum(dtype=torch.float64))
+    total = capped = torch.zeros((), dtype=torch.float64)
+    limit = cap.to(torch.float64)
+    for lo in range(0, flat.numel(), SUM_CHUNK):
+        chunk = flat[lo:lo + SUM_CHUNK].to(torch.float64)
+        total = total + chunk.sum()
+        capped = capped + chunk.clamp_max_(limit).sum()
+    return float(total), float(capped)
+
+
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """‖·‖₂ of each row of ``x`` (R, ...) flattened: shape (R,), float32, on x's device.
 

@@ -38,35 +38,56 @@ SELECT_SAMPLE = 1 << 14  # entries of a row sampled to bracket its k-th value
 def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     """Per-row k-th largest value of ``magnitudes`` (T, ...) flattened per row: shape (T,)."""
     flat = magnitudes.reshape(magnitudes.shape[0], -1)
-    n = flat.shape[1]
+    n, k = flat.shape[1], kept_count(flat.shape[1], density)
+    if 0 < k < n <= 4 * SELECT_SAMPLE:  # small rows: one batched select
+        return torch.kthvalue(flat, n - k + 1, dim=1).values
+    return torch.stack([row_threshold(row, density)[0] for row in flat]) if flat.shape[0] else flat.new_zeros(0)
+
+
+def row_threshold(row: torch.Tensor, density: float) -> tuple[torch.Tensor, int]:
+    """The k-th largest entry of a 1-d ``row`` (0 when it is empty) and how many entries are below it."""
+    n = row.numel()
     k = kept_count(n, density)
     if n == 0:  # an empty tensor: nothing to keep or trim
-        return flat.new_zeros(flat.shape[0])
+        return row.new_zeros(()), 0
     if k >= n:
-        return flat.amin(dim=1)
-    if n <= 4 * SELECT_SAMPLE:
-        return torch.kthvalue(flat, n - k + 1, dim=1).values
-    return torch.stack([_kth_smallest(row, n - k + 1) for row in flat])
+        return row.amin(), 0
+    return kth_smallest(row, n - k + 1)
 
 
-def _kth_smallest(row: torch.Tensor, q: int) -> torch.Tensor:
-    """The exact q-th smallest entry (1-based) of a 1-d tensor, in fewer passes than a full select.
+def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
+    """The exact q-th smallest entry (1-based) of a 1-d tensor and how many entries are below it, in a
+    few passes instead of a full select (NaN counts as the largest value, as in ``torch.kthvalue``).
 
-    A strided sample brackets it in [lo, hi]; counting the entries below lo and selecting among
-    the few in [lo, hi] is exact whenever the bracket holds it, which is checked (else a full select).
+    A strided sample gives a guess. Task vectors of bfloat16 checkpoints repeat each magnitude so
+    often that the guess usually is the answer, which counting the entries below and at it confirms.
+    Otherwise those counts tell on which side the answer lies; the sample brackets it there, and it
+    is selected among the few entries inside the bracket (checked: if the bracket misses, a full select).
     """
     n = row.numel()
+    if n <= 4 * SELECT_SAMPLE:
+        value = torch.kthvalue(row, q).values
+        return value, int(torch.count_nonzero(row < value))
     sample = row[:: max(1, n // SELECT_SAMPLE)].sort().values
     m = sample.numel()
     frac = q / n
-    margin = 4.0 * math.sqrt(m * frac * (1.0 - frac)) + 16.0
-    lo = sample[max(0, int(frac * m - margin))]
-    hi = sample[min(m - 1, int(frac * m + margin))]
-    below = int(torch.count_nonzero(row < lo))
-    inside = row[(row >= lo) & (row <= hi)]
-    if below < q <= below + inside.numel():
-        return torch.kthvalue(inside, q - below).values
-    return torch.kthvalue(row, q).values
+    at = min(m - 1, int(frac * m))
+    margin = int(4.0 * math.sqrt(m * frac * (1.0 - frac))) + 16
+    guess = sample[at]
+    below = int(torch.count_nonzero(row < guess))
+    if below < q:
+        up_to = below + int(torch.count_nonzero(row == guess))
+        if q <= up_to:
+            return guess, below
+        under, inside = up_to, row[(row > guess) & (row <= sample[min(m - 1, at + margin)])]
+    else:
+        lo = sample[max(0, at - margin)]
+        under, inside = int(torch.count_nonzero(row < lo)), row[(row >= lo) & (row < guess)]
+    if under < q <= under + inside.numel():
+        value = torch.kthvalue(inside, q - under).values
+        return value, under + int(torch.count_nonzero(inside < value))
+    value = torch.kthvalue(row, q).values
+    return value, int(torch.count_nonzero(row < value))
 
 
 class HistogramSelect:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from neuromerge_cli import stats as stats_module
 from neuromerge_cli.engine import schedule
 from neuromerge_cli.stats import GlobalStat, MajoritySignStat, TrimStat, abs_difference
+from neuromerge_cli.topk import SELECT_SAMPLE
 from reference import kept_k
 
 SHAPES = [(6, 5), (11,), (2, 3, 4), ()]
@@ -81,6 +84,38 @@ def test_tensor_scope_trims_each_tensor_on_its_own() -> None:
     assert trim.sigma == pytest.approx((removed / total).tolist(), rel=1e-12)
     n = sum(x[0].numel() for x in tensors)
     assert trim.summary()["kept_fraction"] == pytest.approx((kept / n).tolist())
+
+
+def bf16_task_vectors(n: int, seed: int) -> list[torch.Tensor]:
+    """[θ0, θ_1..θ_3] in bfloat16, as stored: τ repeats each magnitude many times."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).bfloat16()
+    return [base] + [(base.float() + 0.01 * torch.randn(n, generator=g)).bfloat16() for _ in range(3)]
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_tensor_scope_statistics_of_large_stored_tensors_match_a_plain_count(nonfinite: bool) -> None:
+    # above the bracketing size, with NaN and Inf inputs as --allow-nonfinite lets through
+    tensors = bf16_task_vectors(5 * SELECT_SAMPLE + 17, seed=4)
+    if nonfinite:
+        tensors[1][3] = float("inf")
+        tensors[2][10:20] = float("nan")
+    density = 0.3
+    trim = TrimStat(density, "tensor", 3, torch.device("cpu"))
+    trim.observe_stored(0, "w", tensors, torch.ones(3))
+    trim.end_pass(0)
+    n = tensors[0].numel()
+    taus = torch.stack([x.float() - tensors[0].float() for x in tensors[1:]])
+    masked = trim.mask(taus.clone(), "w")
+    for t in range(3):
+        mags = (tensors[t + 1].double() - tensors[0].double()).abs()
+        thr = mags.float().sort(descending=True).values[kept_k(n, density) - 1]  # NaN sorts first
+        keep = mags >= thr
+        removed, total = float(mags[~keep].sum()), float(mags.sum())
+        assert trim.summary()["kept_fraction"][t] == float(keep.sum()) / n
+        assert trim.sigma[t] == pytest.approx(removed / total if total > 0 else 0.0, rel=1e-12)  # NaN: 0
+        want = torch.where(keep | taus[t].isnan(), taus[t], 0.0)  # trimmed entries 0, NaN stays NaN
+        torch.testing.assert_close(masked[t], want, rtol=0, atol=0, equal_nan=True)
 
 
 def test_density_one_keeps_everything_without_a_pass() -> None:

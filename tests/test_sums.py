@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuromerge_cli import sums
-from neuromerge_cli.sums import row_norms, row_sums_f64, sum_f64
+from neuromerge_cli.sums import row_norms, row_sums_f64, sum_and_capped_sum, sum_f64
 
 
 @pytest.mark.parametrize("shape", [(3, 1000), (2, 5, 7), (1, 0), (4, 1)])
@@ -26,6 +26,16 @@ def test_sums_of_signs_are_exact_beyond_float32_integers() -> None:
     x = torch.ones((1 << 24) + 3)  # 2^24 + 3 is not a float32 integer
     assert sum_f64(x) == (1 << 24) + 3
     assert sum_f64(torch.empty(0)) == 0.0
+
+
+@pytest.mark.parametrize("numel", [0, 1, 1000])
+def test_sum_and_capped_sum_match_math_fsum(numel: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sums, "SUM_CHUNK", 64)
+    x = torch.rand(numel, generator=torch.Generator().manual_seed(numel)).reshape(-1, 1) * 1e3
+    cap = torch.tensor(371.5)
+    total, capped = sum_and_capped_sum(x, cap)
+    assert total == pytest.approx(math.fsum(x.reshape(-1).tolist()), rel=1e-12, abs=1e-9)
+    assert capped == pytest.approx(math.fsum(min(v, 371.5) for v in x.reshape(-1).tolist()), rel=1e-12, abs=1e-9)
 
 
 @pytest.mark.parametrize("shape", [(3, 100_000), (2, 5, 7), (1, 0)])
