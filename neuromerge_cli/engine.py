@@ -21,7 +21,7 @@ from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
-from .stats import GlobalStat, TensorMajorityStat
+from .stats import GlobalStat, TensorMajorityStat, float_task_vectors
 from .sums import row_norms
 from .distributed import World, shutdown, world_from_env
 from .writer import (AsyncWriter, ShardWriter, check_free_space, check_output_location, deferred_signals, shared_folder,
@@ -186,10 +186,7 @@ class TensorLoader:
 
     def as_float(self, tensors: list[torch.Tensor], name: str = "", check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(θ0, τ stacked (T, ...)) in float32 on the compute device; refuses NaN/Inf inputs unless allowed."""
-        base = tensors[0].to(self.device, non_blocking=True).float()
-        deltas = torch.empty((len(tensors) - 1, *base.shape), dtype=torch.float32, device=self.device)
-        for t, task in enumerate(tensors[1:]):
-            deltas[t].copy_(task.to(self.device, non_blocking=True)).sub_(base)
+        base, deltas = float_task_vectors(tensors, self.device)
         if check and not self.allow_nonfinite and tensors[0].dtype.is_floating_point:
             self.check_finite(tensors, deltas.view(deltas.shape[0], -1).sum(1), name)
         return base, deltas

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .memory import release_free_memory
-from .sums import row_sums_f64, sum_and_capped_sum, sum_f64
+from .sums import sign_total, sum_and_capped_sum, sum_f64
 from .topk import LOW_BINS, StreamingTopK, TrimSplit, kept_count, row_threshold, tensor_thresholds
 
 
@@ -53,6 +53,16 @@ class GlobalStat:
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+
+def float_task_vectors(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ0, τ stacked (T, ...)) in float32 on ``device`` from [θ0, θ_1..θ_T] as stored: each θ_t is
+    converted straight into its slot and θ0 subtracted there (no separate float32 copies to stack)."""
+    base = tensors[0].to(device, non_blocking=True).float()
+    deltas = torch.empty((len(tensors) - 1, *base.shape), dtype=torch.float32, device=device)
+    for t, task in enumerate(tensors[1:]):
+        deltas[t].copy_(task.to(device, non_blocking=True)).sub_(base)
+    return base, deltas
 
 
 DIFF_CHUNK = 1 << 20  # entries converted and subtracted at a time by abs_difference
@@ -299,7 +309,7 @@ class MajoritySignStat(GlobalStat):
         weighted = flat if bool((weights == 1).all()) else flat * weights.reshape(-1, 1)
         kept = (weighted.view(torch.int32) & split.kept_mask()).view(torch.float32)  # trimmed → +0.0
         s_trimmed = torch.sign(kept.sum(0))
-        self._sum += sum_f64(s_trimmed)
+        self._sum += sign_total(s_trimmed).cpu()
         if not split.columns.numel():
             return
         cols = split.columns
@@ -335,7 +345,7 @@ class MajoritySignStat(GlobalStat):
         many = (open_ >= 3).nonzero().squeeze(1)
         if many.numel():
             held = cols[many]
-            self._sum -= sum_f64(s_trimmed[held])  # settled at the end instead
+            self._sum -= sign_total(s_trimmed[held]).cpu()  # settled at the end instead
             rows = torch.where(split.high[:, held] >= split.bins, flat[:, held], 0.0)  # τ, trimmed ones 0
             self._rows.add(rows.t().contiguous().view(torch.int32).cpu(), torch.ones(held.numel(), dtype=torch.float64))
             self._weights = weights
@@ -445,8 +455,7 @@ class TensorMajorityStat(GlobalStat):
             total = 0.0
             for r0 in range(0, shape[0], step):
                 views = [t.reshape(t.shape[0], -1) for t in self.reader(name, (r0, min(shape[0], r0 + step)))]
-                base = views[0].to(self.device, torch.float32)
-                deltas = torch.stack([v.to(self.device, torch.float32) for v in views[1:]]).sub_(base)
+                base, deltas = float_task_vectors(views, self.device)
                 total += self._sign_sum(name, shape, r0, base, deltas, weights)
             self._sums[name] = total
         total = self._sums[name]
@@ -457,8 +466,8 @@ class TensorMajorityStat(GlobalStat):
 
 
 def signs_sum(x: torch.Tensor) -> torch.Tensor:
-    """Σ over the coordinates of sign(Σ_t x_t) for x (T, ...), exactly, as a float64 tensor (1,)."""
-    return row_sums_f64(torch.sign(x.sum(0)).reshape(1, -1))
+    """Σ over the coordinates of sign(Σ_t x_t) for x (T, ...), exactly, as a 0-d float64 tensor."""
+    return sign_total(torch.sign(x.sum(0)))
 
 
 __all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "TensorMajorityStat", "kept_count"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuromerge_cli import sums
-from neuromerge_cli.sums import row_norms, row_sums_f64, sum_and_capped_sum, sum_f64
+from neuromerge_cli.sums import row_norms, row_sums_f64, sign_total, sum_and_capped_sum, sum_f64
 
 
 @pytest.mark.parametrize("shape", [(3, 1000), (2, 5, 7), (1, 0), (4, 1)])
@@ -26,6 +26,18 @@ def test_sums_of_signs_are_exact_beyond_float32_integers() -> None:
     x = torch.ones((1 << 24) + 3)  # 2^24 + 3 is not a float32 integer
     assert sum_f64(x) == (1 << 24) + 3
     assert sum_f64(torch.empty(0)) == 0.0
+
+
+def test_sign_totals_are_exact_past_a_float32_sums_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    signs = torch.ones((1 << 25) + 5)  # 2^25 + 5: beyond float32 integers, and two chunks and a bit
+    signs[::7] = -1.0
+    signs[3::11] = 0.0
+    want = int((signs == 1).sum()) - int((signs == -1).sum())
+    assert sign_total(signs).dtype == torch.float64 and float(sign_total(signs)) == want
+    monkeypatch.setattr(sums, "SIGN_CHUNK", 1000)  # many short chunks: the same exact figure
+    part = signs[5:].reshape(8, -1)[:, :9999]  # not contiguous
+    assert float(sign_total(part)) == int(part.sum())
+    assert float(sign_total(torch.empty(0))) == 0.0
 
 
 @pytest.mark.parametrize("numel", [0, 1, 1000])

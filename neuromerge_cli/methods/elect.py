@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..sums import sum_f64
+from ..sums import sign_total
 
 MERGE_FUNCTIONS = ("elect_mean", "elect_sum", "mean", "sum")
 
@@ -65,7 +65,7 @@ def weighted_values(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 def elected_sign_sum(values: torch.Tensor, weights: torch.Tensor) -> float:
     """Σ over the coordinates of ``values`` (T, *S) of the elected sign sign(Σ_t w_t x_t): summed over
     blocks of a group, its sign is the group's majority sign (exact: a sum of ±1 and 0)."""
-    return sum_f64(torch.sign(weighted_values(values, weights).sum(dim=0)))
+    return float(sign_total(torch.sign(weighted_values(values, weights).sum(dim=0))))
 
 
 def merge_values(
