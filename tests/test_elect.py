@@ -134,3 +134,16 @@ def test_ties_with_values_sees_subnormal_values() -> None:
 def test_sign_conflict_rate_counts_tiny_values() -> None:
     x = torch.tensor([[1e-30, 0.0, 2.0], [-1e-30, 0.0, 3.0]])
     assert sign_conflict_rate(x) == pytest.approx(1 / 3)
+
+
+def test_sign_conflict_rate_matches_its_definition_on_random_values_with_zeros_inf_and_nan() -> None:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 5000, generator=g)
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.4, 0.0, x)
+    x[1, :30] = float("nan")
+    x[2, 40:60] = float("-inf")
+    x[0, 100:110] = 1e-45  # subnormal
+    finite_rows = ~x.isnan().any(dim=0)
+    conflict = (x < 0).any(dim=0) & (x > 0).any(dim=0) & finite_rows  # a NaN coordinate never conflicts
+    assert sign_conflict_rate(x) == int(conflict.sum()) / 5000
+    assert sign_conflict_rate(x[:1]) == 0.0  # one task cannot disagree with itself
