@@ -99,3 +99,25 @@ def test_draws_follow_the_documented_chunks_whatever_the_row_blocks(monkeypatch:
         blocks = [dare_drop(tau[:, r:r + step], keep, seed, "w", r, 37) for r in range(0, 37, step)]
         assert torch.equal(torch.cat(blocks, dim=1), want), step
     assert not torch.equal(dare_drop(tau, keep, seed + 1, "w"), want)
+
+
+def test_a_tensors_majority_read_between_its_blocks_draws_no_chunk_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the merge pass draws block 0, a tie there reads every block for the tensor's majority sign, then
+    # blocks 1.. are merged: each (task, chunk) is drawn once, also with another tensor's chunks between
+    monkeypatch.setattr(common, "DARE_CHUNK", 64)
+    monkeypatch.setattr(common, "_DRAWN", type(common._DRAWN)())
+    drawn: list[int] = []
+    real = common.chunk_keep
+    monkeypatch.setattr(common, "chunk_keep", lambda seed, n, bound: drawn.append(seed) or real(seed, n, bound))
+    tau = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))  # 4 chunks of 64 per task
+    dare_drop(torch.randn(3, 4, 16), 0.5, 2, "other")  # one chunk per task of another tensor first
+    blocks = [dare_drop(tau[:, r:r + 4], 0.5, 2, "w", r, 16) for r in (0, 4, 8, 12)]  # the majority's read
+    merged = [dare_drop(tau[:, r:r + 4], 0.5, 2, "w", r, 16) for r in (4, 8, 12)]
+    assert len(drawn) == 3 + 12 and len(set(drawn)) == 15
+    assert all(torch.equal(a, b) for a, b in zip(blocks[1:], merged))
+    monkeypatch.setattr(common, "DRAWN_CHUNKS_KEPT", 2)  # a bounded cache: the least recently used go
+    dare_drop(tau[:, 12:], 0.5, 2, "w", 12, 16)  # hits, and now the most recent
+    dare_drop(tau[:, :4], 0.5, 2, "x", 0, 16)  # three new chunks: only the last two stay
+    assert len(drawn) == 18 and len(common._DRAWN) == 2
+    dare_drop(tau[:, 12:], 0.5, 2, "w", 12, 16)
+    assert len(drawn) == 21

@@ -34,10 +34,13 @@ def tensor_seed(seed: int, name: str, task: int) -> int:
 
 
 DARE_CHUNK = 1 << 20  # entries of a flattened task vector drawn from one generator
-# The chunks drawn last: a block of rows that ends inside a chunk leaves the rest of it to the next
-# block (rows whose width does not divide DARE_CHUNK), which then need not draw it again.
+# The chunks used last (at most DRAWN_CHUNKS_KEPT of them, 1 MiB each): a block of rows that ends
+# inside a chunk leaves the rest of it to the next block, and a tensor's majority sign, found by
+# reading all its blocks while its first ones are merged, draws the chunks the later blocks need.
+# 16 holds a 4M-entry tensor's chunks for three tasks: on a 0.47B dare_ties merge 1677 draws instead
+# of 2325 (3.4 vs 5.7 s of drawing); 64 cost more than they saved (heap fragmentation, +0.3 GB RSS).
 _DRAWN: OrderedDict[tuple[int, str, int, int, int, int], torch.Tensor] = OrderedDict()
-DRAWN_CHUNKS_KEPT = 8
+DRAWN_CHUNKS_KEPT = 16
 
 
 def chunk_seed(seed: int, name: str, task: int, chunk: int) -> int:
@@ -77,6 +80,8 @@ def dare_keep(keep: float, seed: int, name: str, task: int, start: int, stop: in
             kept = _DRAWN[key] = chunk_keep(chunk_seed(seed, name, task, c), min(DARE_CHUNK, numel - lo), bound)
             while len(_DRAWN) > DRAWN_CHUNKS_KEPT:
                 _DRAWN.popitem(last=False)
+        else:
+            _DRAWN.move_to_end(key)
         parts.append(kept[max(start, lo) - lo: min(stop, lo + DARE_CHUNK) - lo])
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
