@@ -147,7 +147,7 @@ class TrimStat(GlobalStat):
                 kept = n - below
                 removed = max(0.0, capped - float(value) * kept)
             else:
-                keep = mags >= value.to(mags.device)
+                keep = mags >= value  # on mags.device, as row_threshold found it there
                 kept = int(torch.count_nonzero(keep))
                 removed = sum_f64(mags.masked_fill_(keep, 0.0))
             self._total[t] += total
