@@ -9,7 +9,7 @@ import shutil
 import signal
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
@@ -21,6 +21,31 @@ if TYPE_CHECKING:
     from .distributed import World
 
 INDEX_NAME = "model.safetensors.index.json"
+WRITEBACK_BYTES = 64 << 20  # bytes written to a shard after which its writeback to disk is started
+
+
+def _writeback_starter() -> Callable[[int], None]:
+    """A function that starts writing a file's dirty pages to disk without waiting for them (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``); elsewhere one that does nothing.
+
+    Started as the merge goes, the writeback overlaps the computing, and the fsync that publishes the
+    output (writer.atomic_folder) finds little left to flush: on a 0.47B merge it took 1.3 s otherwise.
+    """
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+        call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    except (OSError, AttributeError, TypeError):
+        return lambda fd: None
+
+    def start(fd: int) -> None:
+        call(fd, 0, 0, 2)  # the whole file, SYNC_FILE_RANGE_WRITE; a hint: a failure is harmless
+
+    return start
+
+
+start_writeback = _writeback_starter()
 
 
 class ShardWriter:
@@ -38,6 +63,7 @@ class ShardWriter:
         self.create = create
         self._where: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
         self._files: dict[str, int] = {}
+        self._unflushed: dict[int, int] = {}  # bytes written to each file since its writeback was started
         self._left: dict[str, int] = {t.name: t.nbytes for t in plan.tensors if owns is None or t.name in owns}
         by_name = plan.by_name()
         for file, names in plan.shards.items():
@@ -78,6 +104,10 @@ class ShardWriter:
         while written < len(data):
             written += os.pwrite(fd, data[written:], offset + written)
         self._left[name] -= len(data)
+        self._unflushed[fd] = self._unflushed.get(fd, 0) + len(data)
+        if self._unflushed[fd] >= WRITEBACK_BYTES:
+            start_writeback(fd)
+            self._unflushed[fd] = 0
 
     def close(self, write_index: bool = True) -> None:
         """Close every shard and write the index; every tensor this writer owns must have been written."""

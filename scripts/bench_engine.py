@@ -281,7 +281,10 @@ def main() -> None:
         out = work / "out-neuromerge"
         cmd = [sys.executable, "-m", "neuromerge_cli", "run", str(path), "-o", str(out), "--overwrite", "-q",
                *args.neuromerge_args.split()]
-        runs = [timed(cmd, env=env, cwd=ROOT) for _ in range(args.repeat)]
+        runs = []
+        for _ in range(args.repeat):  # like mergekit's below, each run starts without an output to replace
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            runs.append(timed(cmd, env=env, cwd=ROOT))
         results[label] = {"neuromerge_s": min(r[0] for r in runs), "neuromerge_rss": max(r[1] for r in runs)}
         print(f"neuromerge {label}: {results[label]}", file=sys.stderr, flush=True)
 

@@ -169,3 +169,41 @@ def test_tied_weights_sharing_storage_in_a_bin(tmp_path: Path) -> None:
     assert set(out) == set(ref)
     for name in out:
         torch.testing.assert_close(out[name].double(), ref[name].double(), rtol=0, atol=1e-6, msg=name)
+
+
+def test_writeback_is_started_per_shard_as_the_bytes_add_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from neuromerge_cli import writer
+
+    base, tasks = toy_family(tmp_path, 2, shards=3)
+    started: list[str] = []  # the file of each writeback started
+    monkeypatch.setattr(writer, "WRITEBACK_BYTES", 600)
+    monkeypatch.setattr(writer, "start_writeback", lambda fd: started.append(os.readlink(f"/proc/self/fd/{fd}")))
+    merge(recipe_dict(base, tasks, "task_arithmetic"), tmp_path / "out")
+    written = {p.name: p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors")}
+    assert {Path(f).name for f in started} <= set(written)
+    # every 600 bytes of tensor data written to a shard start one writeback of that shard
+    data = {name: size - 8 - int.from_bytes((tmp_path / "out" / name).read_bytes()[:8], "little")
+            for name, size in written.items()}
+    counts = {name: sum(Path(f).name == name for f in started) for name in written}
+    assert any(size >= 600 for size in data.values())
+    for name in written:
+        assert (data[name] >= 600) <= counts[name] <= data[name] // 600
+
+
+def test_start_writeback_leaves_the_file_as_written(tmp_path: Path) -> None:
+    import os
+
+    from neuromerge_cli.writer import start_writeback
+
+    path = tmp_path / "f.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.pwrite(fd, b"x" * 100_000, 0)
+        start_writeback(fd)
+        os.pwrite(fd, b"y" * 10, 5)
+        start_writeback(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 5 + b"y" * 10 + b"x" * (100_000 - 15)
