@@ -17,6 +17,7 @@ from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
 from .figures import Figure, Norm, Ratio, figure_values
 from .methods import Method, TensorJob, get_method
+from .methods.elect import DeferredMajority
 from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
@@ -362,6 +363,24 @@ def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
     return outs, norms, stats
 
 
+def mended_ties(deferred: DeferredMajority, majority: float, scales: list[float], dtype: torch.dtype,
+                delta_sq: list[float]) -> list[torch.Tensor] | None:
+    """A block's outputs at its tied positions (θ0 + scale · merged in ``dtype``, one per variant of
+    ``scales``) once its tensor's ``majority`` sign is known, or None when its election guessed right;
+    the variants' squared delta norms ``delta_sq`` are mended in place. The same float32 operations as
+    merge_piece: the bytes of an election that knew the sign."""
+    if deferred.guess == majority:
+        return None
+    assert deferred.base_values is not None
+    new, old = deferred.candidates[majority], deferred.candidates[deferred.guess]
+    outs = []
+    for k, scale in enumerate(scales):
+        delta = new * scale
+        outs.append((deferred.base_values + delta).to(dtype))
+        delta_sq[k] += float(delta.double().square().sum() - (old * scale).double().square().sum())
+    return outs
+
+
 @dataclass(frozen=True)
 class Variant:
     """One output of a merge pass: a folder, and values for the method's scale parameters.
@@ -455,6 +474,35 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                 [Piece(n) for n in mine if by_name[n].role == "copy"]
             meter = PassProgress(options.progress, "merge", prepared, mine)
             scratch = Scratch()
+
+            def emit(piece: Piece, outs: list[torch.Tensor]) -> None:
+                for writer, out in zip(writers, outs):
+                    event = None
+                    if out.device.type == "cuda":
+                        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                        host.copy_(out, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        out = host
+                    background.write(writer, [piece.name, *aliases.get(piece.name, ())], out, piece.row, event)
+
+            def settle(name: str, blocks: list[tuple[int, DeferredMajority]]) -> None:
+                """Mend, in the files, the written blocks (first row, election) of tensor ``name`` whose
+                elections guessed its majority sign wrong (a short read and write each)."""
+                stat = by_key["tensor_majority"]
+                assert isinstance(stat, TensorMajorityStat)
+                majority = stat.sign(name)
+                for row, deferred in blocks:
+                    values = mended_ties(deferred, majority, [v[deferred.part] for v in scales] if scales else [1.0],
+                                         by_name[name].dtype, figures[name].delta_sq)
+                    if values is None:
+                        continue
+                    stat.blocks_mended += 1
+                    positions = deferred.positions.cpu()
+                    for writer, v in zip(writers, values):
+                        background.patch(writer, [name, *aliases.get(name, ())], row, positions, v.cpu())
+
+            waiting: list[tuple[int, DeferredMajority]] = []  # blocks of the current tensor elected with a guess
             for piece, tensors in loader.stream_pieces(work):
                 t = by_name[piece.name]
                 if t.role == "copy":
@@ -473,16 +521,13 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                     fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
                     fig.add(l1, l2, delta_norms, extra, deltas[0].numel())
                     outs = [m.to(t.dtype) for m in merged]
-                for writer, out in zip(writers, outs):
-                    event = None
-                    if out.device.type == "cuda":
-                        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-                        host.copy_(out, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record()
-                        out = host
-                    background.write(writer, [piece.name, *aliases.get(piece.name, ())], out, piece.row, event)
+                    if job.deferred is not None and job.deferred.positions is not None:
+                        waiting.append((piece.row, job.deferred))
+                emit(piece, outs)
                 if _last(by_name, piece):
+                    if waiting:
+                        settle(piece.name, waiting)
+                        waiting.clear()
                     meter.tick(piece.name)
             background.drain()
             for writer in writers:

@@ -425,29 +425,54 @@ Reader = Callable[[str, tuple[int, int]], list[torch.Tensor]]
 
 
 class TensorMajorityStat(GlobalStat):
-    """Per tensor, the majority sign m = sign(Σ over the tensor of the elected signs), on demand.
+    """Per tensor, the majority sign m = sign(Σ over the tensor of the elected signs).
 
     An election falls back to m where Σ_t w_t x_t = 0 exactly while some x_t ≠ 0, and the group is the
-    tensor (per-tensor TIES, DARE-TIES, NeuroMerging's parallel coefficients). A block of rows that
-    has such a tie asks for m; it is then found from the tensor's inputs, read again (``reader``, set
-    by the engine with ``shapes``) in blocks of rows of about ROW_CHUNK_ELEMENTS entries, with
-    ``sign_sum`` giving each block's Σ of signs (a sum of ±1 and 0: exact in float64), and cached.
+    tensor (per-tensor TIES, DARE-TIES, NeuroMerging's parallel coefficients). Two ways to find m for
+    a tensor merged in blocks of rows:
+
+    - from the merge pass (``sign_sum`` None): each block adds its Σ of signs (``add``) and elects
+      ties with a ``guess``, mended once the tensor's last block is in (elect.DeferredMajority);
+    - on demand (``sign_sum`` given): the first block with a tie reads the tensor's inputs again
+      (``reader``, set by the engine with ``shapes``) in blocks of about ROW_CHUNK_ELEMENTS entries,
+      ``sign_sum`` giving each block's Σ of signs (a sum of ±1 and 0: exact in float64), and caches m.
+      For elections whose mending would change more than the tied entries (NeuroMerging's per-neuron
+      coefficients scale whole rows).
     """
 
     key = "tensor_majority"
     passes = 0
 
-    def __init__(self, sign_sum: SignSum, device: torch.device) -> None:
+    def __init__(self, sign_sum: SignSum | None, device: torch.device) -> None:
         self._sign_sum = sign_sum
         self.device = torch.device(device)
         self.reader: Reader | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._sums: dict[str, float] = {}
+        self.blocks_mended = 0
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the merge pass finds m (elect.DeferredMajority) rather than a second read."""
+        return self._sign_sum is None
+
+    def add(self, name: str, total: float) -> None:
+        """Add a block's Σ of elected signs to tensor ``name``'s total (deferred)."""
+        self._sums[name] = self._sums.get(name, 0.0) + total
+
+    def sign(self, name: str) -> float:
+        """The sign of tensor ``name``'s total so far: m once every block has been added."""
+        total = self._sums.get(name, 0.0)
+        return float((total > 0) - (total < 0))
+
+    def guess(self, name: str) -> float:
+        """A block's guess of m (deferred): the sign of the blocks so far, +1 before any."""
+        return self.sign(name) or 1.0
 
     def majority(self, name: str, weights: torch.Tensor) -> float:
         """m of tensor ``name`` (of ndim >= 1), read from its inputs the first time it is asked for."""
         if name not in self._sums:
-            if self.reader is None:
+            if self.reader is None or self._sign_sum is None:
                 raise RuntimeError("TensorMajorityStat: no reader to find a tensor's majority sign")
             shape = torch.Size(self.shapes[name])
             per_row = shape[1:].numel()
@@ -458,10 +483,11 @@ class TensorMajorityStat(GlobalStat):
                 base, deltas = float_task_vectors(views, self.device)
                 total += self._sign_sum(name, shape, r0, base, deltas, weights)
             self._sums[name] = total
-        total = self._sums[name]
-        return float((total > 0) - (total < 0))
+        return self.sign(name)
 
     def summary(self) -> dict[str, Any]:
+        if self.deferred:  # blocks elected with a wrong guess, mended after their tensor's last block
+            return {"blocks_mended": self.blocks_mended}
         return {"tensors_read_again": len(self._sums)}  # blocks of these tensors had an exact tie
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -78,11 +79,11 @@ class ShardWriter:
             raw += b" " * (-len(raw) % 8)
             start = 8 + len(raw)
             if create:
-                fd = os.open(folder / file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(folder / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
                 os.ftruncate(fd, start + offset)
             else:
-                fd = os.open(folder / file, os.O_WRONLY)
+                fd = os.open(folder / file, os.O_RDWR)
             self._files[file] = fd
             for name in names:
                 begin, _ = header[name]["data_offsets"]  # type: ignore[index]
@@ -108,6 +109,20 @@ class ShardWriter:
         if self._unflushed[fd] >= WRITEBACK_BYTES:
             start_writeback(fd)
             self._unflushed[fd] = 0
+
+    def patch(self, name: str, row: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite entries of a written tensor: ``values`` (CPU, planned dtype) at ``positions`` (CPU,
+        ascending, in the tensor flattened from ``row`` on). The span they lie in is read and written back."""
+        fd, offset, dtype, shape = self._where[name]
+        if values.dtype != dtype or positions.shape != values.shape:
+            raise AssertionError(f"{name}: patch of {values.dtype} {list(values.shape)} at {list(positions.shape)} "
+                                 f"positions, planned {dtype}")
+        size = values.element_size()
+        first, last = int(positions[0]), int(positions[-1])
+        start = offset + (row * math.prod(shape[1:]) + first) * size
+        span = bytearray(os.pread(fd, (last - first + 1) * size, start))
+        torch.frombuffer(span, dtype=torch.uint8).view(dtype)[positions - first] = values
+        os.pwrite(fd, span, start)
 
     def close(self, write_index: bool = True) -> None:
         """Close every shard and write the index; every tensor this writer owns must have been written."""
@@ -156,12 +171,15 @@ class AsyncWriter:
                 return
             if self._error is not None:
                 continue
-            writer, names, tensor, row, event = item
+            writer, names, tensor, row, event, positions = item
             try:
                 if event is not None:
                     event.synchronize()
                 for name in names:
-                    writer.write(name, tensor, row)
+                    if positions is None:
+                        writer.write(name, tensor, row)
+                    else:
+                        writer.patch(name, row, positions, tensor)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the producer
                 self._error = exc
 
@@ -174,7 +192,12 @@ class AsyncWriter:
         """Queue ``tensor`` to be written by ``writer`` at ``row`` of every tensor in ``names`` (a tensor
         and its aliases)."""
         self._check()
-        self._queue.put((writer, names, tensor, row, event))
+        self._queue.put((writer, names, tensor, row, event, None))
+
+    def patch(self, writer: ShardWriter, names: list[str], row: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+        """Queue a ShardWriter.patch of every tensor in ``names``, after the writes queued before it."""
+        self._check()
+        self._queue.put((writer, names, values, row, None, positions))
 
     def stop(self) -> None:
         """Stop the thread without raising (on the way out of a failed merge)."""

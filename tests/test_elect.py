@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuromerge_cli.methods.elect import elected_signs, merge_values, sign_conflict_rate, ties_with_values, weighted_sum
+from neuromerge_cli.methods.elect import (DeferredMajority, elected_sign_sum, elected_signs, merge_values,
+                                          sign_conflict_rate, ties_with_values, weighted_sum)
 
 # three tasks, five coordinates
 X = torch.tensor([
@@ -147,3 +148,33 @@ def test_sign_conflict_rate_matches_its_definition_on_random_values_with_zeros_i
     conflict = (x < 0).any(dim=0) & (x > 0).any(dim=0) & finite_rows  # a NaN coordinate never conflicts
     assert sign_conflict_rate(x) == int(conflict.sum()) / 5000
     assert sign_conflict_rate(x[:1]) == 0.0  # one task cannot disagree with itself
+
+
+@pytest.mark.parametrize("merge_fn", ["elect_mean", "elect_sum"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0, 1.0], [0.5, 2.0, 1.0, 0.25]])
+@pytest.mark.parametrize("ties", [0, 1, 40])
+def test_a_deferred_majority_keeps_what_every_majority_would_give(merge_fn: str, weights: list[float], ties: int) -> None:
+    g = torch.Generator().manual_seed(ties)
+    x = torch.randint(1 if ties == 1 else -3, 4, (4, 20, 9), generator=g).float() / 4  # ties=1: a single tie
+    flat = x.view(4, -1)
+    cols = torch.randperm(flat.shape[1], generator=g)[:ties]
+    flat[:, cols] = torch.tensor([[1.0], [-0.5], [-0.5], [0.0]]) / torch.tensor(weights)[:, None]  # Σ w x = 0
+    w = torch.tensor(weights)
+    base = torch.randn(20, 9, generator=g)
+    tied = ties_with_values(x * w[:, None, None], torch.sign((x * w[:, None, None]).sum(0)))
+    assert tied or not ties
+    added: list[float] = []
+    for guess in (1.0, -1.0):
+        deferred = DeferredMajority(added.append, guess, base, "lambda")
+        got = merge_values(x, w, merge_fn, majority=deferred)
+        assert torch.equal(got, merge_values(x, w, merge_fn, majority=guess if tied else 0.0))
+        assert added[-1] == elected_sign_sum(x, w)  # the block's Σ of elected signs, for the tensor's total
+        if not tied:
+            assert deferred.positions is None
+            continue
+        positions = deferred.positions
+        assert positions is not None and set(positions.tolist()) >= set(cols.tolist())
+        assert ties != 1 or positions.numel() == 1
+        assert torch.equal(deferred.base_values, base.view(-1)[positions])
+        for m in (1.0, -1.0, 0.0):  # bit for bit what an election told m gives at the tied coordinates
+            assert torch.equal(deferred.candidates[m], merge_values(x, w, merge_fn, majority=m).view(-1)[positions])

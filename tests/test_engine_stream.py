@@ -181,3 +181,55 @@ def test_the_cancellations_reach_the_majority_fallback(tmp_path: Path) -> None:
     x = torch.stack([t["w"] - b["w"] for t in ts])
     w = torch.ones(3)
     assert not torch.equal(merge_values(x, w, "elect_mean"), merge_values(x, w, "elect_mean", majority=0.0))
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": 0.6, "mask_scope": "tensor"}),
+    ("ties", {"density": 0.6, "mask_scope": "tensor", "merge_fn": "elect_sum", "lambda": 0.7}),
+    ("dare_ties", {"density": 0.7, "seed": 2, "lambda": 1.3}),
+])
+def test_blocks_elected_with_a_wrong_guess_are_mended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       method: str, params: dict) -> None:
+    """Whatever majority sign the blocks of a tensor guess, the output is the whole tensor's, byte for byte,
+    with its delta norms; one of the two guesses is wrong, so mending is what is tested."""
+    from neuromerge_cli.stats import TensorMajorityStat
+
+    base, tasks = cancelling_family(tmp_path / "m")
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, method, params)
+    whole = merge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    expected = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    mended = []
+    for guess in (1.0, -1.0):
+        monkeypatch.setattr(TensorMajorityStat, "guess", lambda self, name, g=guess: g)
+        blocks = merge(recipe, tmp_path / f"blocks{guess}")
+        mended.append(blocks["global"]["tensor_majority"]["blocks_mended"])
+        assert (tmp_path / f"blocks{guess}" / "model.safetensors").read_bytes() == expected
+        for name, row in whole["tensors"].items():
+            assert blocks["tensors"][name]["delta_norm"] == pytest.approx(row["delta_norm"], rel=1e-6, abs=1e-9)
+    assert max(mended) > 0
+
+
+def test_a_sweep_mends_every_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuromerge_cli.engine import Variant, merge_variants
+    from neuromerge_cli.stats import TensorMajorityStat
+
+    base, tasks = cancelling_family(tmp_path / "m")
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, "ties", {"density": 0.6, "mask_scope": "tensor"})
+    lambdas = (0.5, 1.0, 1.7)
+    wanted = {}
+    for lam in lambdas:
+        single = write_recipe(tmp_path / f"r{lam}.yaml", base, tasks, "ties",
+                              {"density": 0.6, "mask_scope": "tensor", "lambda": lam})
+        merge(single, tmp_path / f"whole{lam}")
+        wanted[lam] = (tmp_path / f"whole{lam}" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    mended = []
+    for guess in (1.0, -1.0):
+        monkeypatch.setattr(TensorMajorityStat, "guess", lambda self, name, g=guess: g)
+        reports = merge_variants(prepare(load_recipe(recipe)), MergeOptions(tmp_path / "unused"),
+                                 [Variant(tmp_path / f"sweep{guess}-{lam}", {"lambda": lam}) for lam in lambdas])
+        mended.append(reports[0]["global"]["tensor_majority"]["blocks_mended"])
+        for lam in lambdas:
+            assert (tmp_path / f"sweep{guess}-{lam}" / "model.safetensors").read_bytes() == wanted[lam], (guess, lam)
+    assert max(mended) > 0

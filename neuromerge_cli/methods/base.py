@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from ..errors import MergeError, did_you_mean, key_text
-from ..stats import GlobalStat
+from ..stats import GlobalStat, TensorMajorityStat
+from .elect import DeferredMajority
 from .params import Param
 
 if TYPE_CHECKING:
@@ -32,13 +34,23 @@ class TensorJob:
     row: int = 0  # first row of the block
     rows: int | None = None  # rows of the whole tensor when the job is a block of them, else None
 
-    def tensor_majority(self) -> Callable[[], float] | None:
+    deferred: DeferredMajority | None = None  # the election of this block of rows waits for its tensor's
+
+    def tensor_majority(self, part: str = "") -> Callable[[], float] | DeferredMajority | None:
         """For an election whose group is the tensor: None for a whole tensor (the election finds its
-        majority sign itself), else a function giving the tensor's majority sign (stats.TensorMajorityStat)."""
+        majority sign itself), else (stats.TensorMajorityStat) a function giving the tensor's majority
+        sign, or a DeferredMajority kept as ``deferred`` for the engine to settle once the tensor's
+        last block is merged; ``part`` is the key of the result part the elected values are."""
         stat = self.stats.get("tensor_majority")
         if self.rows is None or stat is None:
             return None
-        return lambda: stat.majority(self.name, self.weights)  # type: ignore[attr-defined]
+        assert isinstance(stat, TensorMajorityStat)
+        if stat.deferred:
+            # partial, not a lambda over self: the engine holds the election, and must not hold the job's τ
+            self.deferred = DeferredMajority(functools.partial(stat.add, self.name), stat.guess(self.name),
+                                             self.base, part)
+            return self.deferred
+        return lambda: stat.majority(self.name, self.weights)
 
 
 @dataclass

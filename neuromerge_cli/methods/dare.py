@@ -9,7 +9,7 @@ import torch
 from ..stats import GlobalStat, TensorMajorityStat
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MERGE_FN, SEED, dare_drop, density
-from .elect import elected_sign_sum, merge_values, sign_conflict_rate, weighted_sum
+from .elect import merge_values, sign_conflict_rate, weighted_sum
 
 KEEP = density(0.2, "probability of keeping each entry of a task vector (1 − p); kept entries are scaled by 1/density")
 
@@ -39,17 +39,15 @@ class DareTies(Method):
         if params["merge_fn"] not in ("elect_mean", "elect_sum"):
             return []
         # the tensor's majority sign of the dropped values (SPEC: the group of per-tensor TIES is the
-        # tensor), for blocks of rows with an exact tie: on demand, drawing the same drop again
-        keep, seed = params["density"], params["seed"]
-        return [TensorMajorityStat(lambda name, shape, row, base, deltas, w: elected_sign_sum(
-            dare_drop(deltas, keep, seed, name, row, shape[0] if len(shape) else 1), w), device)]
+        # tensor), for blocks of rows with an exact tie: settled in the merge pass
+        return [TensorMajorityStat(None, device)]
 
     def rowwise(self, params: dict[str, Any]) -> bool:
         return True
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         dropped = dare_drop(job.deltas, params["density"], params["seed"], job.name, job.row, job.rows)
-        merged = merge_values(dropped, job.weights, params["merge_fn"], majority=job.tensor_majority())
+        merged = merge_values(dropped, job.weights, params["merge_fn"], majority=job.tensor_majority("lambda"))
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(dropped)})
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:

@@ -11,9 +11,6 @@ from ..sums import sign_total
 MERGE_FUNCTIONS = ("elect_mean", "elect_sum", "mean", "sum")
 
 
-Majority = torch.Tensor | float | Callable[[], float] | None
-
-
 def weighted_sum(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_t w_t x_t over the task axis of ``values`` (T, *S): w_0 x_0, then one fused multiply-add per
     task (``addcmul_``) into it. On a CPU twice as fast as a matrix-vector product for a few tasks,
@@ -43,8 +40,13 @@ def elected_signs(
     if majority is None:
         dims = tuple(range(s.ndim)) if group_dims is None else group_dims
         majority = torch.sign(s.sum(dim=dims, keepdim=True))
+    return fill_ties(s, majority)
+
+
+def fill_ties(s: torch.Tensor, majority: torch.Tensor | float) -> torch.Tensor:
+    """``s`` (signs of the sums, in place) with ``majority`` where it is 0; arithmetic is faster than where()."""
     majority = torch.as_tensor(majority, dtype=s.dtype, device=s.device)
-    return s.add_((1 - s.abs()).mul_(majority))  # m where s = 0; arithmetic is faster than where()
+    return s.add_((1 - s.abs()).mul_(majority))
 
 
 def ties_with_values(x: torch.Tensor, s: torch.Tensor) -> bool:
@@ -88,18 +90,71 @@ def merge_values(
     if merge_fn not in MERGE_FUNCTIONS:
         raise ValueError(f"unknown merge function {merge_fn!r}")
     weighted = weighted_values(values, weights)
-    unit = weighted is values  # every weight is 1
-    signs = elected_signs(weighted, group_dims, majority)
+    count_weights = None if weighted is values else weights  # None: every weight is 1
+
+    def merge(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+        return merge_elected(x, signs, count_weights, merge_fn == "elect_mean")
+
+    if isinstance(majority, DeferredMajority):
+        return majority.merge(weighted, merge)
+    return merge(weighted, elected_signs(weighted, group_dims, majority))
+
+
+def merge_elected(weighted: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor | None, mean: bool) -> torch.Tensor:
+    """Σ of the weighted values ``weighted`` (T, *S) whose sign is the elected one ``signs`` (*S), divided
+    by Σ of their weights (``weights``; None: every weight is 1) when ``mean``."""
     # s·x > 0 exactly where x is non-zero and has the elected sign s (never where s = 0), so the
     # agreeing values are relu(s·x), and Σ over them = s · Σ relu(s·x): arithmetic passes over
     # (T, *S) only, no boolean masks (each costs more than the arithmetic on a CPU).
     aligned = (weighted * signs).clamp_(min=0)
     magnitude = aligned.sum(dim=0)
-    if merge_fn == "elect_mean":
+    if mean:
         agree = aligned.sign_()  # 1 where a value agrees, else 0
-        count = agree.sum(dim=0) if unit else weighted_sum(agree, weights)
+        count = agree.sum(dim=0) if weights is None else weighted_sum(agree, weights)
         magnitude.div_(count.clamp_min_(1e-30))  # 0 / tiny = 0 where nothing agrees
     return magnitude.mul_(signs).add_(0.0)  # + 0.0 turns the −0.0 of s = −1 and nothing agreeing into +0.0
+
+
+MAJORITIES = (1.0, -1.0, 0.0)  # every value a majority sign can take
+
+
+class DeferredMajority:
+    """The majority sign of a tensor merged in blocks of rows, known only after its last block.
+
+    The election of one block uses a ``guess`` where Σ_t w_t x_t is exactly 0 while some x_t is not
+    (a tie), and keeps, at those coordinates (``positions`` in the block, flattened), θ0 and the merged
+    value under each possible majority sign (``candidates``, m → values). The block's Σ of elected
+    signs goes to the tensor's total (``add``). Once the total is known, the engine mends the blocks
+    whose guess was wrong (engine.settle_ties): no second read of the tensor.
+    """
+
+    def __init__(self, add: Callable[[float], None], guess: float, base: torch.Tensor, part: str) -> None:
+        self.add, self.guess, self.part = add, guess, part
+        self.base: torch.Tensor | None = base  # let go once merged: the engine may hold this object a while
+        self.positions: torch.Tensor | None = None
+        self.base_values: torch.Tensor | None = None
+        self.candidates: dict[float, torch.Tensor] = {}
+
+    def merge(self, weighted: torch.Tensor, merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``merge`` (weighted values, elected signs) of the block's ``weighted`` values (T, *S)."""
+        base, self.base = self.base, None
+        assert base is not None, "a DeferredMajority elects one block"
+        s = torch.sign(weighted.sum(dim=0))
+        self.add(float(sign_total(s)))
+        if not ties_with_values(weighted, s):
+            return merge(weighted, fill_ties(s, 0.0))  # as elected_signs without a tie
+        flat = weighted.reshape(weighted.shape[0], -1)
+        positions = ((s.reshape(-1) == 0) & (flat.abs().sum(dim=0) > 0)).nonzero().squeeze(1)
+        # Two columns at least: a (T, 1) tensor would be summed over T as a contiguous row, maybe in
+        # another order than the (T, n) block, and the candidates must be the block's values bit for bit.
+        columns = flat[:, positions.repeat(2) if positions.numel() == 1 else positions]
+        self.positions = positions
+        self.base_values = base.reshape(-1)[positions]  # θ0, before the engine adds the merged delta
+        self.candidates = {m: merge(columns, torch.full_like(columns[0], m))[: positions.numel()] for m in MAJORITIES}
+        return merge(weighted, fill_ties(s, self.guess))
+
+
+Majority = torch.Tensor | float | Callable[[], float] | DeferredMajority | None
 
 
 def sign_conflict_rate(values: torch.Tensor) -> float:

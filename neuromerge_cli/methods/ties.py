@@ -9,7 +9,7 @@ import torch
 from ..stats import GlobalStat, MajoritySignStat, TensorMajorityStat, TrimStat
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA, MASK_SCOPE, MERGE_FN, density
-from .elect import elected_sign_sum, merge_values, sign_conflict_rate
+from .elect import merge_values, sign_conflict_rate
 
 
 class Ties(Method):
@@ -23,9 +23,8 @@ class Ties(Method):
             return [trim]
         if params["mask_scope"] == "global":
             return [trim, MajoritySignStat(trim)]
-        # per-tensor majority signs for blocks of rows, on demand (from the cached per-tensor thresholds)
-        return [trim, TensorMajorityStat(lambda name, shape, row, base, deltas, w:
-                                         elected_sign_sum(trim.mask(deltas, name), w), device)]
+        # per-tensor majority signs for blocks of rows, settled in the merge pass
+        return [trim, TensorMajorityStat(None, device)]
 
     scale_params = ("lambda",)
 
@@ -34,7 +33,7 @@ class Ties(Method):
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         trimmed = job.stats["trim"].mask(job.deltas, job.name)
-        majority = job.stats["majority"].sign if "majority" in job.stats else job.tensor_majority()
+        majority = job.stats["majority"].sign if "majority" in job.stats else job.tensor_majority("lambda")
         merged = merge_values(trimmed, job.weights, params["merge_fn"], majority=majority)
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
 
