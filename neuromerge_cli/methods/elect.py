@@ -51,9 +51,15 @@ def fill_ties(s: torch.Tensor, majority: torch.Tensor | float) -> torch.Tensor:
 
 def ties_with_values(x: torch.Tensor, s: torch.Tensor) -> bool:
     """Whether some coordinate of ``x`` (T, *S) sums to exactly zero (``s`` = sign of the sum is 0)
-    while a value there is not zero: Σ over S of (1 − |s|)·Σ_t |x_t| > 0. Arithmetic and sums only;
-    the boolean masks and any() reductions that say the same cost four times as much on a CPU."""
-    return bool(x.abs().sum(dim=0).mul_(1 - s.abs()).sum() > 0)
+    while a value there is not zero: Σ over S of tie_mass > 0."""
+    return bool(tie_mass(x, s).sum() > 0)
+
+
+def tie_mass(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(1 − |s|)·Σ_t |x_t| per coordinate of ``x`` (T, *S), ``s`` the sign of its sum: > 0 exactly where
+    the sum is 0 while a value is not (a tie); 0 or NaN elsewhere. Arithmetic only: the boolean masks
+    and any() reductions that say the same cost four times as much on a CPU."""
+    return x.abs().sum(dim=0).mul_(1 - s.abs())
 
 
 def weighted_values(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -141,10 +147,11 @@ class DeferredMajority:
         assert base is not None, "a DeferredMajority elects one block"
         s = torch.sign(weighted.sum(dim=0))
         self.add(float(sign_total(s)))
-        if not ties_with_values(weighted, s):
+        mass = tie_mass(weighted, s)
+        if not bool(mass.sum() > 0):  # ties_with_values
             return merge(weighted, fill_ties(s, 0.0))  # as elected_signs without a tie
         flat = weighted.reshape(weighted.shape[0], -1)
-        positions = ((s.reshape(-1) == 0) & (flat.abs().sum(dim=0) > 0)).nonzero().squeeze(1)
+        positions = (mass.reshape(-1) > 0).nonzero().squeeze(1)
         # Two columns at least: a (T, 1) tensor would be summed over T as a contiguous row, maybe in
         # another order than the (T, n) block, and the candidates must be the block's values bit for bit.
         columns = flat[:, positions.repeat(2) if positions.numel() == 1 else positions]
