@@ -22,7 +22,7 @@ from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
-from .stats import GlobalStat, TensorMajorityStat, float_task_vectors
+from .stats import GlobalStat, TensorMajorityStat, float_task_vectors, task_vectors_and_norms
 from .sums import row_norms
 from .distributed import World, shutdown, world_from_env
 from .writer import (AsyncWriter, ShardWriter, check_free_space, check_output_location, deferred_signals, shared_folder,
@@ -192,6 +192,13 @@ class TensorLoader:
             self.check_finite(tensors, deltas.view(deltas.shape[0], -1).sum(1), name)
         return base, deltas
 
+    def with_norms(self, tensors: list[torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """as_float, with ‖τ_t‖₁ and ‖τ_t‖₂ of each task (stats.task_vectors_and_norms)."""
+        base, deltas, l1, l2 = task_vectors_and_norms(tensors, self.device)
+        if not self.allow_nonfinite:
+            self.check_finite(tensors, l1, name)
+        return base, deltas, l1, l2
+
     def check_finite(self, tensors: list[torch.Tensor], delta_sums: torch.Tensor, name: str) -> None:
         """Any NaN/Inf in an input makes its task vector's sum non-finite; only then look closer."""
         if bool(torch.isfinite(delta_sums).all()):
@@ -315,25 +322,6 @@ class TensorFigures:
             "delta_norm": self.delta_sq[variant] ** 0.5,
             **{k: v / n for k, v in self.extra.items()}, **figure_values(self.summed), **self.other,
         }
-
-
-class Scratch:
-    """One reusable float32 buffer, grown on demand, for temporaries that would otherwise be
-    allocated (and page-faulted) afresh for every piece."""
-
-    def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
-
-    def like(self, x: torch.Tensor) -> torch.Tensor:
-        if self._buf is None or self._buf.numel() < x.numel() or self._buf.device != x.device:
-            self._buf = torch.empty(x.numel(), dtype=torch.float32, device=x.device)
-        return self._buf[: x.numel()].view(x.shape)
-
-
-def task_l1(flat: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """‖τ_t‖₁ of each row of ``flat`` (T, n): |x| into scratch memory, then a row sum (on a CPU
-    twice as fast as vector_norm(ord=1))."""
-    return torch.abs(flat, out=scratch.like(flat)).sum(1)
 
 
 def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
@@ -473,7 +461,6 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
             work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise) + \
                 [Piece(n) for n in mine if by_name[n].role == "copy"]
             meter = PassProgress(options.progress, "merge", prepared, mine)
-            scratch = Scratch()
 
             def emit(piece: Piece, outs: list[torch.Tensor]) -> None:
                 for writer, out in zip(writers, outs):
@@ -508,12 +495,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                 if t.role == "copy":
                     outs = [tensors[0]] * len(targets)
                 else:
-                    base, deltas = loader.as_float(tensors, piece.name, check=False)
-                    flat = deltas.view(deltas.shape[0], -1)
-                    l1 = task_l1(flat, scratch)
-                    if not options.allow_nonfinite:
-                        loader.check_finite(tensors, l1, piece.name)
-                    l2 = row_norms(flat)
+                    base, deltas, l1, l2 = loader.with_norms(tensors, piece.name)
                     job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
                                     tensor_seed(recipe.params.get("seed", 0), piece.name, -1),
                                     piece.row, None if piece.rows is None else t.shape[0])

@@ -9,7 +9,8 @@ import torch
 
 from neuromerge_cli import stats as stats_module
 from neuromerge_cli.engine import schedule
-from neuromerge_cli.stats import GlobalStat, MajoritySignStat, TrimStat, abs_difference
+from neuromerge_cli.stats import (GlobalStat, MajoritySignStat, TrimStat, abs_difference, float_task_vectors,
+                                  task_vectors_and_norms)
 from neuromerge_cli.topk import SELECT_SAMPLE
 from reference import kept_k
 
@@ -260,3 +261,18 @@ def test_abs_difference_in_chunks_equals_the_float32_difference(shape: tuple[int
     got = abs_difference(x, base)
     assert got.dtype == torch.float32 and got.shape == base.shape
     assert torch.equal(got, (x.double() - base.double()).abs().float())  # one rounding, as the SPEC's τ
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 5), (3, 40, 3), ()])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_task_vectors_and_norms_in_chunks(shape: tuple[int, ...], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stats_module, "NORM_CHUNK", 16)  # many chunks, the last one short
+    gen = torch.Generator().manual_seed(len(shape))
+    tensors = [torch.randn(shape, generator=gen).to(dtype) for _ in range(4)]
+    base, deltas, l1, l2 = task_vectors_and_norms(tensors, torch.device("cpu"))
+    want_base, want_deltas = float_task_vectors(tensors, torch.device("cpu"))
+    assert torch.equal(base, want_base) and torch.equal(deltas, want_deltas)  # the same float32 values
+    exact = torch.stack([t.double() - tensors[0].double() for t in tensors[1:]]).reshape(3, -1)
+    assert l1.dtype == l2.dtype == torch.float64
+    torch.testing.assert_close(l1, exact.abs().sum(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(l2, exact.square().sum(1).sqrt(), rtol=1e-6, atol=0)
