@@ -101,9 +101,7 @@ class ShardWriter:
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         if row:
             offset += row * (len(data) // rows)
-        written = 0
-        while written < len(data):
-            written += os.pwrite(fd, data[written:], offset + written)
+        _pwrite_all(fd, data, offset)
         self._left[name] -= len(data)
         self._unflushed[fd] = self._unflushed.get(fd, 0) + len(data)
         if self._unflushed[fd] >= WRITEBACK_BYTES:
@@ -122,7 +120,7 @@ class ShardWriter:
         start = offset + (row * math.prod(shape[1:]) + first) * size
         span = bytearray(os.pread(fd, (last - first + 1) * size, start))
         torch.frombuffer(span, dtype=torch.uint8).view(dtype)[positions - first] = values
-        os.pwrite(fd, span, start)
+        _pwrite_all(fd, memoryview(span), start)
 
     def close(self, write_index: bool = True) -> None:
         """Close every shard and write the index; every tensor this writer owns must have been written."""
@@ -141,6 +139,12 @@ class ShardWriter:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    written = 0
+    while written < len(data):
+        written += os.pwrite(fd, data[written:], offset + written)
 
 
 class AsyncWriter:

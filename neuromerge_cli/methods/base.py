@@ -34,7 +34,7 @@ class TensorJob:
     row: int = 0  # first row of the block
     rows: int | None = None  # rows of the whole tensor when the job is a block of them, else None
 
-    deferred: DeferredMajority | None = None  # the election of this block of rows waits for its tensor's
+    deferred: DeferredMajority | None = None  # set by tensor_majority: this block's ties await the tensor's sign
 
     def tensor_majority(self, part: str = "") -> Callable[[], float] | DeferredMajority | None:
         """For an election whose group is the tensor: None for a whole tensor (the election finds its
