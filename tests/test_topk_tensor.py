@@ -80,3 +80,25 @@ def test_row_threshold_is_the_kth_largest_and_counts_the_entries_below(n: int) -
     k = kept_count(n, 0.3)
     assert float(value) == float(row.sort(descending=True).values[k - 1])
     assert below == int((row < value).sum())
+
+
+def test_kth_smallest_refines_a_missed_guess_from_the_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Magnitudes repeated ~1000 times each, as in bfloat16 task vectors: a first guess often misses,
+    and a refined one (the sample entry as many entries away as the counts say) is then the answer,
+    with no select at all; with one guess, most ranks need one."""
+    import neuromerge_cli.topk as topk
+
+    g = torch.Generator().manual_seed(4)
+    n = 64 * SELECT_SAMPLE
+    row = torch.randint(0, n // 1000, (n,), generator=g).float() / 7
+    ranks = range(1, n + 1, n // 97)
+    kthvalue = torch.kthvalue
+    selects = []
+    for guesses in (topk.GUESSES, 1):
+        monkeypatch.setattr(topk, "GUESSES", guesses)
+        selected: list[int] = []
+        monkeypatch.setattr(torch, "kthvalue", lambda x, k, *a, **kw: selected.append(x.numel()) or kthvalue(x, k, *a, **kw))
+        for q in ranks:
+            assert_kth(row, q)
+        selects.append(len(selected))
+    assert selects[0] <= len(ranks) // 20 < len(ranks) // 2 <= selects[1]
