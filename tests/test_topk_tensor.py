@@ -86,7 +86,7 @@ def test_kth_smallest_refines_a_missed_guess_from_the_counts(monkeypatch: pytest
     """Magnitudes repeated ~1000 times each, as in bfloat16 task vectors: a first guess often misses,
     and a refined one (the sample entry as many entries away as the counts say) is then the answer,
     with no select at all; with one guess, most ranks need one."""
-    import neuromerge_cli.topk as topk
+    from neuromerge_cli import topk
 
     g = torch.Generator().manual_seed(4)
     n = 64 * SELECT_SAMPLE
@@ -97,7 +97,7 @@ def test_kth_smallest_refines_a_missed_guess_from_the_counts(monkeypatch: pytest
     for guesses in (topk.GUESSES, 1):
         monkeypatch.setattr(topk, "GUESSES", guesses)
         selected: list[int] = []
-        monkeypatch.setattr(torch, "kthvalue", lambda x, k, *a, **kw: selected.append(x.numel()) or kthvalue(x, k, *a, **kw))
+        monkeypatch.setattr(torch, "kthvalue", lambda x, k, *a, seen=selected, **kw: seen.append(x.numel()) or kthvalue(x, k, *a, **kw))
         for q in ranks:
             assert_kth(row, q)
         selects.append(len(selected))
