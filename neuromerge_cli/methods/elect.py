@@ -131,7 +131,7 @@ class DeferredMajority:
     (a tie), and keeps, at those coordinates (``positions`` in the block, flattened), θ0 and the merged
     value under each possible majority sign (``candidates``, m → values). The block's Σ of elected
     signs goes to the tensor's total (``add``). Once the total is known, the engine mends the blocks
-    whose guess was wrong (engine.settle_ties): no second read of the tensor.
+    whose guess was wrong (engine.mended_ties): no second read of the tensor.
     """
 
     def __init__(self, add: Callable[[float], None], guess: float, base: torch.Tensor, part: str) -> None:
