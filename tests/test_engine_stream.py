@@ -233,3 +233,29 @@ def test_a_sweep_mends_every_variant(tmp_path: Path, monkeypatch: pytest.MonkeyP
         for lam in lambdas:
             assert (tmp_path / f"sweep{guess}-{lam}" / "model.safetensors").read_bytes() == wanted[lam], (guess, lam)
     assert max(mended) > 0
+
+
+def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuromerge_cli.stats import TensorMajorityStat
+
+    base, tasks = cancelling_family(tmp_path / "m")
+
+    def tied(folder: Path, out: Path) -> Path:
+        tensors = load_file(folder / "model.safetensors")
+        return write_model(out, {**tensors, "lm_head.weight": tensors["w"].clone(),
+                                 "model.embed_tokens.weight": tensors["w"].clone()})
+
+    base = tied(base, tmp_path / "tb")
+    tasks = [tied(t, tmp_path / f"tt{i}") for i, t in enumerate(tasks)]
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, "ties", {"density": 0.6, "mask_scope": "tensor"})
+    whole = merge(recipe, tmp_path / "whole")
+    assert len(whole["totals"]["tied"]) == 1
+    expected = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    mended = []
+    for guess in (1.0, -1.0):
+        monkeypatch.setattr(TensorMajorityStat, "guess", lambda self, name, g=guess: g)
+        report = merge(recipe, tmp_path / f"blocks{guess}")
+        mended.append(report["global"]["tensor_majority"]["blocks_mended"])
+        assert (tmp_path / f"blocks{guess}" / "model.safetensors").read_bytes() == expected
+    assert max(mended) > 0
