@@ -192,22 +192,34 @@ def test_blocks_elected_with_a_wrong_guess_are_mended(tmp_path: Path, monkeypatc
                                                        method: str, params: dict) -> None:
     """Whatever majority sign the blocks of a tensor guess, the output is the whole tensor's, byte for byte,
     with its delta norms; one of the two guesses is wrong, so mending is what is tested."""
-    from neuromerge_cli.stats import TensorMajorityStat
-
     base, tasks = cancelling_family(tmp_path / "m")
     recipe = write_recipe(tmp_path / "r.yaml", base, tasks, method, params)
     whole = merge(recipe, tmp_path / "whole")
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
     expected = (tmp_path / "whole" / "model.safetensors").read_bytes()
-    mended = []
-    for guess in (1.0, -1.0):
-        monkeypatch.setattr(TensorMajorityStat, "guess", lambda self, name, g=guess: g)
-        blocks = merge(recipe, tmp_path / f"blocks{guess}")
-        mended.append(blocks["global"]["tensor_majority"]["blocks_mended"])
-        assert (tmp_path / f"blocks{guess}" / "model.safetensors").read_bytes() == expected
+    runs = merges_with_each_guess(recipe, tmp_path / "blocks", monkeypatch)
+    for data, blocks in runs:
+        assert data == expected
         for name, row in whole["tensors"].items():
             assert blocks["tensors"][name]["delta_norm"] == pytest.approx(row["delta_norm"], rel=1e-6, abs=1e-9)
-    assert max(mended) > 0
+    assert max(mended(report) for _, report in runs) > 0
+
+
+def merges_with_each_guess(recipe: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, dict]]:
+    """Merges of ``recipe`` in blocks of rows whose elections all guess the majority sign +1, then all −1:
+    (the output's bytes, the report) of each."""
+    from neuromerge_cli.stats import TensorMajorityStat
+
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
+    runs = []
+    for guess in (1.0, -1.0):
+        monkeypatch.setattr(TensorMajorityStat, "guess", lambda self, name, g=guess: g)
+        report = merge(recipe, out / str(guess))
+        runs.append(((out / str(guess) / "model.safetensors").read_bytes(), report))
+    return runs
+
+
+def mended(report: dict) -> int:
+    return report["global"]["tensor_majority"]["blocks_mended"]
 
 
 def test_a_sweep_mends_every_variant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,20 +236,18 @@ def test_a_sweep_mends_every_variant(tmp_path: Path, monkeypatch: pytest.MonkeyP
         merge(single, tmp_path / f"whole{lam}")
         wanted[lam] = (tmp_path / f"whole{lam}" / "model.safetensors").read_bytes()
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
-    mended = []
+    mended_blocks = []
     for guess in (1.0, -1.0):
         monkeypatch.setattr(TensorMajorityStat, "guess", lambda self, name, g=guess: g)
         reports = merge_variants(prepare(load_recipe(recipe)), MergeOptions(tmp_path / "unused"),
                                  [Variant(tmp_path / f"sweep{guess}-{lam}", {"lambda": lam}) for lam in lambdas])
-        mended.append(reports[0]["global"]["tensor_majority"]["blocks_mended"])
+        mended_blocks.append(mended(reports[0]))
         for lam in lambdas:
             assert (tmp_path / f"sweep{guess}-{lam}" / "model.safetensors").read_bytes() == wanted[lam], (guess, lam)
-    assert max(mended) > 0
+    assert max(mended_blocks) > 0
 
 
 def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from neuromerge_cli.stats import TensorMajorityStat
-
     base, tasks = cancelling_family(tmp_path / "m")
 
     def tied(folder: Path, out: Path) -> Path:
@@ -251,11 +261,6 @@ def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeyp
     whole = merge(recipe, tmp_path / "whole")
     assert len(whole["totals"]["tied"]) == 1
     expected = (tmp_path / "whole" / "model.safetensors").read_bytes()
-    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 50)
-    mended = []
-    for guess in (1.0, -1.0):
-        monkeypatch.setattr(TensorMajorityStat, "guess", lambda self, name, g=guess: g)
-        report = merge(recipe, tmp_path / f"blocks{guess}")
-        mended.append(report["global"]["tensor_majority"]["blocks_mended"])
-        assert (tmp_path / f"blocks{guess}" / "model.safetensors").read_bytes() == expected
-    assert max(mended) > 0
+    runs = merges_with_each_guess(recipe, tmp_path / "blocks", monkeypatch)
+    assert all(data == expected for data, _ in runs)
+    assert max(mended(report) for _, report in runs) > 0
