@@ -9,7 +9,8 @@ TORCH ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# setup.py compiles the fused CPU kernels (neuromerge_cli/_kernels.c) into the package folder.
+$(VENV)/.installed: pyproject.toml setup.py neuromerge_cli/_kernels.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
@@ -30,5 +31,5 @@ demo: $(VENV)/.demo-installed
 	$(BIN)/python scripts/make_demo_models.py eval merged/demo
 
 clean:
-	rm -rf $(VENV) merged demo_models .pytest_cache
+	rm -rf $(VENV) merged demo_models .pytest_cache build neuromerge_cli/_kernels.*.so
 	@echo "(downloaded data and benchmark models stay in .cache/; rm -rf .cache to drop them)"

@@ -16,7 +16,8 @@ import torch
 from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
 from .figures import Figure, Norm, Ratio, figure_values
-from .methods import Method, TensorJob, get_method
+from . import kernels
+from .methods import Combination, Method, TensorJob, get_method
 from .methods.elect import DeferredMajority
 from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
@@ -198,6 +199,17 @@ class TensorLoader:
         if not self.allow_nonfinite:
             self.check_finite(tensors, l1, name)
         return base, deltas, l1, l2
+
+    def combined(self, tensors: list[torch.Tensor], name: str, weights: torch.Tensor, combination: Combination | None,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+        """(θ0 + the merged delta in ``dtype``, ‖τ_t‖₁, ‖τ_t‖₂, ‖delta‖) of a ``combination`` merge made
+        straight from the stored inputs by the fused kernel (kernels.combine), where it applies; else None."""
+        if combination is None or dtype not in kernels.KINDS or not kernels.applies(tensors, self.device):
+            return None
+        out, l1, l2, delta_norm = kernels.combine(tensors, weights, combination.scale, combination.divide, dtype)
+        if not self.allow_nonfinite:
+            self.check_finite(tensors, l1, name)
+        return out, l1, l2, delta_norm
 
     def check_finite(self, tensors: list[torch.Tensor], delta_sums: torch.Tensor, name: str) -> None:
         """Any NaN/Inf in an input makes its task vector's sum non-finite; only then look closer."""
@@ -489,11 +501,19 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                     for writer, v in zip(writers, values):
                         background.patch(writer, [name, *aliases.get(name, ())], row, positions, v.cpu())
 
+            # one output whose merge is a fixed combination of the task vectors: fused, where the kernel applies
+            combination = method.combination(recipe.params, scales[0] if scales else None, weights) \
+                if len(targets) == 1 else None
             waiting: list[tuple[int, DeferredMajority]] = []  # blocks of the current tensor elected with a guess
             for piece, tensors in loader.stream_pieces(work):
                 t = by_name[piece.name]
                 if t.role == "copy":
                     outs = [tensors[0]] * len(targets)
+                elif fused := loader.combined(tensors, piece.name, weights, combination, t.dtype):
+                    out, l1, l2, delta_norm = fused
+                    fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
+                    fig.add(l1, l2, [delta_norm], {}, out.numel())
+                    outs = [out]
                 else:
                     base, deltas, l1, l2 = loader.with_norms(tensors, piece.name)
                     job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,

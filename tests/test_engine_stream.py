@@ -264,3 +264,35 @@ def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeyp
     runs = merges_with_each_guess(recipe, tmp_path / "blocks", monkeypatch)
     assert all(data == expected for data, _ in runs)
     assert max(mended(report) for _, report in runs) > 0
+
+
+@pytest.mark.parametrize("method, params, weights, out_dtype", [
+    ("task_arithmetic", {"lambda": 0.7}, [0.5, 1.25, 1.0], None),
+    ("task_arithmetic", {}, None, "float32"),
+    ("linear", {}, [0.2, 0.3, 1.5], None),
+])
+def test_fused_combinations_give_the_bytes_of_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             method: str, params: dict, weights: list | None,
+                                                             out_dtype: str | None) -> None:
+    from helpers import merge as merge_dict, recipe_dict
+
+    from neuromerge_cli import kernels
+
+    base, tasks = toy_family(tmp_path / "m", 3, torch.bfloat16)
+    extra = {"dtype": out_dtype} if out_dtype else {}
+    recipe = recipe_dict(base, tasks, method, params, weights, **extra)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 16)
+    calls: list[int] = []
+    combine = kernels.combine
+    monkeypatch.setattr(kernels, "combine", lambda *a: calls.append(1) or combine(*a))
+    fused = merge_dict(recipe, tmp_path / "fused")
+    made = len(calls)
+    assert made > 10  # the blocks of every float tensor
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    plain = merge_dict(recipe, tmp_path / "plain")
+    assert len(calls) == made
+    for f in (tmp_path / "plain").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "fused" / f.name).read_bytes()
+    for name, row in plain["tensors"].items():
+        assert fused["tensors"][name]["task_l1"] == pytest.approx(row["task_l1"], rel=1e-5)
+        assert fused["tensors"][name]["delta_norm"] == pytest.approx(row["delta_norm"], rel=1e-5, abs=1e-9)

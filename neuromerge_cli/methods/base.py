@@ -81,6 +81,16 @@ class TensorParts:
         return out
 
 
+@dataclass(frozen=True)
+class Combination:
+    """A merged task vector that is the weighted sum of the task vectors (elect.weighted_sum) times
+    ``scale``, or divided by it when ``divide``, in every tensor: the engine may then merge straight
+    from the stored inputs in one fused sweep (kernels.combine), without making the task vectors."""
+
+    scale: float
+    divide: bool = False
+
+
 class Method(ABC):
     """A merge method. Subclasses set ``name``, ``summary`` and ``params`` and write ``merge``."""
 
@@ -155,6 +165,12 @@ class Method(ABC):
     def scales(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, float]:
         """The value of each scale parameter (a method resolves 'auto' values here)."""
         return {p: params[p] for p in self.scale_params}
+
+    def combination(self, params: dict[str, Any], scales: dict[str, float] | None,
+                    weights: torch.Tensor) -> Combination | None:
+        """This method's merge as a Combination, when it is one for these parameters and ``scales`` (the
+        scale parameters' values), and its result has no stats; else None."""
+        return None
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
         """Method-level figures for merge_report.json (e.g. σ_t, λ2)."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Method, TensorJob, TensorResult
+import torch
+
+from .base import Combination, Method, TensorJob, TensorResult
 from .elect import weighted_sum
 
 
@@ -17,3 +19,7 @@ class Linear(Method):
 
     def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
         return TensorResult(weighted_sum(job.deltas, job.weights) / job.weights.sum())
+
+    def combination(self, params: dict[str, Any], scales: dict[str, float] | None,
+                    weights: torch.Tensor) -> Combination | None:
+        return Combination(float(weights.sum()), divide=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Method, TensorJob, TensorParts
+import torch
+
+from .base import Combination, Method, TensorJob, TensorParts
 from .common import LAMBDA
 from .elect import weighted_sum
 
@@ -21,3 +23,7 @@ class TaskArithmetic(Method):
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         return TensorParts({"lambda": weighted_sum(job.deltas, job.weights)})
+
+    def combination(self, params: dict[str, Any], scales: dict[str, float] | None,
+                    weights: torch.Tensor) -> Combination | None:
+        return None if scales is None else Combination(scales["lambda"])

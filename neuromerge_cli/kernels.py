@@ -1,0 +1,76 @@
+"""Fused CPU kernels (the C extension ``_kernels``) for the engine's hottest sweeps, where they apply.
+
+A kernel does in one read of its inputs what takes several eager torch passes, and gives the same
+float32 tensors bit for bit (its float64 norms differ in their last digits: another summation order).
+Callers keep the torch operations for the cases a kernel does not take (CUDA, float16 inputs,
+non-contiguous views) and for installs where the extension could not be built. NEUROMERGE_KERNELS=0
+turns the kernels off, e.g. to compare the two paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from . import _kernels
+except ImportError:  # built without a C compiler: the torch operations do the work
+    _kernels = None
+
+ENABLED = _kernels is not None and os.environ.get("NEUROMERGE_KERNELS", "1") != "0"
+KINDS = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def applies(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether the kernels take [θ0, θ_1..θ_T] as stored, for float32 results on ``device``."""
+    first = tensors[0]
+    return (ENABLED and device.type == "cpu" and first.dtype in KINDS
+            and all(t.device.type == "cpu" and t.dtype == first.dtype and t.shape == first.shape
+                    and t.is_contiguous() for t in tensors))
+
+
+def task_vectors_and_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(θ0, τ stacked (T, ...), ‖τ_t‖₁, ‖τ_t‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must hold): θ0
+    and τ_t = θ_t − θ0 in float32, the norms in float64, from one read of the inputs."""
+    base = torch.empty(tensors[0].shape, dtype=torch.float32)
+    deltas, l1, l2sq = _sweep(tensors, base, absolute=False)
+    return base, deltas, l1, l2sq.sqrt_()
+
+
+def abs_difference(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|x − base| in float32 of two tensors as stored (``applies`` must hold for [base, x])."""
+    return _sweep([base, x], None, absolute=True)[0][0]
+
+
+def combine(tensors: list[torch.Tensor], weights: torch.Tensor, scale: float, divide: bool, dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(θ0 + delta in ``dtype``, ‖τ_t‖₁, ‖τ_t‖₂, ‖delta‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must
+    hold, ``dtype`` in KINDS), where delta = (Σ_t w_t τ_t) · scale, or / scale when ``divide``: the
+    float32 operations of elect.weighted_sum and engine.merge_piece, from one read of the inputs and
+    without making the task vectors. ``weights``: float32 on the CPU."""
+    assert _kernels is not None
+    base, tasks = tensors[0], tensors[1:]
+    w = weights.to(torch.float32).contiguous()
+    out = torch.empty(base.shape, dtype=dtype)
+    l1 = torch.empty(len(tasks), dtype=torch.float64)
+    l2sq = torch.empty(len(tasks), dtype=torch.float64)
+    delta_sq = torch.empty((), dtype=torch.float64)
+    _kernels.combine(KINDS[base.dtype], KINDS[dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks),
+                     w.data_ptr(), base.numel(), scale, divide, out.data_ptr(), l1.data_ptr(), l2sq.data_ptr(),
+                     delta_sq.data_ptr())
+    return out, l1, l2sq.sqrt_(), float(delta_sq) ** 0.5
+
+
+def _sweep(tensors: list[torch.Tensor], base_out: torch.Tensor | None, absolute: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernel: τ_t (|τ_t| when ``absolute``) stacked, Σ|τ_t| and Σ τ_t², θ0 in float32 into ``base_out``."""
+    assert _kernels is not None
+    base, tasks = tensors[0], tensors[1:]
+    out = torch.empty((len(tasks), *base.shape), dtype=torch.float32)
+    l1 = torch.empty(len(tasks), dtype=torch.float64)
+    l2sq = torch.empty(len(tasks), dtype=torch.float64)
+    _kernels.task_vectors(KINDS[base.dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.numel(),
+                          out.data_ptr(), 0 if base_out is None else base_out.data_ptr(), l1.data_ptr(),
+                          l2sq.data_ptr(), absolute)
+    return out, l1, l2sq

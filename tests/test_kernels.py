@@ -1,0 +1,124 @@
+"""Fused CPU kernels: the same float32 tensors as the torch operations they replace, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neuromerge_cli import kernels, stats
+from neuromerge_cli.methods.elect import weighted_sum
+
+CPU = torch.device("cpu")
+# sizes around the kernels' vector width (8) and float64 chunk (4096), and an empty tensor
+SIZES = [0, 1, 7, 8, 13, 4096, 4096 * 2 + 5]
+
+
+def test_the_extension_is_built() -> None:
+    assert kernels._kernels is not None, "neuromerge_cli/_kernels.c was not compiled: pip install -e ."
+
+
+def inputs(n: int, dtype: torch.dtype, num_tasks: int = 3, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    return [base.to(dtype)] + [(base + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(num_tasks)]
+
+
+def torch_path(monkeypatch: pytest.MonkeyPatch, fn, *args):
+    with monkeypatch.context() as m:
+        m.setattr(kernels, "ENABLED", False)
+        return fn(*args)
+
+
+def f64_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    d = torch.stack([t.double() for t in tensors[1:]]) - tensors[0].double()
+    return d.abs().sum(1), d.square().sum(1).sqrt()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", SIZES)
+def test_task_vectors_and_norms_match_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                     n: int) -> None:
+    tensors = inputs(n, dtype)
+    assert kernels.applies(tensors, CPU)
+    base, deltas, l1, l2 = stats.task_vectors_and_norms(tensors, CPU)
+    want_base, want_deltas, _, _ = torch_path(monkeypatch, stats.task_vectors_and_norms, tensors, CPU)
+    assert torch.equal(base, want_base) and torch.equal(deltas, want_deltas)
+    want_l1, want_l2 = f64_norms(tensors)
+    torch.testing.assert_close(l1, want_l1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(l2, want_l2, rtol=1e-6, atol=0)
+    base, deltas = stats.float_task_vectors(tensors, CPU)
+    assert torch.equal(base, want_base) and torch.equal(deltas, want_deltas)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_abs_difference_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    base, x = inputs(4096 + 3, dtype, num_tasks=1)
+    got = stats.abs_difference(x.reshape(-1, 1), base.reshape(-1, 1))
+    assert got.shape == (4096 + 3, 1)
+    assert torch.equal(got, torch_path(monkeypatch, stats.abs_difference, x.reshape(-1, 1), base.reshape(-1, 1)))
+
+
+def test_a_nonfinite_input_makes_its_task_norm_nonfinite() -> None:
+    tensors = inputs(100, torch.bfloat16)
+    tensors[2][57] = float("nan")
+    tensors[3][3] = float("inf")
+    _, deltas, l1, l2 = kernels.task_vectors_and_norms(tensors)
+    assert torch.isfinite(l1).tolist() == [True, False, False]
+    assert torch.isfinite(l2).tolist() == [True, False, False]
+    assert deltas[1, 57].isnan() and deltas[2, 3] == float("inf")
+
+
+def torch_combination(tensors: list[torch.Tensor], weights: torch.Tensor, scale: float, divide: bool,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """What the torch path computes: elect.weighted_sum, then engine.merge_piece's scale, add and cast."""
+    base, deltas = torch_path(pytest.MonkeyPatch(), stats.float_task_vectors, tensors, CPU)
+    delta = weighted_sum(deltas, weights)
+    delta = delta / torch.tensor(scale) if divide else delta.mul_(scale)
+    return (base + delta).to(dtype)  # not in place: float32 inputs come back as they are
+
+
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                              (torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("n", SIZES)
+def test_combine_gives_the_bytes_of_the_torch_path(dtype: torch.dtype, out_dtype: torch.dtype, n: int) -> None:
+    tensors = inputs(n, dtype, num_tasks=4, seed=n)
+    weights = torch.tensor([0.3, 1.7, 0.55, 1.0])
+    for scale, divide in [(1.0, False), (0.37, False), (float(weights.sum()), True)]:
+        out, l1, l2, delta_norm = kernels.combine(tensors, weights, scale, divide, out_dtype)
+        want = torch_combination(tensors, weights, scale, divide, out_dtype)
+        assert out.dtype == out_dtype and torch.equal(out, want), (scale, divide)
+        want_l1, want_l2 = f64_norms(tensors)
+        torch.testing.assert_close(l1, want_l1, rtol=1e-6, atol=0)
+        torch.testing.assert_close(l2, want_l2, rtol=1e-6, atol=0)
+        delta = torch.stack([t.double() for t in tensors[1:]]) - tensors[0].double()
+        delta = (delta * weights.double()[:, None]).sum(0)
+        delta = delta / scale if divide else delta * scale
+        assert delta_norm == pytest.approx(float(delta.norm()), rel=1e-5, abs=1e-12)
+
+
+def test_combine_rounds_to_nearest_even_and_keeps_nan() -> None:
+    # θ0 = 1, τ = 2^-8 + 2^-9 etc.: results halfway between two bfloat16 values round to the even one
+    base = torch.ones(16)
+    task = base + torch.tensor([2.0 ** -8, 3 * 2.0 ** -9, 2.0 ** -9, 5 * 2.0 ** -9] * 4)
+    task[5] = float("nan")
+    out, _, _, _ = kernels.combine([base, task], torch.ones(1), 1.0, False, torch.bfloat16)
+    want = (base + (task - base)).to(torch.bfloat16)
+    assert out[5].isnan()
+    keep = torch.arange(16) != 5
+    assert torch.equal(out[keep], want[keep])
+
+
+@pytest.mark.parametrize("case", ["float16", "mixed", "strided", "shapes"])
+def test_applies_only_to_what_the_kernels_take(case: str) -> None:
+    tensors = inputs(64, torch.bfloat16)
+    if case == "float16":
+        tensors = [t.half() for t in tensors]
+    elif case == "mixed":
+        tensors[1] = tensors[1].float()
+    elif case == "strided":
+        tensors = [t.reshape(8, 8).t() for t in tensors]
+    else:
+        tensors[2] = tensors[2][:32]
+    assert kernels.applies(inputs(64, torch.bfloat16), CPU)
+    assert not kernels.applies(tensors, CPU)
+    assert not kernels.applies(inputs(64, torch.bfloat16), torch.device("meta"))
