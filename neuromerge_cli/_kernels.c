@@ -163,74 +163,170 @@ VECTOR_CLONES static void task_vectors_bf16(const void *base, const void *const 
 
 #define MAX_TASKS 256
 
-/* A merge whose task vector is a fixed combination of the task vectors, without making them: with
- * tau_t = x_t - base, acc = tau_0 * w_0, then acc = fma(tau_t, w_t, acc) for t >= 1 (torch's
- * weighted_sum), delta = acc * scale (or acc / scale when ``divide``), out = base + delta stored as
- * ``out_kind``; l1[t] = sum |tau_t|, l2sq[t] = sum tau_t^2 and delta_sq = sum delta^2 in float64. */
-INLINE void combine_of(int kind, int out_kind, const void *base, const void *const *tasks, int num_tasks,
-                       const float *weights, int64_t n, float scale, int divide, void *out, double *l1,
-                       double *l2sq, double *delta_sq) {
-    vfloat sum_abs[MAX_TASKS], sum_sq[MAX_TASKS];
-    float tail_abs[MAX_TASKS], tail_sq[MAX_TASKS];
+enum { FN_SUM = 0, FN_MEAN = 1, FN_ELECT_SUM = 2, FN_ELECT_MEAN = 3 }; /* elect.MERGE_FUNCTIONS */
+
+INLINE vfloat as_float(vuint mask) { /* 1.0 where the comparison's lane is true, else 0.0 */
+    vfloat one = (vfloat){0} + 1.0f, f;
+    vuint u;
+    memcpy(&u, &one, sizeof u);
+    u &= mask;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+INLINE vfloat blend(vuint mask, vfloat a, vfloat b) { /* a where mask, else b */
+    vuint ua, ub;
+    memcpy(&ua, &a, sizeof ua);
+    memcpy(&ub, &b, sizeof ub);
+    ua = (ua & mask) | (ub & ~mask);
+    memcpy(&a, &ua, sizeof a);
+    return a;
+}
+
+INLINE vfloat vector_sign(vfloat x) { /* torch.sign: 0 for ±0 and NaN */
+    return as_float((vuint)(x > 0)) - as_float((vuint)(x < 0));
+}
+
+/* LANES entries of p from i on, of which the first ``valid`` are read (the others are 0) */
+INLINE vfloat padded_load(const void *p, int64_t i, int kind, int valid) {
+    if (valid == LANES)
+        return vector_load(p, i, kind);
+    float lanes[LANES] = {0};
+    for (int k = 0; k < valid; k++)
+        lanes[k] = scalar_load(p, i + k, kind);
+    vfloat f;
+    memcpy(&f, lanes, sizeof f);
+    return f;
+}
+
+INLINE void padded_store(void *p, int64_t i, int kind, vfloat f, int valid) {
+    if (valid == LANES) {
+        vector_store(p, i, kind, f);
+        return;
+    }
+    for (int k = 0; k < valid; k++)
+        scalar_store(p, i + k, kind, f[k]);
+}
+
+typedef struct {
+    const float *weights;    /* w_t */
+    const float *thresholds; /* trim: keep |tau_t| >= thresholds[t]; NULL: no trim */
+    int fn;                  /* FN_* */
+    float divisor;           /* FN_MEAN: sum of the weights */
+    float majority;          /* the sign where an election's sum is 0 */
+    float scale;             /* delta = psi * scale */
+    int conflicts;           /* count the sign conflicts of the (trimmed) task values */
+} merge_params;
+
+typedef struct {
+    double *l1, *l2sq; /* per task: sum |tau_t|, sum tau_t^2 */
+    double delta_sq;   /* sum delta^2 */
+    int64_t sign_total, conflicts, tie_count;
+    int64_t *ties; /* NULL, or room for n positions where an election ties with a non-zero value */
+} merge_sums;
+
+/* One fused merge sweep, the float32 operations of the torch path in their order (stats.TrimStat.mask,
+ * elect.merge_values, elect.sign_conflict_rate, engine.merge_piece): for each entry,
+ *   tau_t = x_t - base;  x_t = (|tau_t| >= thr_t) * tau_t + 0  (with a trim);
+ *   sum:  psi = x_0 w_0, then fma(x_t, w_t, psi);  mean: that / divisor;
+ *   elect: v_t = x_t w_t, s = sign(sum_t v_t) (a tie where s = 0 while some v_t != 0), s' = s + (1 - |s|) m,
+ *          a_t = max(v_t s', 0), psi = (sum_t a_t) [/ max(sum of sign(a_t) w_t, 1e-30)] * s' + 0;
+ *   out = base + psi * scale, stored as ``out_kind``.
+ * A conflict is an entry whose trimmed values include one above and one below 0 (and no NaN). */
+INLINE void merge_of(int kind, int out_kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                     const merge_params *p, void *out, merge_sums *r) {
+    vfloat x[MAX_TASKS], sum_abs[MAX_TASKS], sum_sq[MAX_TASKS];
+    const int elect = p->fn == FN_ELECT_SUM || p->fn == FN_ELECT_MEAN;
+    const vfloat zero = {0}, one = zero + 1.0f, tiny = zero + 1e-30f, m = zero + p->majority;
     for (int t = 0; t < num_tasks; t++)
-        l1[t] = l2sq[t] = 0.0;
-    *delta_sq = 0.0;
+        r->l1[t] = r->l2sq[t] = 0.0;
+    r->delta_sq = 0.0;
+    r->sign_total = r->conflicts = r->tie_count = 0;
     for (int64_t lo = 0; lo < n; lo += CHUNK) {
         int64_t hi = lo + CHUNK < n ? lo + CHUNK : n;
-        int64_t body = lo + (hi - lo) / LANES * LANES;
-        vfloat delta_sum = {0};
-        float delta_tail = 0.0f;
-        for (int t = 0; t < num_tasks; t++) {
-            sum_abs[t] = sum_sq[t] = (vfloat){0};
-            tail_abs[t] = tail_sq[t] = 0.0f;
-        }
-        for (int64_t i = lo; i < body; i += LANES) {
-            vfloat b = vector_load(base, i, kind), acc = {0};
+        vfloat delta_sum = zero;
+        for (int t = 0; t < num_tasks; t++)
+            sum_abs[t] = sum_sq[t] = zero;
+        for (int64_t i = lo; i < hi; i += LANES) {
+            int valid = hi - i < LANES ? (int)(hi - i) : LANES;
+            vfloat b = padded_load(base, i, kind, valid), psi;
             for (int t = 0; t < num_tasks; t++) {
-                vfloat d = vector_load(tasks[t], i, kind) - b;
+                vfloat d = padded_load(tasks[t], i, kind, valid) - b;
                 sum_abs[t] += vector_abs(d);
                 sum_sq[t] += d * d;
-                acc = t == 0 ? d * weights[0] : vector_fma(d, (vfloat){0} + weights[t], acc);
+                x[t] = p->thresholds ? as_float((vuint)(vector_abs(d) >= p->thresholds[t])) * d + zero : d;
             }
-            vfloat delta = divide ? acc / scale : acc * scale;
+            if (p->conflicts) { /* sign conflicts of the (trimmed) task values */
+                vfloat hi_v = x[0], lo_v = x[0];
+                vuint nan = (vuint)(x[0] != x[0]);
+                for (int t = 1; t < num_tasks; t++) {
+                    hi_v = blend((vuint)(x[t] > hi_v), x[t], hi_v);
+                    lo_v = blend((vuint)(x[t] < lo_v), x[t], lo_v);
+                    nan |= (vuint)(x[t] != x[t]);
+                }
+                vuint conflict = (vuint)(hi_v > 0) & (vuint)(lo_v < 0) & ~nan;
+                for (int k = 0; k < valid; k++)
+                    r->conflicts += conflict[k] != 0;
+            }
+            if (!elect) {
+                psi = x[0] * p->weights[0];
+                for (int t = 1; t < num_tasks; t++)
+                    psi = vector_fma(x[t], zero + p->weights[t], psi);
+                if (p->fn == FN_MEAN)
+                    psi = psi / p->divisor;
+            } else {
+                vfloat total = zero, mass = zero;
+                for (int t = 0; t < num_tasks; t++) {
+                    x[t] = x[t] * p->weights[t];
+                    total = total + x[t];
+                    mass = mass + vector_abs(x[t]);
+                }
+                vfloat s = vector_sign(total);
+                vuint tie = (vuint)(s == 0) & (vuint)(mass > 0);
+                for (int k = 0; k < valid; k++) {
+                    r->sign_total += (int64_t)s[k];
+                    if (tie[k] && r->ties)
+                        r->ties[r->tie_count] = i + k;
+                    r->tie_count += tie[k] != 0;
+                }
+                s = s + (one - vector_abs(s)) * m;
+                vfloat magnitude = zero, count = zero;
+                for (int t = 0; t < num_tasks; t++) {
+                    vfloat a = x[t] * s;
+                    a = blend((vuint)(a < 0), zero, a);
+                    magnitude = magnitude + a;
+                    if (p->fn == FN_ELECT_MEAN)
+                        count = t == 0 ? vector_sign(a) * p->weights[0]
+                                       : vector_fma(vector_sign(a), zero + p->weights[t], count);
+                }
+                if (p->fn == FN_ELECT_MEAN)
+                    magnitude = magnitude / blend((vuint)(count < tiny), tiny, count);
+                psi = magnitude * s + zero;
+            }
+            vfloat delta = psi * p->scale;
             delta_sum += delta * delta;
-            vector_store(out, i, out_kind, b + delta);
-        }
-        for (int64_t i = body; i < hi; i++) {
-            float b = scalar_load(base, i, kind), acc = 0.0f;
-            for (int t = 0; t < num_tasks; t++) {
-                float d = scalar_load(tasks[t], i, kind) - b;
-                tail_abs[t] += fabsf(d);
-                tail_sq[t] += d * d;
-                acc = t == 0 ? d * weights[0] : fmaf(d, weights[t], acc);
-            }
-            float delta = divide ? acc / scale : acc * scale;
-            delta_tail += delta * delta;
-            scalar_store(out, i, out_kind, b + delta);
+            padded_store(out, i, out_kind, b + delta, valid);
         }
         for (int t = 0; t < num_tasks; t++) {
-            l1[t] += (double)lane_total(sum_abs[t]) + tail_abs[t];
-            l2sq[t] += (double)lane_total(sum_sq[t]) + tail_sq[t];
+            r->l1[t] += (double)lane_total(sum_abs[t]);
+            r->l2sq[t] += (double)lane_total(sum_sq[t]);
         }
-        *delta_sq += (double)lane_total(delta_sum) + delta_tail;
+        r->delta_sq += (double)lane_total(delta_sum);
     }
 }
 
-#define COMBINE(KIND, OUT_KIND, NAME)                                                                          \
-    VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks,                  \
-                                   const float *weights, int64_t n, float scale, int divide, void *out,        \
-                                   double *l1, double *l2sq, double *delta_sq) {                               \
-        combine_of(KIND, OUT_KIND, base, tasks, num_tasks, weights, n, scale, divide, out, l1, l2sq, delta_sq); \
+#define MERGE(KIND, OUT_KIND, NAME)                                                                                \
+    VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t n,           \
+                                   const merge_params *p, void *out, merge_sums *r) {                              \
+        merge_of(KIND, OUT_KIND, base, tasks, num_tasks, n, p, out, r);                                            \
     }
-COMBINE(KIND_F32, KIND_F32, combine_f32_f32)
-COMBINE(KIND_F32, KIND_BF16, combine_f32_bf16)
-COMBINE(KIND_BF16, KIND_F32, combine_bf16_f32)
-COMBINE(KIND_BF16, KIND_BF16, combine_bf16_bf16)
+MERGE(KIND_F32, KIND_F32, merge_f32_f32)
+MERGE(KIND_F32, KIND_BF16, merge_f32_bf16)
+MERGE(KIND_BF16, KIND_F32, merge_bf16_f32)
+MERGE(KIND_BF16, KIND_BF16, merge_bf16_bf16)
 
-typedef void (*combine_fn)(const void *, const void *const *, int, const float *, int64_t, float, int, void *,
-                           double *, double *, double *);
-static const combine_fn COMBINE_KERNELS[2][2] = {{combine_f32_f32, combine_f32_bf16},
-                                                 {combine_bf16_f32, combine_bf16_bf16}};
+typedef void (*merge_fn)(const void *, const void *const *, int, int64_t, const merge_params *, void *, merge_sums *);
+static const merge_fn MERGE_KERNELS[2][2] = {{merge_f32_f32, merge_f32_bf16}, {merge_bf16_f32, merge_bf16_bf16}};
 
 static int read_pointers(PyObject *tuple, const void **out, Py_ssize_t *count) {
     *count = PyTuple_GET_SIZE(tuple);
@@ -253,28 +349,35 @@ static int check_kind(int kind) {
     return -1;
 }
 
-static PyObject *combine(PyObject *self, PyObject *args) {
+/* merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, out, l1, l2sq,
+ *       ties)
+ * -> (delta_sq, sign_total, conflicts, tie_count); pointers as integers (0: none, for thresholds and ties) */
+static PyObject *merge(PyObject *self, PyObject *args) {
     (void)self;
-    int kind, out_kind, divide;
-    unsigned long long base, weights, out, l1, l2sq, delta_sq;
+    int kind, out_kind, fn;
+    unsigned long long base, weights, thresholds, out, l1, l2sq, ties;
     PyObject *task_list;
     Py_ssize_t n, num_tasks;
-    float scale;
-    if (!PyArg_ParseTuple(args, "iiKO!KnfpKKKK", &kind, &out_kind, &base, &PyTuple_Type, &task_list, &weights, &n,
-                          &scale, &divide, &out, &l1, &l2sq, &delta_sq))
+    merge_params p;
+    if (!PyArg_ParseTuple(args, "iiKO!nKKifffpKKKK", &kind, &out_kind, &base, &PyTuple_Type, &task_list, &n,
+                          &weights, &thresholds, &fn, &p.divisor, &p.majority, &p.scale, &p.conflicts, &out, &l1,
+                          &l2sq, &ties))
         return NULL;
     const void *tasks[MAX_TASKS];
     if (check_kind(kind) || check_kind(out_kind) || read_pointers(task_list, tasks, &num_tasks))
         return NULL;
-    if (num_tasks < 1 || n < 0) {
-        PyErr_SetString(PyExc_ValueError, "combine: no task or a negative size");
+    if (num_tasks < 1 || n < 0 || fn < FN_SUM || fn > FN_ELECT_MEAN) {
+        PyErr_SetString(PyExc_ValueError, "merge: no task, a negative size or an unknown merge function");
         return NULL;
     }
+    p.weights = (const float *)weights;
+    p.thresholds = (const float *)thresholds;
+    p.fn = fn;
+    merge_sums r = {(double *)l1, (double *)l2sq, 0.0, 0, 0, 0, (int64_t *)ties};
     Py_BEGIN_ALLOW_THREADS
-    COMBINE_KERNELS[kind][out_kind]((const void *)base, tasks, (int)num_tasks, (const float *)weights, (int64_t)n,
-                                    scale, divide, (void *)out, (double *)l1, (double *)l2sq, (double *)delta_sq);
+    MERGE_KERNELS[kind][out_kind]((const void *)base, tasks, (int)num_tasks, (int64_t)n, &p, (void *)out, &r);
     Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return Py_BuildValue("dLLL", r.delta_sq, (long long)r.sign_total, (long long)r.conflicts, (long long)r.tie_count);
 }
 
 static PyObject *task_vectors(PyObject *self, PyObject *args) {
@@ -304,8 +407,9 @@ static PyObject *task_vectors(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"task_vectors", task_vectors, METH_VARARGS,
      "task_vectors(kind, base, tasks, n, out, base_out, l1, l2sq, absolute): see kernels.py"},
-    {"combine", combine, METH_VARARGS,
-     "combine(kind, out_kind, base, tasks, weights, n, scale, divide, out, l1, l2sq, delta_sq): see kernels.py"},
+    {"merge", merge, METH_VARARGS,
+     "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, out, l1, "
+     "l2sq, ties): see kernels.py"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections import deque
@@ -17,13 +18,13 @@ from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
 from .figures import Figure, Norm, Ratio, figure_values
 from . import kernels
-from .methods import Combination, Method, TensorJob, get_method
-from .methods.elect import DeferredMajority
+from .methods import Fusion, Method, TensorJob, get_method
+from .methods.elect import DeferredMajority, merge_values, tie_candidates
 from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
 from .methods.common import tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
-from .stats import GlobalStat, TensorMajorityStat, float_task_vectors, task_vectors_and_norms
+from .stats import GlobalStat, TensorMajorityStat, float_task_vectors, task_vectors_and_norms, trimmed
 from .sums import row_norms
 from .distributed import World, shutdown, world_from_env
 from .writer import (AsyncWriter, ShardWriter, check_free_space, check_output_location, deferred_signals, shared_folder,
@@ -200,17 +201,6 @@ class TensorLoader:
             self.check_finite(tensors, l1, name)
         return base, deltas, l1, l2
 
-    def combined(self, tensors: list[torch.Tensor], name: str, weights: torch.Tensor, combination: Combination | None,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
-        """(θ0 + the merged delta in ``dtype``, ‖τ_t‖₁, ‖τ_t‖₂, ‖delta‖) of a ``combination`` merge made
-        straight from the stored inputs by the fused kernel (kernels.combine), where it applies; else None."""
-        if combination is None or dtype not in kernels.KINDS or not kernels.applies(tensors, self.device):
-            return None
-        out, l1, l2, delta_norm = kernels.combine(tensors, weights, combination.scale, combination.divide, dtype)
-        if not self.allow_nonfinite:
-            self.check_finite(tensors, l1, name)
-        return out, l1, l2, delta_norm
-
     def check_finite(self, tensors: list[torch.Tensor], delta_sums: torch.Tensor, name: str) -> None:
         """Any NaN/Inf in an input makes its task vector's sum non-finite; only then look closer."""
         if bool(torch.isfinite(delta_sums).all()):
@@ -363,6 +353,46 @@ def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
     return outs, norms, stats
 
 
+def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor], dtype: torch.dtype, fusion: Fusion,
+                weights: torch.Tensor, stats: dict[str, GlobalStat], fig: TensorFigures
+                ) -> tuple[torch.Tensor, DeferredMajority | None] | None:
+    """``piece`` merged in one fused sweep over its stored inputs (kernels.merge), its figures added to
+    ``fig``: the output in ``dtype``, and the DeferredMajority of a block whose election guessed its
+    tensor's majority sign at a tie (see mended_ties); None where the kernel does not take the piece.
+
+    An election with the tensor's own majority sign uses a guess (a block: the sign of the tensor's
+    blocks so far; a whole tensor: +1) and keeps its ties; a whole tensor's are mended at once."""
+    own = fusion.merge_fn.startswith("elect") and fusion.majority is None
+    stat = stats.get("tensor_majority") if own and piece.rows is not None else None
+    if dtype not in kernels.KINDS or not kernels.applies(tensors, loader.device) or \
+            (stat is not None and not (isinstance(stat, TensorMajorityStat) and stat.deferred)):
+        return None
+    guess = stat.guess(piece.name) if isinstance(stat, TensorMajorityStat) else 1.0
+    r = kernels.merge(tensors, weights, fusion.merge_fn, dtype, fusion.scale, fusion.thresholds,
+                      guess if fusion.majority is None else fusion.majority, fusion.conflicts, ties=own)
+    if not loader.allow_nonfinite:
+        loader.check_finite(tensors, r.l1, piece.name)
+    n = r.out.numel()
+    fig.add(r.l1, r.l2, [r.delta_norm], {"sign_conflict": r.conflicts / n if n else 0.0} if fusion.conflicts else {}, n)
+    if not own:
+        return r.out, None
+    deferred = DeferredMajority(functools.partial(stat.add, piece.name) if stat else lambda _: None, guess, None,
+                                "lambda")
+    deferred.add(float(r.sign_total))
+    if r.ties.numel():
+        base, deltas = float_task_vectors([t.reshape(-1)[r.ties] for t in tensors], loader.device)
+        columns = deltas if fusion.thresholds is None else trimmed(deltas, fusion.thresholds)
+        deferred.keep(r.ties, base, tie_candidates(columns, lambda x, m: merge_values(x, weights, fusion.merge_fn,
+                                                                                       majority=m)))
+    if stat is not None:
+        return r.out, deferred if r.ties.numel() else None
+    majority = float((r.sign_total > 0) - (r.sign_total < 0))  # a whole tensor's, known now
+    mended = mended_ties(deferred, majority, [fusion.scale], dtype, fig.delta_sq) if r.ties.numel() else None
+    if mended is not None:
+        r.out.view(-1)[r.ties] = mended[0]
+    return r.out, None
+
+
 def mended_ties(deferred: DeferredMajority, majority: float, scales: list[float], dtype: torch.dtype,
                 delta_sq: list[float]) -> list[torch.Tensor] | None:
     """A block's outputs at its tied positions (θ0 + scale · merged in ``dtype``, one per variant of
@@ -501,19 +531,18 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                     for writer, v in zip(writers, values):
                         background.patch(writer, [name, *aliases.get(name, ())], row, positions, v.cpu())
 
-            # one output whose merge is a fixed combination of the task vectors: fused, where the kernel applies
-            combination = method.combination(recipe.params, scales[0] if scales else None, weights) \
-                if len(targets) == 1 else None
             waiting: list[tuple[int, DeferredMajority]] = []  # blocks of the current tensor elected with a guess
             for piece, tensors in loader.stream_pieces(work):
                 t = by_name[piece.name]
                 if t.role == "copy":
                     outs = [tensors[0]] * len(targets)
-                elif fused := loader.combined(tensors, piece.name, weights, combination, t.dtype):
-                    out, l1, l2, delta_norm = fused
-                    fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
-                    fig.add(l1, l2, [delta_norm], {}, out.numel())
-                    outs = [out]
+                elif (fusion := method.fusion(recipe.params, scales[0] if scales else None, by_key, piece.name)
+                      if len(targets) == 1 else None) and \
+                        (fused := fused_merge(loader, piece, tensors, t.dtype, fusion, weights, by_key,
+                                              figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
+                    outs = [fused[0]]
+                    if fused[1] is not None:
+                        waiting.append((piece.row, fused[1]))
                 else:
                     base, deltas, l1, l2 = loader.with_norms(tensors, piece.name)
                     job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,

@@ -10,6 +10,7 @@ turns the kernels off, e.g. to compare the two paths.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -43,23 +44,45 @@ def abs_difference(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return _sweep([base, x], None, absolute=True)[0][0]
 
 
-def combine(tensors: list[torch.Tensor], weights: torch.Tensor, scale: float, divide: bool, dtype: torch.dtype
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """(θ0 + delta in ``dtype``, ‖τ_t‖₁, ‖τ_t‖₂, ‖delta‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must
-    hold, ``dtype`` in KINDS), where delta = (Σ_t w_t τ_t) · scale, or / scale when ``divide``: the
-    float32 operations of elect.weighted_sum and engine.merge_piece, from one read of the inputs and
-    without making the task vectors. ``weights``: float32 on the CPU."""
+@dataclass
+class Merged:
+    """What kernels.merge returns for one piece."""
+
+    out: torch.Tensor  # θ0 + delta, in the output dtype
+    l1: torch.Tensor  # ‖τ_t‖₁ per task (float64)
+    l2: torch.Tensor  # ‖τ_t‖₂ per task (float64)
+    delta_norm: float  # ‖delta‖₂
+    sign_total: int  # Σ of the elected signs before ties are filled (elect_* only)
+    conflicts: int  # entries whose (trimmed) task values disagree in sign (with ``conflicts``)
+    ties: torch.Tensor  # flat positions where an election's sum is 0 while a value is not (with ``ties``)
+
+
+MERGE_FUNCTIONS = ("sum", "mean", "elect_sum", "elect_mean")  # the kernel's codes, in order
+
+
+def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dtype: torch.dtype, scale: float = 1.0,
+          thresholds: torch.Tensor | None = None, majority: float = 0.0, conflicts: bool = False,
+          ties: bool = False) -> Merged:
+    """θ0 + delta in ``dtype`` of [θ0, θ_1..θ_T] as stored (``applies`` must hold, ``dtype`` in KINDS), from
+    one read of the inputs without making the task vectors, bit for bit the torch path's float32
+    operations: the task vectors trimmed at ``thresholds`` (T,) as stats.TrimStat.mask does (None: no
+    trim), ψ = ``merge_fn`` of them with ``weights`` (elect.merge_values, elections falling back to
+    ``majority`` where a sum is 0), delta = ψ · ``scale``. Also the task vectors' norms, ‖delta‖, and
+    what elections and ``conflicts`` (elect.sign_conflict_rate) need; ``ties``: keep the tie positions."""
     assert _kernels is not None
     base, tasks = tensors[0], tensors[1:]
     w = weights.to(torch.float32).contiguous()
+    thr = None if thresholds is None else thresholds.to(torch.float32).contiguous()
     out = torch.empty(base.shape, dtype=dtype)
     l1 = torch.empty(len(tasks), dtype=torch.float64)
     l2sq = torch.empty(len(tasks), dtype=torch.float64)
-    delta_sq = torch.empty((), dtype=torch.float64)
-    _kernels.combine(KINDS[base.dtype], KINDS[dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks),
-                     w.data_ptr(), base.numel(), scale, divide, out.data_ptr(), l1.data_ptr(), l2sq.data_ptr(),
-                     delta_sq.data_ptr())
-    return out, l1, l2sq.sqrt_(), float(delta_sq) ** 0.5
+    positions = torch.empty(base.numel() if ties else 0, dtype=torch.int64)
+    delta_sq, sign_total, conflict_count, tie_count = _kernels.merge(
+        KINDS[base.dtype], KINDS[dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.numel(),
+        w.data_ptr(), 0 if thr is None else thr.data_ptr(), MERGE_FUNCTIONS.index(merge_fn), float(w.sum()),
+        majority, scale, conflicts, out.data_ptr(), l1.data_ptr(), l2sq.data_ptr(), positions.data_ptr() if ties else 0)
+    return Merged(out, l1, l2sq.sqrt_(), delta_sq ** 0.5, sign_total, conflict_count,
+                  positions[:tie_count].clone())
 
 
 def _sweep(tensors: list[torch.Tensor], base_out: torch.Tensor | None, absolute: bool

@@ -121,6 +121,17 @@ def abs_difference(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def trimmed(deltas: torch.Tensor, thresholds: torch.Tensor, mags: torch.Tensor | None = None) -> torch.Tensor:
+    """Task vectors ``deltas`` (T, ...) with the entries below their task's threshold (``thresholds``
+    (T,)) set to 0; ``mags``: |deltas|, consumed, when the caller has it."""
+    mags = deltas.abs() if mags is None else mags
+    thr = thresholds.to(deltas.device).reshape((-1,) + (1,) * (deltas.ndim - 1))
+    # 1.0 where kept, times τ; + 0.0 turns the −0.0 of a trimmed negative entry into +0.0. On a CPU
+    # this is three times faster than where() over a boolean mask (NaN entries, allowed only with
+    # --allow-nonfinite, stay NaN).
+    return mags.ge_(thr).mul_(deltas).add_(0.0)
+
+
 class TrimStat(GlobalStat):
     """Top-k trim of every task vector: σ_t and, for the global scope, the exact thresholds.
 
@@ -231,23 +242,26 @@ class TrimStat(GlobalStat):
         """Global per-task thresholds (T,), or None when trimming is per tensor or off."""
         return None if self._topk is None else self._topk.thresholds
 
+    def knows_thresholds(self, name: str) -> bool:
+        """Whether tensor ``name``'s thresholds are known without its task vectors (thresholds_of)."""
+        return self.density >= 1.0 or self.scope == "global" or name in self._tensor_thr
+
+    def thresholds_of(self, name: str | None) -> torch.Tensor | None:
+        """Tensor ``name``'s per-task thresholds (T,) when known (knows_thresholds); None: no trim."""
+        if self.density >= 1.0:
+            return None
+        return self.thresholds if self.scope == "global" or name is None else self._tensor_thr[name]
+
     def mask(self, deltas: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """The trimmed task vectors m_t ∘ τ_t of one tensor (T, ...); with its ``name``, per-tensor
         thresholds already found in the statistics pass are reused."""
         if self.density >= 1.0:
             return deltas
         mags = deltas.abs()
-        if self.scope == "global":
-            thr = self.thresholds
-        elif name is not None and name in self._tensor_thr:
-            thr = self._tensor_thr[name]
-        else:
-            thr = tensor_thresholds(mags, self.density)
-        thr = thr.to(deltas.device).reshape((-1,) + (1,) * (deltas.ndim - 1))
-        # 1.0 where kept, times τ; + 0.0 turns the −0.0 of a trimmed negative entry into +0.0. On a CPU
-        # this is three times faster than where() over a boolean mask (NaN entries, allowed only with
-        # --allow-nonfinite, stay NaN).
-        return mags.ge_(thr).mul_(deltas).add_(0.0)
+        known = self.scope == "global" or (name is not None and self.knows_thresholds(name))
+        thr = self.thresholds_of(name) if known else tensor_thresholds(mags, self.density)
+        assert thr is not None
+        return trimmed(deltas, thr, mags)
 
     @property
     def sigma(self) -> list[float]:

@@ -270,21 +270,27 @@ def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeyp
     ("task_arithmetic", {"lambda": 0.7}, [0.5, 1.25, 1.0], None),
     ("task_arithmetic", {}, None, "float32"),
     ("linear", {}, [0.2, 0.3, 1.5], None),
+    ("ties", {"density": 0.3, "mask_scope": "tensor"}, None, None),
+    ("ties", {"density": 0.5, "mask_scope": "tensor", "lambda": 1.3}, [0.5, 1.25, 1.0], None),
+    ("ties", {"density": 0.3, "mask_scope": "global"}, None, None),
+    ("ties", {"density": 1.0, "mask_scope": "tensor", "merge_fn": "elect_sum"}, None, "float32"),
+    ("ties", {"density": 0.4, "mask_scope": "tensor", "merge_fn": "mean"}, [0.5, 1.25, 1.0], None),
 ])
-def test_fused_combinations_give_the_bytes_of_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             method: str, params: dict, weights: list | None,
-                                                             out_dtype: str | None) -> None:
+@pytest.mark.parametrize("family", ["toy", "cancelling"])
+def test_fused_merges_give_the_bytes_of_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       method: str, params: dict, weights: list | None,
+                                                       out_dtype: str | None, family: str) -> None:
     from helpers import merge as merge_dict, recipe_dict
 
     from neuromerge_cli import kernels
 
-    base, tasks = toy_family(tmp_path / "m", 3, torch.bfloat16)
+    base, tasks = toy_family(tmp_path / "m", 3, torch.bfloat16) if family == "toy" else cancelling_family(tmp_path / "m")
     extra = {"dtype": out_dtype} if out_dtype else {}
-    recipe = recipe_dict(base, tasks, method, params, weights, **extra)
+    recipe = recipe_dict(base, tasks, method, params, weights and weights[:len(tasks)], **extra)
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 16)
     calls: list[int] = []
-    combine = kernels.combine
-    monkeypatch.setattr(kernels, "combine", lambda *a: calls.append(1) or combine(*a))
+    fused_kernel = kernels.merge
+    monkeypatch.setattr(kernels, "merge", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
     fused = merge_dict(recipe, tmp_path / "fused")
     made = len(calls)
     assert made > 10  # the blocks of every float tensor
@@ -293,6 +299,9 @@ def test_fused_combinations_give_the_bytes_of_the_torch_path(tmp_path: Path, mon
     assert len(calls) == made
     for f in (tmp_path / "plain").glob("*.safetensors"):
         assert f.read_bytes() == (tmp_path / "fused" / f.name).read_bytes()
+    assert fused["global"] == plain["global"]
     for name, row in plain["tensors"].items():
-        assert fused["tensors"][name]["task_l1"] == pytest.approx(row["task_l1"], rel=1e-5)
-        assert fused["tensors"][name]["delta_norm"] == pytest.approx(row["delta_norm"], rel=1e-5, abs=1e-9)
+        got = fused["tensors"][name]
+        assert got["task_l1"] == pytest.approx(row["task_l1"], rel=1e-5)
+        assert got["delta_norm"] == pytest.approx(row["delta_norm"], rel=1e-5, abs=1e-9)
+        assert got.get("sign_conflict") == row.get("sign_conflict")

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from neuromerge_cli import kernels, stats
-from neuromerge_cli.methods.elect import weighted_sum
+from neuromerge_cli.kernels import MERGE_FUNCTIONS
+from neuromerge_cli.methods.elect import merge_values, sign_conflict_rate, tie_mass, weighted_values
+from neuromerge_cli.sums import sign_total
 
 CPU = torch.device("cpu")
 # sizes around the kernels' vector width (8) and float64 chunk (4096), and an empty tensor
@@ -68,40 +70,63 @@ def test_a_nonfinite_input_makes_its_task_norm_nonfinite() -> None:
     assert deltas[1, 57].isnan() and deltas[2, 3] == float("inf")
 
 
-def torch_combination(tensors: list[torch.Tensor], weights: torch.Tensor, scale: float, divide: bool,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """What the torch path computes: elect.weighted_sum, then engine.merge_piece's scale, add and cast."""
+def cancelling_inputs(n: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """[θ0, θ_1..θ_4] whose task vectors cancel exactly at every third entry (θ0 = 0, θ_2 = −θ_1, θ_3 = θ_4 = 0):
+    unweighted elections tie there."""
+    tensors = inputs(n, dtype, num_tasks=4, seed=seed)
+    tensors[0][::3] = 0
+    tensors[2][::3] = -tensors[1][::3]
+    tensors[3][::3] = tensors[4][::3] = 0
+    return tensors
+
+
+def torch_merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dtype: torch.dtype, scale: float,
+                thresholds: torch.Tensor | None, majority: float
+                ) -> tuple[torch.Tensor, torch.Tensor, float, int, torch.Tensor]:
+    """What the torch path computes: stats.TrimStat.mask, elect.merge_values, engine.merge_piece's scale, add
+    and cast; the delta, the sign-conflict rate, the Σ of elected signs and the tie positions."""
     base, deltas = torch_path(pytest.MonkeyPatch(), stats.float_task_vectors, tensors, CPU)
-    delta = weighted_sum(deltas, weights)
-    delta = delta / torch.tensor(scale) if divide else delta.mul_(scale)
-    return (base + delta).to(dtype)  # not in place: float32 inputs come back as they are
+    trimmed = deltas if thresholds is None else deltas.abs().ge_(thresholds[:, None]).mul_(deltas).add_(0.0)
+    merged = merge_values(trimmed, weights, merge_fn, majority=majority)
+    delta = merged * scale
+    out = (base + delta).to(dtype)  # not in place: float32 inputs come back as they are
+    weighted = weighted_values(trimmed, weights)
+    s = torch.sign(weighted.sum(0))
+    ties = (tie_mass(weighted, s) > 0).nonzero().squeeze(1)
+    return out, delta, sign_conflict_rate(trimmed), int(sign_total(s)), ties
 
 
 @pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
                                               (torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
 @pytest.mark.parametrize("n", SIZES)
-def test_combine_gives_the_bytes_of_the_torch_path(dtype: torch.dtype, out_dtype: torch.dtype, n: int) -> None:
-    tensors = inputs(n, dtype, num_tasks=4, seed=n)
-    weights = torch.tensor([0.3, 1.7, 0.55, 1.0])
-    for scale, divide in [(1.0, False), (0.37, False), (float(weights.sum()), True)]:
-        out, l1, l2, delta_norm = kernels.combine(tensors, weights, scale, divide, out_dtype)
-        want = torch_combination(tensors, weights, scale, divide, out_dtype)
-        assert out.dtype == out_dtype and torch.equal(out, want), (scale, divide)
+@pytest.mark.parametrize("merge_fn", MERGE_FUNCTIONS)
+def test_merge_gives_the_bytes_of_the_torch_path(dtype: torch.dtype, out_dtype: torch.dtype, n: int,
+                                                 merge_fn: str) -> None:
+    tensors = cancelling_inputs(n, dtype, seed=n)
+    for weights, trim, scale, majority in [([1.0] * 4, False, 1.0, 1.0), ([0.3, 1.7, 0.55, 1.0], True, 0.37, -1.0),
+                                           ([1.0, 2.0, 1.0, 0.5], True, 1.0, 0.0)]:
+        w = torch.tensor(weights)
+        thr = torch.tensor([0.005, 0.0, 0.012, 0.3]) if trim else None
+        got = kernels.merge(tensors, w, merge_fn, out_dtype, scale, thr, majority, conflicts=True, ties=True)
+        out, delta, conflict, total, ties = torch_merge(tensors, w, merge_fn, out_dtype, scale, thr, majority)
+        case = (weights, trim, scale, majority)
+        assert got.out.dtype == out_dtype and torch.equal(got.out, out), case
+        assert (got.conflicts / n if n else 0.0) == conflict
+        if merge_fn.startswith("elect"):
+            assert got.sign_total == total and torch.equal(got.ties, ties), case
+            assert n < 3 or trim or ties.numel() > 0  # the cancellations tie
         want_l1, want_l2 = f64_norms(tensors)
-        torch.testing.assert_close(l1, want_l1, rtol=1e-6, atol=0)
-        torch.testing.assert_close(l2, want_l2, rtol=1e-6, atol=0)
-        delta = torch.stack([t.double() for t in tensors[1:]]) - tensors[0].double()
-        delta = (delta * weights.double()[:, None]).sum(0)
-        delta = delta / scale if divide else delta * scale
-        assert delta_norm == pytest.approx(float(delta.norm()), rel=1e-5, abs=1e-12)
+        torch.testing.assert_close(got.l1, want_l1, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got.l2, want_l2, rtol=1e-6, atol=0)
+        assert got.delta_norm == pytest.approx(float(delta.double().norm()), rel=1e-5, abs=1e-12)
 
 
-def test_combine_rounds_to_nearest_even_and_keeps_nan() -> None:
+def test_merge_rounds_to_nearest_even_and_keeps_nan() -> None:
     # θ0 = 1, τ = 2^-8 + 2^-9 etc.: results halfway between two bfloat16 values round to the even one
     base = torch.ones(16)
     task = base + torch.tensor([2.0 ** -8, 3 * 2.0 ** -9, 2.0 ** -9, 5 * 2.0 ** -9] * 4)
     task[5] = float("nan")
-    out, _, _, _ = kernels.combine([base, task], torch.ones(1), 1.0, False, torch.bfloat16)
+    out = kernels.merge([base, task], torch.ones(1), "sum", torch.bfloat16).out
     want = (base + (task - base)).to(torch.bfloat16)
     assert out[5].isnan()
     keep = torch.arange(16) != 5

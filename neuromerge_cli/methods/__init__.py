@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import MergeError, did_you_mean
-from .base import Combination, Method, TensorJob, TensorParts, TensorResult
+from .base import Fusion, Method, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .iso import IsoC, IsoCts
 from .linear import Linear
@@ -30,4 +30,4 @@ def get_method(name: str) -> Method:
                          f"({did_you_mean(name, METHODS)}known: {', '.join(METHODS)})") from None
 
 
-__all__ = ["METHODS", "Combination", "Method", "TensorJob", "TensorParts", "TensorResult", "get_method"]
+__all__ = ["METHODS", "Fusion", "Method", "TensorJob", "TensorParts", "TensorResult", "get_method"]

@@ -82,13 +82,19 @@ class TensorParts:
 
 
 @dataclass(frozen=True)
-class Combination:
-    """A merged task vector that is the weighted sum of the task vectors (elect.weighted_sum) times
-    ``scale``, or divided by it when ``divide``, in every tensor: the engine may then merge straight
-    from the stored inputs in one fused sweep (kernels.combine), without making the task vectors."""
+class Fusion:
+    """A merge of one tensor that the engine may run as one fused sweep over the stored inputs
+    (kernels.merge), bit for bit the torch path: the task vectors trimmed at ``thresholds`` (one per
+    task, as stats.TrimStat.mask; None: no trim), ψ = ``merge_fn`` of them with the task weights
+    (elect.merge_values), delta = ψ · ``scale``. An election falls back to ``majority`` where a sum is
+    0 (None: the tensor's own majority sign, as elect.elected_signs or a DeferredMajority finds it);
+    with ``conflicts`` the result reports elect.sign_conflict_rate as ``sign_conflict``."""
 
-    scale: float
-    divide: bool = False
+    merge_fn: str
+    scale: float = 1.0
+    thresholds: torch.Tensor | None = None
+    majority: float | None = None
+    conflicts: bool = False
 
 
 class Method(ABC):
@@ -166,10 +172,10 @@ class Method(ABC):
         """The value of each scale parameter (a method resolves 'auto' values here)."""
         return {p: params[p] for p in self.scale_params}
 
-    def combination(self, params: dict[str, Any], scales: dict[str, float] | None,
-                    weights: torch.Tensor) -> Combination | None:
-        """This method's merge as a Combination, when it is one for these parameters and ``scales`` (the
-        scale parameters' values), and its result has no stats; else None."""
+    def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
+               name: str) -> Fusion | None:
+        """This method's merge of tensor ``name`` as a Fusion, when it is one for these parameters, the
+        scale parameters' values ``scales`` and the finished statistics; else None."""
         return None
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:

@@ -150,15 +150,27 @@ class DeferredMajority:
         mass = tie_mass(weighted, s)
         if not bool(mass.sum() > 0):  # ties_with_values
             return merge(weighted, fill_ties(s, 0.0))  # as elected_signs without a tie
-        flat = weighted.reshape(weighted.shape[0], -1)
         positions = (mass.reshape(-1) > 0).nonzero().squeeze(1)
-        # Two columns at least: a (T, 1) tensor would be summed over T as a contiguous row, maybe in
-        # another order than the (T, n) block, and the candidates must be the block's values bit for bit.
-        columns = flat[:, positions.repeat(2) if positions.numel() == 1 else positions]
-        self.positions = positions
-        self.base_values = base.reshape(-1)[positions]  # θ0, before the engine adds the merged delta
-        self.candidates = {m: merge(columns, torch.full_like(columns[0], m))[: positions.numel()] for m in MAJORITIES}
+        columns = weighted.reshape(weighted.shape[0], -1)[:, positions]
+        # θ0 as it was before the engine adds the merged delta into it
+        self.keep(positions, base.reshape(-1)[positions],
+                  tie_candidates(columns, lambda x, m: merge(x, torch.full_like(x[0], m))))
         return merge(weighted, fill_ties(s, self.guess))
+
+    def keep(self, positions: torch.Tensor, base_values: torch.Tensor, candidates: dict[float, torch.Tensor]) -> None:
+        """Keep the block's ties: their flat ``positions``, θ0 there, and their merged values under each
+        majority sign (tie_candidates)."""
+        self.positions, self.base_values, self.candidates = positions, base_values, candidates
+
+
+def tie_candidates(columns: torch.Tensor, merge: Callable[[torch.Tensor, float], torch.Tensor]) -> dict[float, torch.Tensor]:
+    """The merged values ``merge(columns, m)`` of tied coordinates (``columns``: their values (T, k)) under
+    each majority sign m."""
+    k = columns.shape[1]
+    # Two columns at least: a (T, 1) tensor would be summed over T as a contiguous row, maybe in
+    # another order than a (T, n) block, and the candidates must be the block's values bit for bit.
+    padded = columns.repeat(1, 2) if k == 1 else columns
+    return {m: merge(padded, m)[:k] for m in MAJORITIES}
 
 
 Majority = torch.Tensor | float | Callable[[], float] | DeferredMajority | None

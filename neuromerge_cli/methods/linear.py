@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from .base import Combination, Method, TensorJob, TensorResult
+from ..stats import GlobalStat
+from .base import Fusion, Method, TensorJob, TensorResult
 from .elect import weighted_sum
 
 
@@ -20,6 +19,6 @@ class Linear(Method):
     def merge(self, job: TensorJob, params: dict[str, Any]) -> TensorResult:
         return TensorResult(weighted_sum(job.deltas, job.weights) / job.weights.sum())
 
-    def combination(self, params: dict[str, Any], scales: dict[str, float] | None,
-                    weights: torch.Tensor) -> Combination | None:
-        return Combination(float(weights.sum()), divide=True)
+    def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
+               name: str) -> Fusion | None:
+        return Fusion("mean")  # Σ w_t τ_t / Σ w_t

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from .base import Combination, Method, TensorJob, TensorParts
+from ..stats import GlobalStat
+from .base import Fusion, Method, TensorJob, TensorParts
 from .common import LAMBDA
 from .elect import weighted_sum
 
@@ -24,6 +23,6 @@ class TaskArithmetic(Method):
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
         return TensorParts({"lambda": weighted_sum(job.deltas, job.weights)})
 
-    def combination(self, params: dict[str, Any], scales: dict[str, float] | None,
-                    weights: torch.Tensor) -> Combination | None:
-        return None if scales is None else Combination(scales["lambda"])
+    def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
+               name: str) -> Fusion | None:
+        return None if scales is None else Fusion("sum", scales["lambda"])

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..stats import GlobalStat, MajoritySignStat, TensorMajorityStat, TrimStat
-from .base import Method, TensorJob, TensorParts
+from .base import Fusion, Method, TensorJob, TensorParts
 from .common import LAMBDA, MASK_SCOPE, MERGE_FN, density
 from .elect import merge_values, sign_conflict_rate
 
@@ -36,6 +36,15 @@ class Ties(Method):
         majority = job.stats["majority"].sign if "majority" in job.stats else job.tensor_majority("lambda")
         merged = merge_values(trimmed, job.weights, params["merge_fn"], majority=majority)
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
+
+    def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
+               name: str) -> Fusion | None:
+        trim = stats["trim"]
+        assert isinstance(trim, TrimStat) and scales is not None
+        if not trim.knows_thresholds(name):
+            return None
+        majority = stats["majority"].sign if "majority" in stats else None
+        return Fusion(params["merge_fn"], scales["lambda"], trim.thresholds_of(name), majority, conflicts=True)
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
         return {k: s.summary() for k, s in stats.items()}
