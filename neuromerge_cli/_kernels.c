@@ -328,6 +328,78 @@ MERGE(KIND_BF16, KIND_BF16, merge_bf16_bf16)
 typedef void (*merge_fn)(const void *, const void *const *, int, int64_t, const merge_params *, void *, merge_sums *);
 static const merge_fn MERGE_KERNELS[2][2] = {{merge_f32_f32, merge_f32_bf16}, {merge_bf16_f32, merge_bf16_bf16}};
 
+/* below = #{x_i < value}, equal = #{x_i == value} (NaN is neither) */
+VECTOR_CLONES static void count_around_f32(const float *x, int64_t n, float value, int64_t *below, int64_t *equal) {
+    *below = *equal = 0;
+    for (int64_t lo = 0; lo < n; lo += CHUNK) { /* lane counters of one chunk cannot overflow */
+        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n, i = lo;
+        vuint less = {0}, same = {0};
+        for (; i + LANES <= hi; i += LANES) {
+            vfloat v = vector_load(x, i, KIND_F32);
+            less -= (vuint)(v < value); /* a true lane is ~0, i.e. -1 */
+            same -= (vuint)(v == value);
+        }
+        for (; i < hi; i++) {
+            *below += x[i] < value;
+            *equal += x[i] == value;
+        }
+        for (int k = 0; k < LANES; k++) {
+            *below += less[k];
+            *equal += same[k];
+        }
+    }
+}
+
+typedef double vdouble __attribute__((vector_size(LANES * 8)));
+
+/* total = sum x_i, capped = sum min(x_i, cap) (NaN stays NaN), in float64 */
+VECTOR_CLONES static void capped_sums_f32(const float *x, int64_t n, float cap, double *total, double *capped) {
+    vdouble all = {0}, low = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat v = vector_load(x, i, KIND_F32);
+        all += __builtin_convertvector(v, vdouble);
+        low += __builtin_convertvector(blend((vuint)(v > cap), (vfloat){0} + cap, v), vdouble);
+    }
+    *total = *capped = 0.0;
+    for (int k = 0; k < LANES; k++) {
+        *total += all[k];
+        *capped += low[k];
+    }
+    for (; i < n; i++) {
+        *total += x[i];
+        *capped += x[i] > cap ? cap : x[i];
+    }
+}
+
+static PyObject *count_around(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x;
+    Py_ssize_t n;
+    float value;
+    int64_t below, equal;
+    if (!PyArg_ParseTuple(args, "Knf", &x, &n, &value))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    count_around_f32((const float *)x, (int64_t)n, value, &below, &equal);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("LL", (long long)below, (long long)equal);
+}
+
+static PyObject *capped_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x;
+    Py_ssize_t n;
+    float cap;
+    double total, capped;
+    if (!PyArg_ParseTuple(args, "Knf", &x, &n, &cap))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    capped_sums_f32((const float *)x, (int64_t)n, cap, &total, &capped);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("dd", total, capped);
+}
+
 static int read_pointers(PyObject *tuple, const void **out, Py_ssize_t *count) {
     *count = PyTuple_GET_SIZE(tuple);
     if (*count > MAX_TASKS) {
@@ -410,6 +482,8 @@ static PyMethodDef methods[] = {
     {"merge", merge, METH_VARARGS,
      "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, out, l1, "
      "l2sq, ties): see kernels.py"},
+    {"count_around", count_around, METH_VARARGS, "count_around(x, n, value) -> (below, equal): see kernels.py"},
+    {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap) -> (total, capped): see kernels.py"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -31,6 +31,23 @@ def applies(tensors: list[torch.Tensor], device: torch.device) -> bool:
                     and t.is_contiguous() for t in tensors))
 
 
+def takes(x: torch.Tensor) -> bool:
+    """Whether the one-tensor kernels (count_around, capped_sums) take ``x``: float32, contiguous, on the CPU."""
+    return ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+
+
+def count_around(x: torch.Tensor, value: float) -> tuple[int, int]:
+    """(entries of ``x`` below ``value``, entries equal to it) in one read (``takes`` must hold)."""
+    assert _kernels is not None
+    return _kernels.count_around(x.data_ptr(), x.numel(), value)
+
+
+def capped_sums(x: torch.Tensor, cap: float) -> tuple[float, float]:
+    """(Σ x, Σ min(x, cap)) in float64 in one read (``takes`` must hold)."""
+    assert _kernels is not None
+    return _kernels.capped_sums(x.data_ptr(), x.numel(), cap)
+
+
 def task_vectors_and_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(θ0, τ stacked (T, ...), ‖τ_t‖₁, ‖τ_t‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must hold): θ0
     and τ_t = θ_t − θ0 in float32, the norms in float64, from one read of the inputs."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
+
 SUM_CHUNK = 1 << 18  # entries of a row converted to float64 at a time (fewer, larger chunks: 14–28 % faster than 1 << 16)
 
 
@@ -43,8 +45,11 @@ def sign_total(signs: torch.Tensor) -> torch.Tensor:
 
 def sum_and_capped_sum(x: torch.Tensor, cap: torch.Tensor) -> tuple[float, float]:
     """(Σ x, Σ min(x, cap)) over every entry of ``x``, in float64 (chunked as in row_sums_f64): both
-    from one read, and a cap costs a third of a masked sum on a CPU."""
+    from one read, and a cap costs a third of a masked sum on a CPU; the fused kernel
+    (kernels.capped_sums), where it applies, is one sweep."""
     flat = x.reshape(-1)
+    if kernels.takes(flat):
+        return kernels.capped_sums(flat, float(cap))
     if flat.device.type != "cpu":
         total = flat.sum(dtype=torch.float64)
         return float(total), float(flat.clamp_max(cap.to(flat.device)).sum(dtype=torch.float64))

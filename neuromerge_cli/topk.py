@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from . import kernels
 from .sums import row_sums_f64
 
 KEY_BINS = 1 << 16  # histogram bins of each half of a 32-bit key
@@ -73,7 +74,7 @@ def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
     n = row.numel()
     if n <= 4 * SELECT_SAMPLE:
         value = torch.kthvalue(row, q).values
-        return value, int(torch.count_nonzero(row < value))
+        return value, count_around(row, value)[0]
     sample = row[:: max(1, n // SELECT_SAMPLE)].sort().values
     m = sample.numel()
     frac = q / n
@@ -83,9 +84,9 @@ def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
     high: torch.Tensor | None = None  # a guess above the answer
     for _ in range(GUESSES):
         guess = sample[at]
-        below = int(torch.count_nonzero(row < guess))
+        below, equal = count_around(row, guess)
         if below < q:
-            up_to = below + int(torch.count_nonzero(row == guess))
+            up_to = below + equal
             if q <= up_to:
                 return guess, below
             low = (guess, up_to)
@@ -110,7 +111,15 @@ def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
         value = torch.kthvalue(inside, q - under).values
         return value, under + int(torch.count_nonzero(inside < value))
     value = torch.kthvalue(row, q).values
-    return value, int(torch.count_nonzero(row < value))
+    return value, count_around(row, value)[0]
+
+
+def count_around(row: torch.Tensor, value: torch.Tensor) -> tuple[int, int]:
+    """(entries of ``row`` below ``value``, entries equal to it): one sweep of the fused kernel
+    (kernels.count_around) where it applies."""
+    if kernels.takes(row):
+        return kernels.count_around(row, float(value))
+    return int(torch.count_nonzero(row < value)), int(torch.count_nonzero(row == value))
 
 
 class HistogramSelect:

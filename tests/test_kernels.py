@@ -147,3 +147,25 @@ def test_applies_only_to_what_the_kernels_take(case: str) -> None:
     assert kernels.applies(inputs(64, torch.bfloat16), CPU)
     assert not kernels.applies(tensors, CPU)
     assert not kernels.applies(inputs(64, torch.bfloat16), torch.device("meta"))
+
+
+@pytest.mark.parametrize("n", SIZES + [3 * 4096 + 11])
+def test_count_around_counts_as_torch_does(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, 9, (n,), generator=g).float() / 4  # many repeats of each value
+    if n > 5:
+        x[3] = float("nan")
+    for value in (0.0, 0.75, 1.0, 2.5, float("nan")):
+        want = (int(torch.count_nonzero(x < value)), int(torch.count_nonzero(x == value)))
+        assert kernels.count_around(x, value) == want
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_capped_sums_match_float64(n: int) -> None:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs()
+    for cap in (0.0, 0.5, 10.0):
+        total, capped = kernels.capped_sums(x, cap)
+        assert total == pytest.approx(float(x.double().sum()), rel=1e-13, abs=1e-300)
+        assert capped == pytest.approx(float(x.double().clamp_max(cap).sum()), rel=1e-13, abs=1e-300)
+    x = torch.tensor([1.0, float("nan"), 2.0])
+    assert all(v != v for v in kernels.capped_sums(x, 1.5))
