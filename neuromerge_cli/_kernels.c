@@ -350,21 +350,30 @@ VECTOR_CLONES static void count_around_f32(const float *x, int64_t n, float valu
     }
 }
 
-typedef double vdouble __attribute__((vector_size(LANES * 8)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+typedef double vdouble4 __attribute__((vector_size(32))); /* two of these hold a vfloat in float64 */
+
+INLINE void add_as_double(vdouble4 *acc, vfloat v) {
+    vfloat4 lo, hi;
+    memcpy(&lo, &v, sizeof lo);
+    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    acc[0] += __builtin_convertvector(lo, vdouble4);
+    acc[1] += __builtin_convertvector(hi, vdouble4);
+}
 
 /* total = sum x_i, capped = sum min(x_i, cap) (NaN stays NaN), in float64 */
 VECTOR_CLONES static void capped_sums_f32(const float *x, int64_t n, float cap, double *total, double *capped) {
-    vdouble all = {0}, low = {0};
+    vdouble4 all[2] = {{0}, {0}}, low[2] = {{0}, {0}};
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         vfloat v = vector_load(x, i, KIND_F32);
-        all += __builtin_convertvector(v, vdouble);
-        low += __builtin_convertvector(blend((vuint)(v > cap), (vfloat){0} + cap, v), vdouble);
+        add_as_double(all, v);
+        add_as_double(low, blend((vuint)(v > cap), (vfloat){0} + cap, v));
     }
     *total = *capped = 0.0;
-    for (int k = 0; k < LANES; k++) {
-        *total += all[k];
-        *capped += low[k];
+    for (int k = 0; k < 4; k++) {
+        *total += all[0][k] + all[1][k];
+        *capped += low[0][k] + low[1][k];
     }
     for (; i < n; i++) {
         *total += x[i];
