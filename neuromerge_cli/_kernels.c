@@ -178,7 +178,7 @@ INLINE vfloat blend(vuint mask, vfloat a, vfloat b) { /* a where mask, else b */
     vuint ua, ub;
     memcpy(&ua, &a, sizeof ua);
     memcpy(&ub, &b, sizeof ub);
-    ua = (ua & mask) | (ub & ~mask);
+    ua = (ua & mask) | (ub & ~mask); /* 0.0 is all zero bits: with a = 0, one and-not */
     memcpy(&a, &ua, sizeof a);
     return a;
 }
@@ -244,7 +244,8 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
     r->sign_total = r->conflicts = r->tie_count = 0;
     for (int64_t lo = 0; lo < n; lo += CHUNK) {
         int64_t hi = lo + CHUNK < n ? lo + CHUNK : n;
-        vfloat delta_sum = zero;
+        vfloat delta_sum = zero, signs = zero; /* signs: exact, |lane sum| <= CHUNK / LANES */
+        vuint conflicts = {0};
         for (int t = 0; t < num_tasks; t++)
             sum_abs[t] = sum_sq[t] = zero;
         for (int64_t i = lo; i < hi; i += LANES) {
@@ -264,9 +265,7 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
                     lo_v = blend((vuint)(x[t] < lo_v), x[t], lo_v);
                     nan |= (vuint)(x[t] != x[t]);
                 }
-                vuint conflict = (vuint)(hi_v > 0) & (vuint)(lo_v < 0) & ~nan;
-                for (int k = 0; k < valid; k++)
-                    r->conflicts += conflict[k] != 0;
+                conflicts -= (vuint)(hi_v > 0) & (vuint)(lo_v < 0) & ~nan; /* padding lanes hold 0: none */
             }
             if (!elect) {
                 psi = x[0] * p->weights[0];
@@ -283,21 +282,24 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
                 }
                 vfloat s = vector_sign(total);
                 vuint tie = (vuint)(s == 0) & (vuint)(mass > 0);
-                for (int k = 0; k < valid; k++) {
-                    r->sign_total += (int64_t)s[k];
-                    if (tie[k] && r->ties)
-                        r->ties[r->tie_count] = i + k;
-                    r->tie_count += tie[k] != 0;
-                }
+                signs += s; /* padding lanes: 0 */
+                if (memcmp(&tie, &(vuint){0}, sizeof tie)) /* rare: keep the positions */
+                    for (int k = 0; k < valid; k++)
+                        if (tie[k]) {
+                            if (r->ties)
+                                r->ties[r->tie_count] = i + k;
+                            r->tie_count++;
+                        }
                 s = s + (one - vector_abs(s)) * m;
                 vfloat magnitude = zero, count = zero;
                 for (int t = 0; t < num_tasks; t++) {
                     vfloat a = x[t] * s;
-                    a = blend((vuint)(a < 0), zero, a);
+                    a = blend((vuint)(a < 0), zero, a); /* max(a, 0), NaN kept */
                     magnitude = magnitude + a;
-                    if (p->fn == FN_ELECT_MEAN)
-                        count = t == 0 ? vector_sign(a) * p->weights[0]
-                                       : vector_fma(vector_sign(a), zero + p->weights[t], count);
+                    if (p->fn == FN_ELECT_MEAN) { /* sign(a) is 1 or 0 here (0 for NaN) */
+                        vfloat agree = as_float((vuint)(a > 0));
+                        count = t == 0 ? agree * p->weights[0] : vector_fma(agree, zero + p->weights[t], count);
+                    }
                 }
                 if (p->fn == FN_ELECT_MEAN)
                     magnitude = magnitude / blend((vuint)(count < tiny), tiny, count);
@@ -312,13 +314,21 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
             r->l2sq[t] += (double)lane_total(sum_sq[t]);
         }
         r->delta_sq += (double)lane_total(delta_sum);
+        r->sign_total += (int64_t)lane_total(signs);
+        for (int k = 0; k < LANES; k++)
+            r->conflicts += conflicts[k];
     }
 }
 
 #define MERGE(KIND, OUT_KIND, NAME)                                                                                \
     VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t n,           \
                                    const merge_params *p, void *out, merge_sums *r) {                              \
-        merge_of(KIND, OUT_KIND, base, tasks, num_tasks, n, p, out, r);                                            \
+        switch (num_tasks) { /* a constant count keeps the per-task values in registers */                         \
+        case 2: merge_of(KIND, OUT_KIND, base, tasks, 2, n, p, out, r); break;                                    \
+        case 3: merge_of(KIND, OUT_KIND, base, tasks, 3, n, p, out, r); break;                                    \
+        case 4: merge_of(KIND, OUT_KIND, base, tasks, 4, n, p, out, r); break;                                    \
+        default: merge_of(KIND, OUT_KIND, base, tasks, num_tasks, n, p, out, r);                                  \
+        }                                                                                                         \
     }
 MERGE(KIND_F32, KIND_F32, merge_f32_f32)
 MERGE(KIND_F32, KIND_BF16, merge_f32_bf16)
