@@ -28,6 +28,7 @@ enum { KIND_F32 = 0, KIND_BF16 = 1 }; /* how a tensor's entries are stored */
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
+typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
 /* Entries whose float32 lane sums are added into float64 at a time: short enough that a lane's sum
  * of CHUNK / LANES values stays accurate, long enough that the float64 additions cost nothing. */
@@ -199,6 +200,15 @@ INLINE vfloat padded_load(const void *p, int64_t i, int kind, int valid) {
     return f;
 }
 
+/* LANES bytes of a 0/1 mask from i on (``valid`` of them read, the others 0) as 1.0 / 0.0 */
+INLINE vfloat mask_load(const uint8_t *p, int64_t i, int valid) {
+    uint8_t lanes[LANES] = {0};
+    memcpy(lanes, p + i, (size_t)valid);
+    vbyte b;
+    memcpy(&b, lanes, sizeof b);
+    return __builtin_convertvector(__builtin_convertvector(b, vuint), vfloat);
+}
+
 INLINE void padded_store(void *p, int64_t i, int kind, vfloat f, int valid) {
     if (valid == LANES) {
         vector_store(p, i, kind, f);
@@ -216,6 +226,8 @@ typedef struct {
     float majority;          /* the sign where an election's sum is 0 */
     float scale;             /* delta = psi * scale */
     int conflicts;           /* count the sign conflicts of the (trimmed) task values */
+    const uint8_t *const *drops; /* DARE: tau_t kept (0/1 bytes) where drops[t][i] is 1, scaled by 1 / keep */
+    float keep;
 } merge_params;
 
 typedef struct {
@@ -227,7 +239,8 @@ typedef struct {
 
 /* One fused merge sweep, the float32 operations of the torch path in their order (stats.TrimStat.mask,
  * elect.merge_values, elect.sign_conflict_rate, engine.merge_piece): for each entry,
- *   tau_t = x_t - base;  x_t = (|tau_t| >= thr_t) * tau_t + 0  (with a trim);
+ *   tau_t = x_t - base;  tau_t = (m_t * tau_t) / keep + 0  (with a DARE drop m_t);
+ *   x_t = (|tau_t| >= thr_t) * tau_t + 0  (with a trim);
  *   sum:  psi = x_0 w_0, then fma(x_t, w_t, psi);  mean: that / divisor;
  *   elect: v_t = x_t w_t, s = sign(sum_t v_t) (a tie where s = 0 while some v_t != 0), s' = s + (1 - |s|) m,
  *          a_t = max(v_t s', 0), psi = (sum_t a_t) [/ max(sum of sign(a_t) w_t, 1e-30)] * s' + 0;
@@ -255,6 +268,8 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
                 vfloat d = padded_load(tasks[t], i, kind, valid) - b;
                 sum_abs[t] += vector_abs(d);
                 sum_sq[t] += d * d;
+                if (p->drops) /* DARE: (m * tau) / keep + 0, as common.dare_drop */
+                    d = mask_load(p->drops[t], i, valid) * d / p->keep + zero;
                 x[t] = p->thresholds ? as_float((vuint)(vector_abs(d) >= p->thresholds[t])) * d + zero : d;
             }
             if (p->conflicts) { /* sign conflicts of the (trimmed) task values */
@@ -440,8 +455,8 @@ static int check_kind(int kind) {
     return -1;
 }
 
-/* merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, out, l1, l2sq,
- *       ties)
+/* merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep,
+ *       out, l1, l2sq, ties)
  * -> (delta_sq, sign_total, conflicts, tie_count); pointers as integers (0: none, for thresholds and ties) */
 static PyObject *merge(PyObject *self, PyObject *args) {
     (void)self;
@@ -450,13 +465,21 @@ static PyObject *merge(PyObject *self, PyObject *args) {
     PyObject *task_list;
     Py_ssize_t n, num_tasks;
     merge_params p;
-    if (!PyArg_ParseTuple(args, "iiKO!nKKifffpKKKK", &kind, &out_kind, &base, &PyTuple_Type, &task_list, &n,
-                          &weights, &thresholds, &fn, &p.divisor, &p.majority, &p.scale, &p.conflicts, &out, &l1,
-                          &l2sq, &ties))
+    PyObject *drop_list;
+    if (!PyArg_ParseTuple(args, "iiKO!nKKifffpO!fKKKK", &kind, &out_kind, &base, &PyTuple_Type, &task_list, &n,
+                          &weights, &thresholds, &fn, &p.divisor, &p.majority, &p.scale, &p.conflicts, &PyTuple_Type,
+                          &drop_list, &p.keep, &out, &l1, &l2sq, &ties))
         return NULL;
-    const void *tasks[MAX_TASKS];
-    if (check_kind(kind) || check_kind(out_kind) || read_pointers(task_list, tasks, &num_tasks))
+    const void *tasks[MAX_TASKS], *drops[MAX_TASKS];
+    Py_ssize_t num_drops;
+    if (check_kind(kind) || check_kind(out_kind) || read_pointers(task_list, tasks, &num_tasks) ||
+        read_pointers(drop_list, drops, &num_drops))
         return NULL;
+    if (num_drops && num_drops != num_tasks) {
+        PyErr_SetString(PyExc_ValueError, "merge: one drop mask per task, or none");
+        return NULL;
+    }
+    p.drops = num_drops ? (const uint8_t *const *)drops : NULL;
     if (num_tasks < 1 || n < 0 || fn < FN_SUM || fn > FN_ELECT_MEAN) {
         PyErr_SetString(PyExc_ValueError, "merge: no task, a negative size or an unknown merge function");
         return NULL;
@@ -499,8 +522,8 @@ static PyMethodDef methods[] = {
     {"task_vectors", task_vectors, METH_VARARGS,
      "task_vectors(kind, base, tasks, n, out, base_out, l1, l2sq, absolute): see kernels.py"},
     {"merge", merge, METH_VARARGS,
-     "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, out, l1, "
-     "l2sq, ties): see kernels.py"},
+     "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep, "
+     "out, l1, l2sq, ties): see kernels.py"},
     {"count_around", count_around, METH_VARARGS, "count_around(x, n, value) -> (below, equal): see kernels.py"},
     {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap) -> (total, capped): see kernels.py"},
     {NULL, NULL, 0, NULL},

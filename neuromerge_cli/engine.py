@@ -21,7 +21,7 @@ from . import kernels
 from .methods import Fusion, Method, TensorJob, get_method
 from .methods.elect import DeferredMajority, merge_values, tie_candidates
 from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
-from .methods.common import tensor_seed
+from .methods.common import apply_drop, tensor_seed
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
 from .stats import GlobalStat, TensorMajorityStat, float_task_vectors, task_vectors_and_norms, trimmed
@@ -353,23 +353,27 @@ def merge_piece(method: Method, params: dict[str, Any], job: TensorJob,
     return outs, norms, stats
 
 
-def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor], dtype: torch.dtype, fusion: Fusion,
+def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor], t: TensorPlan, fusion: Fusion,
                 weights: torch.Tensor, stats: dict[str, GlobalStat], fig: TensorFigures
                 ) -> tuple[torch.Tensor, DeferredMajority | None] | None:
-    """``piece`` merged in one fused sweep over its stored inputs (kernels.merge), its figures added to
-    ``fig``: the output in ``dtype``, and the DeferredMajority of a block whose election guessed its
+    """``piece`` (of the planned tensor ``t``) merged in one fused sweep over its stored inputs
+    (kernels.merge), its figures added to ``fig``: the output in the planned dtype, and the DeferredMajority of a block whose election guessed its
     tensor's majority sign at a tie (see mended_ties); None where the kernel does not take the piece.
 
     An election with the tensor's own majority sign uses a guess (a block: the sign of the tensor's
     blocks so far; a whole tensor: +1) and keeps its ties; a whole tensor's are mended at once."""
     own = fusion.merge_fn.startswith("elect") and fusion.majority is None
     stat = stats.get("tensor_majority") if own and piece.rows is not None else None
+    dtype = t.dtype
     if dtype not in kernels.KINDS or not kernels.applies(tensors, loader.device) or \
             (stat is not None and not (isinstance(stat, TensorMajorityStat) and stat.deferred)):
         return None
     guess = stat.guess(piece.name) if isinstance(stat, TensorMajorityStat) else 1.0
+    rows = None if piece.rows is None else t.shape[0]
+    drops = None if fusion.drop is None else fusion.drop(len(tensors) - 1, tensors[0].shape, piece.row, rows)
     r = kernels.merge(tensors, weights, fusion.merge_fn, dtype, fusion.scale, fusion.thresholds,
-                      guess if fusion.majority is None else fusion.majority, fusion.conflicts, ties=own)
+                      guess if fusion.majority is None else fusion.majority, fusion.conflicts, ties=own,
+                      drops=drops, keep=fusion.keep)
     if not loader.allow_nonfinite:
         loader.check_finite(tensors, r.l1, piece.name)
     n = r.out.numel()
@@ -380,8 +384,11 @@ def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor],
                                 "lambda")
     deferred.add(float(r.sign_total))
     if r.ties.numel():
-        base, deltas = float_task_vectors([t.reshape(-1)[r.ties] for t in tensors], loader.device)
-        columns = deltas if fusion.thresholds is None else trimmed(deltas, fusion.thresholds)
+        base, columns = float_task_vectors([x.reshape(-1)[r.ties] for x in tensors], loader.device)
+        if drops is not None:
+            columns = apply_drop(columns, [m.reshape(-1)[r.ties] for m in drops], fusion.keep)
+        if fusion.thresholds is not None:
+            columns = trimmed(columns, fusion.thresholds)
         deferred.keep(r.ties, base, tie_candidates(columns, lambda x, m: merge_values(x, weights, fusion.merge_fn,
                                                                                        majority=m)))
     if stat is not None:
@@ -538,7 +545,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                     outs = [tensors[0]] * len(targets)
                 elif (fusion := method.fusion(recipe.params, scales[0] if scales else None, by_key, piece.name)
                       if len(targets) == 1 else None) and \
-                        (fused := fused_merge(loader, piece, tensors, t.dtype, fusion, weights, by_key,
+                        (fused := fused_merge(loader, piece, tensors, t, fusion, weights, by_key,
                                               figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
                     outs = [fused[0]]
                     if fused[1] is not None:

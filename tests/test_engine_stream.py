@@ -275,6 +275,9 @@ def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeyp
     ("ties", {"density": 0.3, "mask_scope": "global"}, None, None),
     ("ties", {"density": 1.0, "mask_scope": "tensor", "merge_fn": "elect_sum"}, None, "float32"),
     ("ties", {"density": 0.4, "mask_scope": "tensor", "merge_fn": "mean"}, [0.5, 1.25, 1.0], None),
+    ("dare_ties", {"density": 0.6, "seed": 3}, None, None),
+    ("dare_ties", {"density": 0.5, "merge_fn": "elect_sum", "lambda": 0.8}, [0.5, 1.25, 1.0], "float32"),
+    ("dare_linear", {"density": 0.4}, [0.5, 1.25, 1.0], None),
 ])
 @pytest.mark.parametrize("family", ["toy", "cancelling"])
 def test_fused_merges_give_the_bytes_of_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -300,7 +303,8 @@ def test_fused_merges_give_the_bytes_of_the_torch_path(tmp_path: Path, monkeypat
     for f in (tmp_path / "plain").glob("*.safetensors"):
         assert f.read_bytes() == (tmp_path / "fused" / f.name).read_bytes()
     assert fused["global"] == plain["global"]
-    if family == "cancelling" and params.get("mask_scope") == "tensor" and params.get("merge_fn", "elect_mean")[:5] == "elect":
+    if family == "cancelling" and params.get("mask_scope") == "tensor" and params.get("merge_fn", "elect_mean")[:5] == "elect" \
+            or method == "dare_ties" and family == "cancelling" and "merge_fn" not in params:
         assert mended(fused) > 0  # blocks elected with a wrong guess, mended in the files
     for name, row in plain["tensors"].items():
         got = fused["tensors"][name]

@@ -7,6 +7,7 @@ import torch
 
 from neuromerge_cli import kernels, stats
 from neuromerge_cli.kernels import MERGE_FUNCTIONS
+from neuromerge_cli.methods.common import apply_drop
 from neuromerge_cli.methods.elect import merge_values, sign_conflict_rate, tie_mass, weighted_values
 from neuromerge_cli.sums import sign_total
 
@@ -81,11 +82,14 @@ def cancelling_inputs(n: int, dtype: torch.dtype, seed: int) -> list[torch.Tenso
 
 
 def torch_merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dtype: torch.dtype, scale: float,
-                thresholds: torch.Tensor | None, majority: float
-                ) -> tuple[torch.Tensor, torch.Tensor, float, int, torch.Tensor]:
-    """What the torch path computes: stats.TrimStat.mask, elect.merge_values, engine.merge_piece's scale, add
-    and cast; the delta, the sign-conflict rate, the Σ of elected signs and the tie positions."""
+                thresholds: torch.Tensor | None, majority: float, drops: list[torch.Tensor] | None = None,
+                keep: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float, int, torch.Tensor]:
+    """What the torch path computes: common.dare_drop, stats.TrimStat.mask, elect.merge_values,
+    engine.merge_piece's scale, add and cast; the delta, the sign-conflict rate, the Σ of elected signs
+    and the tie positions."""
     base, deltas = torch_path(pytest.MonkeyPatch(), stats.float_task_vectors, tensors, CPU)
+    if drops is not None:
+        deltas = apply_drop(deltas, drops, keep)
     trimmed = deltas if thresholds is None else deltas.abs().ge_(thresholds[:, None]).mul_(deltas).add_(0.0)
     merged = merge_values(trimmed, weights, merge_fn, majority=majority)
     delta = merged * scale
@@ -103,18 +107,25 @@ def torch_merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: st
 def test_merge_gives_the_bytes_of_the_torch_path(dtype: torch.dtype, out_dtype: torch.dtype, n: int,
                                                  merge_fn: str) -> None:
     tensors = cancelling_inputs(n, dtype, seed=n)
-    for weights, trim, scale, majority in [([1.0] * 4, False, 1.0, 1.0), ([0.3, 1.7, 0.55, 1.0], True, 0.37, -1.0),
-                                           ([1.0, 2.0, 1.0, 0.5], True, 1.0, 0.0)]:
+    g = torch.Generator().manual_seed(7)
+    masks = [torch.rand(n, generator=g) < 0.3 for _ in range(4)]
+    for weights, trim, scale, majority, drop in [([1.0] * 4, False, 1.0, 1.0, False),
+                                                 ([0.3, 1.7, 0.55, 1.0], True, 0.37, -1.0, False),
+                                                 ([1.0, 2.0, 1.0, 0.5], True, 1.0, 0.0, False),
+                                                 ([1.0, 2.0, 1.0, 0.5], False, 0.8, 1.0, True)]:
         w = torch.tensor(weights)
         thr = torch.tensor([0.005, 0.0, 0.012, 0.3]) if trim else None
-        got = kernels.merge(tensors, w, merge_fn, out_dtype, scale, thr, majority, conflicts=True, ties=True)
-        out, delta, conflict, total, ties = torch_merge(tensors, w, merge_fn, out_dtype, scale, thr, majority)
-        case = (weights, trim, scale, majority)
+        drops = masks if drop else None
+        got = kernels.merge(tensors, w, merge_fn, out_dtype, scale, thr, majority, conflicts=True, ties=True,
+                            drops=drops, keep=0.3)
+        out, delta, conflict, total, ties = torch_merge(tensors, w, merge_fn, out_dtype, scale, thr, majority,
+                                                        drops, 0.3)
+        case = (weights, trim, scale, majority, drop)
         assert got.out.dtype == out_dtype and torch.equal(got.out, out), case
         assert (got.conflicts / n if n else 0.0) == conflict
         if merge_fn.startswith("elect"):
             assert got.sign_total == total and torch.equal(got.ties, ties), case
-            assert n < 3 or trim or ties.numel() > 0  # the cancellations tie
+            assert n < 3 or trim or drop or ties.numel() > 0  # the cancellations tie
         want_l1, want_l2 = f64_norms(tensors)
         torch.testing.assert_close(got.l1, want_l1, rtol=1e-6, atol=0)
         torch.testing.assert_close(got.l2, want_l2, rtol=1e-6, atol=0)

@@ -84,8 +84,10 @@ class TensorParts:
 @dataclass(frozen=True)
 class Fusion:
     """A merge of one tensor that the engine may run as one fused sweep over the stored inputs
-    (kernels.merge), bit for bit the torch path: the task vectors trimmed at ``thresholds`` (one per
-    task, as stats.TrimStat.mask; None: no trim), ψ = ``merge_fn`` of them with the task weights
+    (kernels.merge), bit for bit the torch path: the task vectors dropped as DARE does (``drop``:
+    common.dare_masks less the block's geometry (T, block shape, first row, rows of the tensor), with
+    keep probability ``keep``; None: no drop), trimmed at ``thresholds`` (one per task, as
+    stats.TrimStat.mask; None: no trim), ψ = ``merge_fn`` of them with the task weights
     (elect.merge_values), delta = ψ · ``scale``. An election falls back to ``majority`` where a sum is
     0 (None: the tensor's own majority sign, as elect.elected_signs or a DeferredMajority finds it);
     with ``conflicts`` the result reports elect.sign_conflict_rate as ``sign_conflict``."""
@@ -95,6 +97,8 @@ class Fusion:
     thresholds: torch.Tensor | None = None
     majority: float | None = None
     conflicts: bool = False
+    drop: Callable[[int, torch.Size, int, int | None], list[torch.Tensor]] | None = None
+    keep: float = 1.0
 
 
 class Method(ABC):

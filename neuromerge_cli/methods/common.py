@@ -86,21 +86,35 @@ def dare_keep(keep: float, seed: int, name: str, task: int, start: int, stop: in
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def dare_masks(keep: float, seed: int, name: str, num_tasks: int, shape: torch.Size, row: int = 0,
+               rows: int | None = None) -> list[torch.Tensor]:
+    """DARE's keep masks (bool, flat, see dare_keep) of the ``num_tasks`` task vectors of tensor ``name``,
+    or of the block of its first-dimension rows starting at ``row`` of a tensor with ``rows`` rows
+    (default: the block is the whole tensor); ``shape``: the block's."""
+    block = shape.numel()
+    per_row = block // max(1, shape[0]) if len(shape) else 1
+    start = row * per_row
+    return [dare_keep(keep, seed, name, t, start, start + block, block if rows is None else rows * per_row)
+            for t in range(num_tasks)]
+
+
 def dare_drop(deltas: torch.Tensor, keep: float, seed: int, name: str, row: int = 0,
               rows: int | None = None) -> torch.Tensor:
     """DARE: keep each entry with probability ``keep`` and rescale by 1/keep.
 
     ``deltas`` (T, ...) may be the block of a tensor's first-dimension rows starting at ``row`` of a
-    tensor with ``rows`` rows (default: the block is the whole tensor); see dare_keep.
+    tensor with ``rows`` rows (default: the block is the whole tensor); see dare_masks.
     """
     if keep >= 1.0:
         return deltas
-    per_row = deltas[0].numel() // max(1, deltas.shape[1]) if deltas.ndim > 1 else 1
-    numel = deltas[0].numel() if rows is None else rows * per_row
-    start = row * per_row
+    return apply_drop(deltas, dare_masks(keep, seed, name, deltas.shape[0], deltas.shape[1:], row, rows), keep)
+
+
+def apply_drop(deltas: torch.Tensor, masks: list[torch.Tensor], keep: float) -> torch.Tensor:
+    """(m_t · τ_t) / keep of task vectors ``deltas`` (T, ...) and their keep masks ``masks`` (bool, flat), as
+    a new tensor."""
     out = torch.empty_like(deltas)
-    for t in range(deltas.shape[0]):
-        kept = dare_keep(keep, seed, name, t, start, start + deltas[t].numel(), numel)
+    for t, kept in enumerate(masks):
         # 1.0 where kept, times τ / keep; + 0.0 turns the −0.0 of a dropped negative entry into +0.0.
         # On a CPU this is several times faster than where() over the boolean mask (and copying the
         # mask's bytes as uint8 six times faster than copying it as bool).
