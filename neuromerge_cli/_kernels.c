@@ -406,6 +406,51 @@ VECTOR_CLONES static void capped_sums_f32(const float *x, int64_t n, float cap, 
     }
 }
 
+/* For each of the rows x_t (num_tasks rows of n float32): counts[t * 65536 + (bits(|x|) >> 16)] += 1 and
+ * l1[t] += sum |x| (float64), both added to what they hold (NaN lands in its own bin and makes l1 NaN) */
+VECTOR_CLONES static void magnitude_histogram_f32(const float *x, int num_tasks, int64_t n, int64_t *counts,
+                                                  double *l1) {
+    for (int t = 0; t < num_tasks; t++) {
+        const float *row = x + (int64_t)t * n;
+        int64_t *bins = counts + ((int64_t)t << 16);
+        vdouble4 sum[2] = {{0}, {0}};
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES) {
+            vfloat v = vector_abs(vector_load(row, i, KIND_F32));
+            vuint u;
+            memcpy(&u, &v, sizeof u);
+            u >>= 16;
+            for (int k = 0; k < LANES; k++)
+                bins[u[k]]++;
+            add_as_double(sum, v);
+        }
+        double total = 0.0;
+        for (int k = 0; k < 4; k++)
+            total += sum[0][k] + sum[1][k];
+        for (; i < n; i++) {
+            float v = fabsf(row[i]);
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            bins[u >> 16]++;
+            total += v;
+        }
+        l1[t] += total;
+    }
+}
+
+static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, counts, l1;
+    int num_tasks;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KinKK", &x, &num_tasks, &n, &counts, &l1))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    magnitude_histogram_f32((const float *)x, num_tasks, (int64_t)n, (int64_t *)counts, (double *)l1);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *count_around(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x;
@@ -526,6 +571,8 @@ static PyMethodDef methods[] = {
      "out, l1, l2sq, ties): see kernels.py"},
     {"count_around", count_around, METH_VARARGS, "count_around(x, n, value) -> (below, equal): see kernels.py"},
     {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap) -> (total, capped): see kernels.py"},
+    {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
+     "magnitude_histogram(x, num_tasks, n, counts, l1): see kernels.py"},
     {NULL, NULL, 0, NULL},
 };
 

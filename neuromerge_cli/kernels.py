@@ -48,6 +48,15 @@ def capped_sums(x: torch.Tensor, cap: float) -> tuple[float, float]:
     return _kernels.capped_sums(x.data_ptr(), x.numel(), cap)
 
 
+def magnitude_histogram(rows: torch.Tensor, counts: torch.Tensor, l1: torch.Tensor) -> None:
+    """For each row x_t of ``rows`` (T, n): add to ``counts`` (T · 2^16 int64) the count of each value of
+    the high 16 bits of |x|'s float32 bits (topk.magnitude_bits >> 16), and Σ|x| to ``l1`` (T float64):
+    one read (``takes`` must hold for ``rows``, and both accumulators be contiguous on the CPU)."""
+    assert _kernels is not None and counts.dtype == torch.int64 and l1.dtype == torch.float64
+    assert counts.is_contiguous() and l1.is_contiguous() and counts.numel() == rows.shape[0] << 16
+    _kernels.magnitude_histogram(rows.data_ptr(), rows.shape[0], rows.shape[1], counts.data_ptr(), l1.data_ptr())
+
+
 def task_vectors_and_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(θ0, τ stacked (T, ...), ‖τ_t‖₁, ‖τ_t‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must hold): θ0
     and τ_t = θ_t − θ0 in float32, the norms in float64, from one read of the inputs."""

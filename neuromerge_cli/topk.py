@@ -159,6 +159,12 @@ class HistogramSelect:
         self.n += high.shape[1]
         self._coarse += self._count(high)
 
+    @property
+    def coarse_counts(self) -> torch.Tensor:
+        """Pass 1's counts of high halves, flat (T · KEY_BINS), for a caller that counts them itself
+        (adding the count of keys to ``n``)."""
+        return self._coarse
+
     def partials(self, pass_index: int) -> list[torch.Tensor]:
         """The counts of pass ``pass_index`` (0: coarse, 1: fine); summed in place across processes
         that each observed part of the stream, they give every process the whole stream's result."""
@@ -288,6 +294,11 @@ class StreamingTopK:
 
     def observe_coarse(self, values: torch.Tensor) -> None:
         """Pass 1: count the high bits of |x| of one chunk (T, ...) and add up its L1 norms."""
+        rows = values.reshape(values.shape[0], -1)
+        if kernels.takes(rows) and self.device.type == "cpu":  # one sweep, no int32 copy of the bits
+            self._select.n += rows.shape[1]
+            kernels.magnitude_histogram(rows, self._select.coarse_counts, self._total_l1)
+            return
         bits = magnitude_bits(values)
         self._select.observe_coarse(bits >> 16)
         self._total_l1 += row_sums_f64(bits.view(torch.float32))

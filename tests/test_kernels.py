@@ -180,3 +180,18 @@ def test_capped_sums_match_float64(n: int) -> None:
         assert capped == pytest.approx(float(x.double().clamp_max(cap).sum()), rel=1e-13, abs=1e-300)
     x = torch.tensor([1.0, float("nan"), 2.0])
     assert all(v != v for v in kernels.capped_sums(x, 1.5))
+
+
+def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude() -> None:
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(3, 4096 + 5, generator=g) * torch.tensor([[1e-3], [1.0], [1e3]])
+    rows[1, 7] = float("nan")
+    counts = torch.full((3 << 16,), 5, dtype=torch.int64)  # added to, not overwritten
+    l1 = torch.ones(3, dtype=torch.float64)
+    kernels.magnitude_histogram(rows, counts, l1)
+    bits = rows.view(torch.int32) & 0x7FFFFFFF
+    for t in range(3):
+        want = torch.bincount((bits[t] >> 16).long(), minlength=1 << 16) + 5
+        assert torch.equal(counts[t << 16:(t + 1) << 16], want)
+    assert l1[0] == pytest.approx(1 + float(rows[0].double().abs().sum()), rel=1e-13)
+    assert l1[1] != l1[1] and l1[2] == pytest.approx(1 + float(rows[2].double().abs().sum()), rel=1e-13)
