@@ -438,6 +438,57 @@ VECTOR_CLONES static void magnitude_histogram_f32(const float *x, int num_tasks,
     }
 }
 
+/* For each row x_t: where the high 16 bits of |x|'s float32 bits equal bins[t], fine[t * 65536 + low 16 bits]
+ * += 1; where they are below it, below[t] += |x| (float64); both added to what they hold */
+VECTOR_CLONES static void magnitude_fine_f32(const float *x, int num_tasks, int64_t n, const int64_t *bins,
+                                             int64_t *fine, double *below) {
+    for (int t = 0; t < num_tasks; t++) {
+        const float *row = x + (int64_t)t * n;
+        int64_t *counts = fine + ((int64_t)t << 16);
+        uint32_t bin = (uint32_t)bins[t];
+        vdouble4 sum[2] = {{0}, {0}};
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES) {
+            vfloat v = vector_abs(vector_load(row, i, KIND_F32));
+            vuint u;
+            memcpy(&u, &v, sizeof u);
+            vuint high = u >> 16, in_bin = (vuint)(high == bin);
+            add_as_double(sum, blend((vuint)(high < bin), v, (vfloat){0}));
+            if (memcmp(&in_bin, &(vuint){0}, sizeof in_bin)) /* about one entry in a bin's share */
+                for (int k = 0; k < LANES; k++)
+                    if (in_bin[k])
+                        counts[u[k] & 0xffff]++;
+        }
+        double total = 0.0;
+        for (int k = 0; k < 4; k++)
+            total += sum[0][k] + sum[1][k];
+        for (; i < n; i++) {
+            float v = fabsf(row[i]);
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            if (u >> 16 == bin)
+                counts[u & 0xffff]++;
+            else if (u >> 16 < bin)
+                total += v;
+        }
+        below[t] += total;
+    }
+}
+
+static PyObject *magnitude_fine(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x, bins, fine, below;
+    int num_tasks;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KinKKK", &x, &num_tasks, &n, &bins, &fine, &below))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    magnitude_fine_f32((const float *)x, num_tasks, (int64_t)n, (const int64_t *)bins, (int64_t *)fine,
+                       (double *)below);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long x, counts, l1;
@@ -573,6 +624,8 @@ static PyMethodDef methods[] = {
     {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap) -> (total, capped): see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
      "magnitude_histogram(x, num_tasks, n, counts, l1): see kernels.py"},
+    {"magnitude_fine", magnitude_fine, METH_VARARGS,
+     "magnitude_fine(x, num_tasks, n, bins, fine, below): see kernels.py"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -57,6 +57,17 @@ def magnitude_histogram(rows: torch.Tensor, counts: torch.Tensor, l1: torch.Tens
     _kernels.magnitude_histogram(rows.data_ptr(), rows.shape[0], rows.shape[1], counts.data_ptr(), l1.data_ptr())
 
 
+def magnitude_fine(rows: torch.Tensor, bins: torch.Tensor, fine: torch.Tensor, below: torch.Tensor) -> None:
+    """For each row x_t of ``rows`` (T, n): where the high 16 bits of |x|'s float32 bits equal ``bins[t]``,
+    add one to ``fine`` (T · 2^16 int64) at t · 2^16 + the low 16 bits; where they are below it, add |x|
+    to ``below`` (T float64). One read (``takes`` must hold for ``rows``; accumulators contiguous, CPU)."""
+    assert _kernels is not None and fine.dtype == bins.dtype == torch.int64 and below.dtype == torch.float64
+    assert fine.is_contiguous() and below.is_contiguous() and fine.numel() == rows.shape[0] << 16
+    b = bins.contiguous()
+    _kernels.magnitude_fine(rows.data_ptr(), rows.shape[0], rows.shape[1], b.data_ptr(), fine.data_ptr(),
+                            below.data_ptr())
+
+
 def task_vectors_and_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(θ0, τ stacked (T, ...), ‖τ_t‖₁, ‖τ_t‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must hold): θ0
     and τ_t = θ_t − θ0 in float32, the norms in float64, from one read of the inputs."""

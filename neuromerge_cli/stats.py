@@ -170,8 +170,8 @@ class TrimStat(GlobalStat):
             if pass_index == 0:
                 self._topk.observe_coarse(deltas)
             else:
-                split = self._topk.observe_fine(deltas)
-                self._split = (deltas, split) if self.keep_split else None
+                split = self._topk.observe_fine(deltas, self.keep_split)
+                self._split = None if split is None else (deltas, split)
             return
         self._observe_tensor(name, deltas.shape[0], lambda t: deltas[t].abs())
 

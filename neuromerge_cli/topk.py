@@ -317,9 +317,14 @@ class StreamingTopK:
         """Where the entries of one chunk (T, ...) stand against the threshold bins (after pass 1)."""
         return TrimSplit(magnitude_bits(values), self.bins.to(torch.int32).unsqueeze(1))
 
-    def observe_fine(self, values: torch.Tensor) -> TrimSplit:
+    def observe_fine(self, values: torch.Tensor, want_split: bool = True) -> TrimSplit | None:
         """Pass 2: count the low bits of |x| inside each task's threshold bin and add up the L1
-        of the values below that bin; returns where the chunk's entries stand (see TrimSplit)."""
+        of the values below that bin; returns where the chunk's entries stand (see TrimSplit),
+        or None when not ``want_split``."""
+        rows = values.reshape(values.shape[0], -1)
+        if not want_split and kernels.takes(rows) and self.device.type == "cpu":
+            kernels.magnitude_fine(rows, self.bins, self._select.fine_counts[:, 0], self._below_l1)
+            return None
         split = self.split(values)
         self._select.add_fine(0, (split.low + self._select.offsets)[split.undecided])
         below = (split.bits & split.below_mask()).view(torch.float32)  # |x| below the bin, 0.0 elsewhere

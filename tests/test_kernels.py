@@ -195,3 +195,20 @@ def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude() -> None:
         assert torch.equal(counts[t << 16:(t + 1) << 16], want)
     assert l1[0] == pytest.approx(1 + float(rows[0].double().abs().sum()), rel=1e-13)
     assert l1[1] != l1[1] and l1[2] == pytest.approx(1 + float(rows[2].double().abs().sum()), rel=1e-13)
+
+
+def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below() -> None:
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randint(-40, 41, (3, 4096 + 5), generator=g).float() / 16  # many entries share a bin
+    rows[2, 9] = float("nan")
+    bits = rows.view(torch.int32) & 0x7FFFFFFF
+    bins = torch.stack([(bits[t] >> 16)[t * 100] for t in range(3)]).long()
+    fine = torch.full((3 << 16,), 2, dtype=torch.int64)
+    below = torch.ones(3, dtype=torch.float64)
+    kernels.magnitude_fine(rows, bins, fine, below)
+    for t in range(3):
+        inside = (bits[t] >> 16) == bins[t]
+        want = torch.bincount((bits[t][inside] & 0xFFFF).long(), minlength=1 << 16) + 2
+        assert inside.any() and torch.equal(fine[t << 16:(t + 1) << 16], want)
+        under = rows[t].abs()[(bits[t] >> 16) < bins[t]]
+        assert below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-13)
