@@ -357,8 +357,9 @@ def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor],
                 weights: torch.Tensor, stats: dict[str, GlobalStat], fig: TensorFigures
                 ) -> tuple[torch.Tensor, DeferredMajority | None] | None:
     """``piece`` (of the planned tensor ``t``) merged in one fused sweep over its stored inputs
-    (kernels.merge), its figures added to ``fig``: the output in the planned dtype, and the DeferredMajority of a block whose election guessed its
-    tensor's majority sign at a tie (see mended_ties); None where the kernel does not take the piece.
+    (kernels.merge), its figures added to ``fig``: the output in the planned dtype, and the
+    DeferredMajority of a block whose election guessed its tensor's majority sign at a tie (see
+    mended_ties); None where the kernel does not take the piece.
 
     An election with the tensor's own majority sign uses a guess (a block: the sign of the tensor's
     blocks so far; a whole tensor: +1) and keeps its ties; a whole tensor's are mended at once."""
@@ -538,13 +539,14 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                     for writer, v in zip(writers, values):
                         background.patch(writer, [name, *aliases.get(name, ())], row, positions, v.cpu())
 
+            fusing = len(targets) == 1  # a sweep's variants share their parts: the torch path computes them once
             waiting: list[tuple[int, DeferredMajority]] = []  # blocks of the current tensor elected with a guess
             for piece, tensors in loader.stream_pieces(work):
                 t = by_name[piece.name]
                 if t.role == "copy":
                     outs = [tensors[0]] * len(targets)
-                elif (fusion := method.fusion(recipe.params, scales[0] if scales else None, by_key, piece.name)
-                      if len(targets) == 1 else None) and \
+                elif fusing and (fusion := method.fusion(recipe.params, scales[0] if scales else None, by_key,
+                                                         piece.name)) and \
                         (fused := fused_merge(loader, piece, tensors, t, fusion, weights, by_key,
                                               figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
                     outs = [fused[0]]

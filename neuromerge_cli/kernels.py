@@ -1,10 +1,10 @@
 """Fused CPU kernels (the C extension ``_kernels``) for the engine's hottest sweeps, where they apply.
 
-A kernel does in one read of its inputs what takes several eager torch passes, and gives the same
-float32 tensors bit for bit (its float64 norms differ in their last digits: another summation order).
-Callers keep the torch operations for the cases a kernel does not take (CUDA, float16 inputs,
-non-contiguous views) and for installs where the extension could not be built. NEUROMERGE_KERNELS=0
-turns the kernels off, e.g. to compare the two paths.
+A kernel does in one read of its inputs what takes several eager torch passes, with the same float32
+operations in the same order: the same task vectors, merged weights and counts, bit for bit (float64
+sums differ in their last digits: another summation order). Callers keep the torch operations for
+what a kernel does not take (CUDA, float16 inputs, non-contiguous views) and for installs where the
+extension could not be built. NEUROMERGE_KERNELS=0 turns the kernels off, e.g. to compare the paths.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def applies(tensors: list[torch.Tensor], device: torch.device) -> bool:
 
 
 def takes(x: torch.Tensor) -> bool:
-    """Whether the one-tensor kernels (count_around, capped_sums) take ``x``: float32, contiguous, on the CPU."""
+    """Whether the kernels over float32 values (count_around, capped_sums, magnitude_*) take ``x``:
+    float32, contiguous, on the CPU."""
     return ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
 
 
@@ -68,9 +69,10 @@ def magnitude_fine(rows: torch.Tensor, bins: torch.Tensor, fine: torch.Tensor, b
                             below.data_ptr())
 
 
-def task_vectors_and_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(θ0, τ stacked (T, ...), ‖τ_t‖₁, ‖τ_t‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must hold): θ0
-    and τ_t = θ_t − θ0 in float32, the norms in float64, from one read of the inputs."""
+def task_vectors_and_norms(tensors: list[torch.Tensor]
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(θ0, τ stacked (T, ...), ‖τ_t‖₁, ‖τ_t‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must hold):
+    θ0 and τ_t = θ_t − θ0 in float32, the norms in float64, from one read of the inputs."""
     base = torch.empty(tensors[0].shape, dtype=torch.float32)
     deltas, l1, l2sq = _sweep(tensors, base, absolute=False)
     return base, deltas, l1, l2sq.sqrt_()
@@ -104,8 +106,9 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
     one read of the inputs without making the task vectors, bit for bit the torch path's float32
     operations: the task vectors dropped where the bool masks ``drops`` (one per task, flat) are False
     and rescaled by 1/``keep`` as methods.common.dare_drop does (None: no drop), trimmed at
-    ``thresholds`` (T,) as stats.TrimStat.mask does (None: no trim), ψ = ``merge_fn`` of them with ``weights`` (elect.merge_values, elections falling back to
-    ``majority`` where a sum is 0), delta = ψ · ``scale``. Also the task vectors' norms, ‖delta‖, and
+    ``thresholds`` (T,) as stats.TrimStat.mask does (None: no trim), ψ = ``merge_fn`` of them with
+    ``weights`` (elect.merge_values, elections falling back to ``majority`` where a sum is 0),
+    delta = ψ · ``scale``. Also the task vectors' norms, ‖delta‖, and
     what elections and ``conflicts`` (elect.sign_conflict_rate) need; ``ties``: keep the tie positions."""
     assert _kernels is not None
     base, tasks = tensors[0], tensors[1:]
@@ -120,7 +123,8 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
     delta_sq, sign_total, conflict_count, tie_count = _kernels.merge(
         KINDS[base.dtype], KINDS[dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.numel(),
         w.data_ptr(), 0 if thr is None else thr.data_ptr(), MERGE_FUNCTIONS.index(merge_fn), float(w.sum()),
-        majority, scale, conflicts, tuple(m.data_ptr() for m in masks), keep, out.data_ptr(), l1.data_ptr(), l2sq.data_ptr(), positions.data_ptr() if ties else 0)
+        majority, scale, conflicts, tuple(m.data_ptr() for m in masks), keep, out.data_ptr(), l1.data_ptr(),
+        l2sq.data_ptr(), positions.data_ptr() if ties else 0)
     return Merged(out, l1, l2sq.sqrt_(), delta_sq ** 0.5, sign_total, conflict_count,
                   positions[:tie_count].clone())
 

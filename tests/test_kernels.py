@@ -72,8 +72,8 @@ def test_a_nonfinite_input_makes_its_task_norm_nonfinite() -> None:
 
 
 def cancelling_inputs(n: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    """[θ0, θ_1..θ_4] whose task vectors cancel exactly at every third entry (θ0 = 0, θ_2 = −θ_1, θ_3 = θ_4 = 0):
-    unweighted elections tie there."""
+    """[θ0, θ_1..θ_4] whose task vectors cancel exactly at every third entry (θ0 = 0, θ_2 = −θ_1,
+    θ_3 = θ_4 = 0): unweighted elections tie there."""
     tensors = inputs(n, dtype, num_tasks=4, seed=seed)
     tensors[0][::3] = 0
     tensors[2][::3] = -tensors[1][::3]

@@ -163,7 +163,8 @@ class DeferredMajority:
         self.positions, self.base_values, self.candidates = positions, base_values, candidates
 
 
-def tie_candidates(columns: torch.Tensor, merge: Callable[[torch.Tensor, float], torch.Tensor]) -> dict[float, torch.Tensor]:
+def tie_candidates(columns: torch.Tensor, merge: Callable[[torch.Tensor, float], torch.Tensor]
+                   ) -> dict[float, torch.Tensor]:
     """The merged values ``merge(columns, m)`` of tied coordinates (``columns``: their values (T, k)) under
     each majority sign m."""
     k = columns.shape[1]
