@@ -273,7 +273,7 @@ def sweep(
                        keep, not minimize, show)
     out.print(table)
     kept = f", merged at {result.best.output}" if keep != "none" else ""
-    out.print(f"best: " + ", ".join(f"{k}={v}" for k, v in result.best.values.items()) +
+    out.print("best: " + ", ".join(f"{k}={v}" for k, v in result.best.values.items()) +
               f" (score {result.best.score:.6g}){kept}", markup=False, highlight=False)
     out.print(f"{len(result.points)} points from {result.merges} merge pass(es); best recipe: {result.best_recipe}",
               markup=False, highlight=False)

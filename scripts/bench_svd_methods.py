@@ -66,7 +66,7 @@ def main() -> None:
     # Freed matrices go back to the OS at once, so that peak RSS tracks live memory rather than
     # glibc heap reuse (which only matrices under its 32 MiB mmap threshold would see).
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    print(f"| method | shape | T | svd_dtype | kernel time (s) | peak RSS above inputs (GiB) | in M×N float32 matrices |")
+    print("| method | shape | T | svd_dtype | kernel time (s) | peak RSS above inputs (GiB) | in M×N float32 matrices |")
     print("|---|---|---|---|---|---|---|")
     for method in METHODS:
         out = subprocess.run([sys.executable, __file__, "--one", method, "--shape", str(rows), str(cols),
