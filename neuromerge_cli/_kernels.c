@@ -10,6 +10,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic ignored "-Wpsabi" /* vectors passed between inlined helpers only */
@@ -561,8 +564,93 @@ static int check_kind(int kind) {
 }
 
 /* merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep,
- *       out, l1, l2sq, ties)
+ *       out, l1, l2sq, ties, threads)
  * -> (delta_sq, sign_total, conflicts, tie_count); pointers as integers (0: none, for thresholds and ties) */
+/* Work split into parts of whole CHUNKs, the first on the calling thread and the others on their own
+ * threads (none on Windows): results are the same bytes whatever the split, as every entry's value
+ * depends on that entry alone; only the float64 sums are added in another order. */
+#define MAX_PARTS 64
+#define MIN_PART (1 << 18) /* entries: below this a thread costs more than it saves */
+
+typedef void (*part_fn)(void *ctx, int part, int64_t lo, int64_t hi);
+
+typedef struct {
+    part_fn fn;
+    void *ctx;
+    int part;
+    int64_t lo, hi;
+} part_call;
+
+static void *run_part(void *arg) {
+    part_call *c = (part_call *)arg;
+    c->fn(c->ctx, c->part, c->lo, c->hi);
+    return NULL;
+}
+
+/* Runs fn over [0, n) in up to ``threads`` parts; returns the number of parts, whose bounds are in bounds[] */
+static int run_parts(int64_t n, int threads, part_fn fn, void *ctx, int64_t *bounds) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    int parts = threads < 1 ? 1 : threads > MAX_PARTS ? MAX_PARTS : threads;
+    if (parts > n / MIN_PART)
+        parts = n / MIN_PART > 1 ? (int)(n / MIN_PART) : 1;
+#ifdef _WIN32
+    parts = 1;
+#endif
+    part_call calls[MAX_PARTS];
+    for (int k = 0; k <= parts; k++) {
+        int64_t b = chunks * k / parts * CHUNK;
+        bounds[k] = b < n ? b : n;
+    }
+    for (int k = 0; k < parts; k++)
+        calls[k] = (part_call){fn, ctx, k, bounds[k], bounds[k + 1]};
+#ifndef _WIN32
+    pthread_t ids[MAX_PARTS];
+    int started[MAX_PARTS] = {0};
+    for (int k = 1; k < parts; k++)
+        started[k] = pthread_create(&ids[k], NULL, run_part, &calls[k]) == 0;
+    run_part(&calls[0]);
+    for (int k = 1; k < parts; k++) {
+        if (started[k])
+            pthread_join(ids[k], NULL);
+        else
+            run_part(&calls[k]); /* no thread to be had: do it here */
+    }
+#else
+    run_part(&calls[0]);
+#endif
+    return parts;
+}
+
+typedef struct {
+    int kind, out_kind, num_tasks;
+    const void *base, **tasks;
+    const merge_params *p;
+    void *out;
+    int64_t *ties;
+    merge_sums sums[MAX_PARTS];
+    double l1[MAX_PARTS][MAX_TASKS], l2sq[MAX_PARTS][MAX_TASKS];
+} merge_job;
+
+static const int64_t KIND_BYTES[2] = {4, 2};
+
+static void merge_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    merge_job *j = (merge_job *)ctx;
+    const void *tasks[MAX_TASKS], *drops[MAX_TASKS];
+    int64_t in = KIND_BYTES[j->kind], out = KIND_BYTES[j->out_kind];
+    merge_params p = *j->p;
+    for (int t = 0; t < j->num_tasks; t++) {
+        tasks[t] = (const char *)j->tasks[t] + lo * in;
+        if (p.drops)
+            drops[t] = p.drops[t] + lo;
+    }
+    if (p.drops)
+        p.drops = (const uint8_t *const *)drops;
+    merge_sums *r = &j->sums[part];
+    *r = (merge_sums){j->l1[part], j->l2sq[part], 0.0, 0, 0, 0, j->ties ? j->ties + lo : NULL};
+    MERGE_KERNELS[j->kind][j->out_kind]((const char *)j->base + lo * in, tasks, j->num_tasks, hi - lo, &p,
+                                        (char *)j->out + lo * out, r);
+}
+
 static PyObject *merge(PyObject *self, PyObject *args) {
     (void)self;
     int kind, out_kind, fn;
@@ -571,9 +659,10 @@ static PyObject *merge(PyObject *self, PyObject *args) {
     Py_ssize_t n, num_tasks;
     merge_params p;
     PyObject *drop_list;
-    if (!PyArg_ParseTuple(args, "iiKO!nKKifffpO!fKKKK", &kind, &out_kind, &base, &PyTuple_Type, &task_list, &n,
+    int threads;
+    if (!PyArg_ParseTuple(args, "iiKO!nKKifffpO!fKKKKi", &kind, &out_kind, &base, &PyTuple_Type, &task_list, &n,
                           &weights, &thresholds, &fn, &p.divisor, &p.majority, &p.scale, &p.conflicts, &PyTuple_Type,
-                          &drop_list, &p.keep, &out, &l1, &l2sq, &ties))
+                          &drop_list, &p.keep, &out, &l1, &l2sq, &ties, &threads))
         return NULL;
     const void *tasks[MAX_TASKS], *drops[MAX_TASKS];
     Py_ssize_t num_drops;
@@ -592,11 +681,35 @@ static PyObject *merge(PyObject *self, PyObject *args) {
     p.weights = (const float *)weights;
     p.thresholds = (const float *)thresholds;
     p.fn = fn;
-    merge_sums r = {(double *)l1, (double *)l2sq, 0.0, 0, 0, 0, (int64_t *)ties};
+    merge_job *j = PyMem_RawMalloc(sizeof(merge_job));
+    if (!j)
+        return PyErr_NoMemory();
+    *j = (merge_job){.kind = kind, .out_kind = out_kind, .num_tasks = (int)num_tasks, .base = (const void *)base,
+                     .tasks = tasks, .p = &p, .out = (void *)out, .ties = (int64_t *)ties};
+    merge_sums total = {(double *)l1, (double *)l2sq, 0.0, 0, 0, 0, (int64_t *)ties};
     Py_BEGIN_ALLOW_THREADS
-    MERGE_KERNELS[kind][out_kind]((const void *)base, tasks, (int)num_tasks, (int64_t)n, &p, (void *)out, &r);
+    int64_t bounds[MAX_PARTS + 1];
+    int parts = run_parts((int64_t)n, threads, merge_part, j, bounds);
+    for (int t = 0; t < num_tasks; t++)
+        total.l1[t] = total.l2sq[t] = 0.0;
+    for (int k = 0; k < parts; k++) { /* in order: the tie positions stay ascending */
+        merge_sums *r = &j->sums[k];
+        for (int t = 0; t < num_tasks; t++) {
+            total.l1[t] += r->l1[t];
+            total.l2sq[t] += r->l2sq[t];
+        }
+        total.delta_sq += r->delta_sq;
+        total.sign_total += r->sign_total;
+        total.conflicts += r->conflicts;
+        if (total.ties)
+            for (int64_t i = 0; i < r->tie_count; i++)
+                total.ties[total.tie_count + i] = r->ties[i] + bounds[k];
+        total.tie_count += r->tie_count;
+    }
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("dLLL", r.delta_sq, (long long)r.sign_total, (long long)r.conflicts, (long long)r.tie_count);
+    PyMem_RawFree(j);
+    return Py_BuildValue("dLLL", total.delta_sq, (long long)total.sign_total, (long long)total.conflicts,
+                         (long long)total.tie_count);
 }
 
 static PyObject *task_vectors(PyObject *self, PyObject *args) {
@@ -628,7 +741,7 @@ static PyMethodDef methods[] = {
      "task_vectors(kind, base, tasks, n, out, base_out, l1, l2sq, absolute): see kernels.py"},
     {"merge", merge, METH_VARARGS,
      "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep, "
-     "out, l1, l2sq, ties): see kernels.py"},
+     "out, l1, l2sq, ties, threads): see kernels.py"},
     {"count_around", count_around, METH_VARARGS, "count_around(x, n, value) -> (below, equal): see kernels.py"},
     {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap) -> (total, capped): see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,

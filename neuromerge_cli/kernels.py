@@ -23,6 +23,11 @@ ENABLED = _kernels is not None and os.environ.get("NEUROMERGE_KERNELS", "1") != 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
 
 
+def threads() -> int:
+    """Threads a kernel may split its work over: torch's intra-op threads (``torch.set_num_threads``)."""
+    return torch.get_num_threads()
+
+
 def applies(tensors: list[torch.Tensor], device: torch.device) -> bool:
     """Whether the kernels take [θ0, θ_1..θ_T] as stored, for float32 results on ``device``."""
     first = tensors[0]
@@ -124,7 +129,7 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
         KINDS[base.dtype], KINDS[dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.numel(),
         w.data_ptr(), 0 if thr is None else thr.data_ptr(), MERGE_FUNCTIONS.index(merge_fn), float(w.sum()),
         majority, scale, conflicts, tuple(m.data_ptr() for m in masks), keep, out.data_ptr(), l1.data_ptr(),
-        l2sq.data_ptr(), positions.data_ptr() if ties else 0)
+        l2sq.data_ptr(), positions.data_ptr() if ties else 0, threads())
     return Merged(out, l1, l2sq.sqrt_(), delta_sq ** 0.5, sign_total, conflict_count,
                   positions[:tie_count].clone())
 

@@ -212,3 +212,26 @@ def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below() -> 
         assert inside.any() and torch.equal(fine[t << 16:(t + 1) << 16], want)
         under = rows[t].abs()[(bits[t] >> 16) < bins[t]]
         assert below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-13)
+
+
+@pytest.mark.parametrize("merge_fn", ["elect_mean", "sum"])
+def test_merge_split_over_threads_gives_the_same_result(monkeypatch: pytest.MonkeyPatch, merge_fn: str) -> None:
+    n = 3 * (1 << 18) + 4097  # three parts of whole chunks and a short one
+    tensors = cancelling_inputs(n, torch.bfloat16, seed=1)
+    masks = [torch.rand(n, generator=torch.Generator().manual_seed(t)) < 0.5 for t in range(4)]
+    args = (tensors, torch.ones(4), merge_fn, torch.bfloat16, 0.9, torch.tensor([0.004, 0.0, 0.01, 0.0]), -1.0)
+    results = []
+    for threads in (1, 4):
+        monkeypatch.setattr(kernels, "threads", lambda: threads)
+        for drops in (None, masks):
+            results.append(kernels.merge(*args, conflicts=True, ties=True, drops=drops, keep=0.5))
+    for one, split in ((results[0], results[2]), (results[1], results[3])):
+        assert torch.equal(one.out, split.out) and torch.equal(one.ties, split.ties)
+        assert (one.sign_total, one.conflicts) == (split.sign_total, split.conflicts)
+        torch.testing.assert_close(one.l1, split.l1, rtol=1e-12, atol=0)
+        assert one.delta_norm == pytest.approx(split.delta_norm, rel=1e-12)
+    out, _, conflict, total, ties = torch_merge(*args[:-1], args[-1])
+    assert torch.equal(results[2].out, out) and results[2].conflicts / n == conflict
+    if merge_fn == "elect_mean":
+        assert torch.equal(results[2].ties, ties) and results[2].sign_total == total
+        assert (ties > 3 * (1 << 18)).any()  # ties in every part
