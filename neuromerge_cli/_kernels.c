@@ -111,10 +111,10 @@ INLINE void scalar_store(void *p, int64_t i, int kind, float f) {
         ((uint16_t *)p)[i] = scalar_bf16(f);
 }
 
-/* out[t, i] = x_t[i] - base[i] (or its absolute value) in float32, base_out[i] = base[i] in float32,
- * l1[t] = sum |out[t, i]|, l2sq[t] = sum out[t, i]^2 (float64); any output pointer may be NULL. */
+/* out[t * stride + i] = x_t[i] - base[i] (or its absolute value) in float32, base_out[i] = base[i] in float32,
+ * l1[t] = sum |tau_t|, l2sq[t] = sum tau_t^2 (float64); any output pointer may be NULL. */
 INLINE void task_vectors_of(
-    int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n, float *out,
+    int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n, float *out, int64_t stride,
     float *base_out, double *l1, double *l2sq, int absolute) {
     for (int t = 0; t < num_tasks; t++) {
         if (l1) l1[t] = 0.0;
@@ -133,7 +133,7 @@ INLINE void task_vectors_of(
         }
         for (int t = 0; t < num_tasks; t++) {
             const void *x = tasks[t];
-            float *o = out ? out + (int64_t)t * n : NULL;
+            float *o = out ? out + (int64_t)t * stride : NULL;
             vfloat sum_abs = {0}, sum_sq = {0};
             for (int64_t i = lo; i < body; i += LANES) {
                 vfloat d = vector_load(x, i, kind) - vector_load(base, i, kind);
@@ -156,13 +156,15 @@ INLINE void task_vectors_of(
 }
 
 VECTOR_CLONES static void task_vectors_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                                           float *out, float *base_out, double *l1, double *l2sq, int absolute) {
-    task_vectors_of(KIND_F32, base, tasks, num_tasks, n, out, base_out, l1, l2sq, absolute);
+                                           float *out, int64_t stride, float *base_out, double *l1, double *l2sq,
+                                           int absolute) {
+    task_vectors_of(KIND_F32, base, tasks, num_tasks, n, out, stride, base_out, l1, l2sq, absolute);
 }
 
 VECTOR_CLONES static void task_vectors_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                                            float *out, float *base_out, double *l1, double *l2sq, int absolute) {
-    task_vectors_of(KIND_BF16, base, tasks, num_tasks, n, out, base_out, l1, l2sq, absolute);
+                                            float *out, int64_t stride, float *base_out, double *l1, double *l2sq,
+                                            int absolute) {
+    task_vectors_of(KIND_BF16, base, tasks, num_tasks, n, out, stride, base_out, l1, l2sq, absolute);
 }
 
 #define MAX_TASKS 256
@@ -712,14 +714,34 @@ static PyObject *merge(PyObject *self, PyObject *args) {
                          (long long)total.tie_count);
 }
 
+typedef struct {
+    int kind, num_tasks, absolute;
+    const void *base, **tasks;
+    float *out, *base_out;
+    int64_t n;
+    double l1[MAX_PARTS][MAX_TASKS], l2sq[MAX_PARTS][MAX_TASKS];
+} task_vectors_job;
+
+static void task_vectors_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    task_vectors_job *j = (task_vectors_job *)ctx;
+    const void *tasks[MAX_TASKS];
+    int64_t in = KIND_BYTES[j->kind];
+    for (int t = 0; t < j->num_tasks; t++)
+        tasks[t] = (const char *)j->tasks[t] + lo * in;
+    (j->kind == KIND_F32 ? task_vectors_f32 : task_vectors_bf16)(
+        (const char *)j->base + lo * in, tasks, j->num_tasks, hi - lo, j->out ? j->out + lo : NULL, j->n,
+        j->base_out ? j->base_out + lo : NULL, j->l1[part], j->l2sq[part], j->absolute);
+}
+
 static PyObject *task_vectors(PyObject *self, PyObject *args) {
     (void)self;
     int kind, absolute;
     unsigned long long base, out, base_out, l1, l2sq;
     PyObject *task_list;
     Py_ssize_t n, num_tasks;
-    if (!PyArg_ParseTuple(args, "iKO!nKKKKp", &kind, &base, &PyTuple_Type, &task_list, &n, &out, &base_out, &l1,
-                          &l2sq, &absolute))
+    int threads;
+    if (!PyArg_ParseTuple(args, "iKO!nKKKKpi", &kind, &base, &PyTuple_Type, &task_list, &n, &out, &base_out, &l1,
+                          &l2sq, &absolute, &threads))
         return NULL;
     const void *tasks[MAX_TASKS];
     if (check_kind(kind) || read_pointers(task_list, tasks, &num_tasks))
@@ -728,17 +750,32 @@ static PyObject *task_vectors(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "task_vectors: a negative size");
         return NULL;
     }
+    task_vectors_job *j = PyMem_RawMalloc(sizeof(task_vectors_job));
+    if (!j)
+        return PyErr_NoMemory();
+    *j = (task_vectors_job){.kind = kind, .num_tasks = (int)num_tasks, .absolute = absolute,
+                            .base = (const void *)base, .tasks = tasks, .out = (float *)out,
+                            .base_out = (float *)base_out, .n = (int64_t)n};
     Py_BEGIN_ALLOW_THREADS
-    (kind == KIND_F32 ? task_vectors_f32 : task_vectors_bf16)(
-        (const void *)base, tasks, (int)num_tasks, (int64_t)n, (float *)out, (float *)base_out, (double *)l1,
-        (double *)l2sq, absolute);
+    int64_t bounds[MAX_PARTS + 1];
+    int parts = run_parts((int64_t)n, threads, task_vectors_part, j, bounds);
+    for (int t = 0; t < num_tasks; t++) {
+        double a = 0.0, b = 0.0;
+        for (int k = 0; k < parts; k++) {
+            a += j->l1[k][t];
+            b += j->l2sq[k][t];
+        }
+        ((double *)l1)[t] = a;
+        ((double *)l2sq)[t] = b;
+    }
     Py_END_ALLOW_THREADS
+    PyMem_RawFree(j);
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"task_vectors", task_vectors, METH_VARARGS,
-     "task_vectors(kind, base, tasks, n, out, base_out, l1, l2sq, absolute): see kernels.py"},
+     "task_vectors(kind, base, tasks, n, out, base_out, l1, l2sq, absolute, threads): see kernels.py"},
     {"merge", merge, METH_VARARGS,
      "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep, "
      "out, l1, l2sq, ties, threads): see kernels.py"},

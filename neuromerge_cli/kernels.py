@@ -144,5 +144,5 @@ def _sweep(tensors: list[torch.Tensor], base_out: torch.Tensor | None, absolute:
     l2sq = torch.empty(len(tasks), dtype=torch.float64)
     _kernels.task_vectors(KINDS[base.dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.numel(),
                           out.data_ptr(), 0 if base_out is None else base_out.data_ptr(), l1.data_ptr(),
-                          l2sq.data_ptr(), absolute)
+                          l2sq.data_ptr(), absolute, threads())
     return out, l1, l2sq

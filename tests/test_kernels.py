@@ -235,3 +235,16 @@ def test_merge_split_over_threads_gives_the_same_result(monkeypatch: pytest.Monk
     if merge_fn == "elect_mean":
         assert torch.equal(results[2].ties, ties) and results[2].sign_total == total
         assert (ties > 3 * (1 << 18)).any()  # ties in every part
+
+
+def test_task_vectors_split_over_threads_give_the_same_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = inputs(3 * (1 << 18) + 4097, torch.bfloat16)
+    want_base, want_deltas, _, _ = torch_path(monkeypatch, stats.task_vectors_and_norms, tensors, CPU)
+    want_l1, want_l2 = f64_norms(tensors)
+    for threads in (1, 4):
+        monkeypatch.setattr(kernels, "threads", lambda: threads)
+        base, deltas, l1, l2 = kernels.task_vectors_and_norms(tensors)
+        assert torch.equal(base, want_base) and torch.equal(deltas, want_deltas)
+        torch.testing.assert_close(l1, want_l1, rtol=1e-7, atol=0)
+        torch.testing.assert_close(l2, want_l2, rtol=1e-7, atol=0)
+        assert torch.equal(kernels.abs_difference(tensors[2], tensors[0]), want_deltas[1].abs())
