@@ -1,9 +1,11 @@
 /* Fused CPU kernels for the merge engine's hottest sweeps (see kernels.py, which calls them).
  *
  * Each kernel reads its inputs once and does in one pass what takes several eager torch passes, with
- * the GIL released. Every float32 result is the same IEEE operation torch does (compiled with
- * -ffp-contract=off: no fused multiply-adds), so tensors come out bit for bit as torch makes them;
- * only the float64 norms differ, in their last digits, as they are summed in another order. */
+ * the GIL released and, for the big ones, a block split over threads. Every float32 result is the
+ * IEEE operation torch does, in its order (compiled with -ffp-contract=off: no contraction; the
+ * weighted sums use an explicit fused multiply-add, as torch's addcmul does on CPUs that have one, so
+ * on a CPU without FMA the bytes could differ from torch's there), so tensors come out bit for bit as
+ * torch makes them; only float64 sums differ, in their last digits, as they are added in another order. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

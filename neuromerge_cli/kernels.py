@@ -21,6 +21,7 @@ except ImportError:  # built without a C compiler: the torch operations do the w
 
 ENABLED = _kernels is not None and os.environ.get("NEUROMERGE_KERNELS", "1") != "0"
 KINDS = {torch.float32: 0, torch.bfloat16: 1}
+MAX_TASKS = 256  # _kernels.c's MAX_TASKS
 
 
 def threads() -> int:
@@ -31,7 +32,7 @@ def threads() -> int:
 def applies(tensors: list[torch.Tensor], device: torch.device) -> bool:
     """Whether the kernels take [θ0, θ_1..θ_T] as stored, for float32 results on ``device``."""
     first = tensors[0]
-    return (ENABLED and device.type == "cpu" and first.dtype in KINDS
+    return (ENABLED and device.type == "cpu" and first.dtype in KINDS and len(tensors) <= MAX_TASKS + 1
             and all(t.device.type == "cpu" and t.dtype == first.dtype and t.shape == first.shape
                     and t.is_contiguous() for t in tensors))
 

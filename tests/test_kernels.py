@@ -144,7 +144,7 @@ def test_merge_rounds_to_nearest_even_and_keeps_nan() -> None:
     assert torch.equal(out[keep], want[keep])
 
 
-@pytest.mark.parametrize("case", ["float16", "mixed", "strided", "shapes"])
+@pytest.mark.parametrize("case", ["float16", "mixed", "strided", "shapes", "too many tasks"])
 def test_applies_only_to_what_the_kernels_take(case: str) -> None:
     tensors = inputs(64, torch.bfloat16)
     if case == "float16":
@@ -153,6 +153,8 @@ def test_applies_only_to_what_the_kernels_take(case: str) -> None:
         tensors[1] = tensors[1].float()
     elif case == "strided":
         tensors = [t.reshape(8, 8).t() for t in tensors]
+    elif case == "too many tasks":
+        tensors = tensors[:1] * (kernels.MAX_TASKS + 2)
     else:
         tensors[2] = tensors[2][:32]
     assert kernels.applies(inputs(64, torch.bfloat16), CPU)
