@@ -329,7 +329,8 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
             }
             vfloat delta = psi * p->scale;
             delta_sum += delta * delta;
-            padded_store(out, i, out_kind, b + delta, valid);
+            if (out) /* NULL: the sums only */
+                padded_store(out, i, out_kind, b + delta, valid);
         }
         for (int t = 0; t < num_tasks; t++) {
             r->l1[t] += (double)lane_total(sum_abs[t]);
@@ -652,7 +653,7 @@ static void merge_part(void *ctx, int part, int64_t lo, int64_t hi) {
     merge_sums *r = &j->sums[part];
     *r = (merge_sums){j->l1[part], j->l2sq[part], 0.0, 0, 0, 0, j->ties ? j->ties + lo : NULL};
     MERGE_KERNELS[j->kind][j->out_kind]((const char *)j->base + lo * in, tasks, j->num_tasks, hi - lo, &p,
-                                        (char *)j->out + lo * out, r);
+                                        j->out ? (char *)j->out + lo * out : NULL, r);
 }
 
 static PyObject *merge(PyObject *self, PyObject *args) {

@@ -107,7 +107,8 @@ MERGE_FUNCTIONS = ("sum", "mean", "elect_sum", "elect_mean")  # the kernel's cod
 
 def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dtype: torch.dtype, scale: float = 1.0,
           thresholds: torch.Tensor | None = None, majority: float = 0.0, conflicts: bool = False,
-          ties: bool = False, drops: list[torch.Tensor] | None = None, keep: float = 1.0) -> Merged:
+          ties: bool = False, drops: list[torch.Tensor] | None = None, keep: float = 1.0,
+          write: bool = True) -> Merged:
     """θ0 + delta in ``dtype`` of [θ0, θ_1..θ_T] as stored (``applies`` must hold, ``dtype`` in KINDS), from
     one read of the inputs without making the task vectors, bit for bit the torch path's float32
     operations: the task vectors dropped where the bool masks ``drops`` (one per task, flat) are False
@@ -115,12 +116,13 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
     ``thresholds`` (T,) as stats.TrimStat.mask does (None: no trim), ψ = ``merge_fn`` of them with
     ``weights`` (elect.merge_values, elections falling back to ``majority`` where a sum is 0),
     delta = ψ · ``scale``. Also the task vectors' norms, ‖delta‖, and
-    what elections and ``conflicts`` (elect.sign_conflict_rate) need; ``ties``: keep the tie positions."""
+    what elections and ``conflicts`` (elect.sign_conflict_rate) need; ``ties``: keep the tie positions;
+    not ``write``: the sums only (``out`` is empty)."""
     assert _kernels is not None
     base, tasks = tensors[0], tensors[1:]
     w = weights.to(torch.float32).contiguous()
     thr = None if thresholds is None else thresholds.to(torch.float32).contiguous()
-    out = torch.empty(base.shape, dtype=dtype)
+    out = torch.empty(base.shape if write else (0,), dtype=dtype)
     l1 = torch.empty(len(tasks), dtype=torch.float64)
     l2sq = torch.empty(len(tasks), dtype=torch.float64)
     positions = torch.empty(base.numel() if ties else 0, dtype=torch.int64)
@@ -129,7 +131,8 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
     delta_sq, sign_total, conflict_count, tie_count = _kernels.merge(
         KINDS[base.dtype], KINDS[dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.numel(),
         w.data_ptr(), 0 if thr is None else thr.data_ptr(), MERGE_FUNCTIONS.index(merge_fn), float(w.sum()),
-        majority, scale, conflicts, tuple(m.data_ptr() for m in masks), keep, out.data_ptr(), l1.data_ptr(),
+        majority, scale, conflicts, tuple(m.data_ptr() for m in masks), keep, out.data_ptr() if write else 0,
+        l1.data_ptr(),
         l2sq.data_ptr(), positions.data_ptr() if ties else 0, threads())
     return Merged(out, l1, l2sq.sqrt_(), delta_sq ** 0.5, sign_total, conflict_count,
                   positions[:tie_count].clone())

@@ -330,13 +330,18 @@ class MajoritySignStat(GlobalStat):
 
     key = "majority"
 
-    def __init__(self, trim: TrimStat, fold: bool = True) -> None:
-        """``fold=False``: always a read of its own after the trim's (the plain computation)."""
+    def __init__(self, trim: TrimStat, fold: bool | None = None) -> None:
+        """``fold=False``: always a read of its own after the trim's (the plain computation); None: the
+        plain read where the fused kernels will do it (on a CPU: a third read that sums the elected signs
+        in one sweep per block costs less than folding, whose bookkeeping is eager torch), else fold."""
         self.after = trim
         self._trim = trim
         self.rowwise = trim.rowwise
         self.passes = 1
+        if fold is None:
+            fold = not (kernels.ENABLED and trim.device.type == "cpu")
         self.folded = fold and trim.thresholds_pending
+        self.stored_inputs = not self.folded  # the plain read: kernels.merge where it applies
         self.joins = 1 if self.folded else 0
         trim.keep_split = self.folded
         num_tasks = trim.num_tasks
@@ -356,6 +361,18 @@ class MajoritySignStat(GlobalStat):
             return
         w = weights.reshape((-1,) + (1,) * (deltas.ndim - 1))
         self._sum += signs_sum(self._trim.mask(deltas, name) * w).cpu()
+
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+        """The plain read: the elected signs summed by the fused kernel where it applies (the same signs,
+        bit for bit), else as ``observe``."""
+        device = self._trim.device
+        if kernels.applies(tensors, device):
+            thresholds = self._trim.thresholds_of(name)
+            sums = kernels.merge(tensors, weights.cpu(), "elect_sum", tensors[0].dtype, thresholds=thresholds,
+                                 write=False)
+            self._sum += float(sums.sign_total)
+            return
+        self.observe(pass_index, name, float_task_vectors(tensors, device)[1], weights)
 
     def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         split = self._trim.split(deltas)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
+from neuromerge_cli import kernels
 from neuromerge_cli import stats as stats_module
 from neuromerge_cli.engine import schedule
 from neuromerge_cli.stats import (GlobalStat, MajoritySignStat, TrimStat, abs_difference, float_task_vectors,
@@ -197,7 +197,7 @@ def test_majority_in_the_trims_second_read_equals_the_separate_pass(kind: str, n
     for weights, density in [(torch.ones(num_tasks), 0.2), (WEIGHTS[:num_tasks], 0.35)]:
         expected = majority_reference(chunks, weights, density)
         trim = TrimStat(density, "global", num_tasks, torch.device("cpu"))
-        folded = MajoritySignStat(trim)
+        folded = MajoritySignStat(trim, fold=True)
         assert run_scheduled([trim, folded], chunks, weights, fresh=kind == "few") == 2
         assert folded.total == expected
         # the former separate pass, run after the trim: the same figure
@@ -205,6 +205,28 @@ def test_majority_in_the_trims_second_read_equals_the_separate_pass(kind: str, n
         separate = MajoritySignStat(trim, fold=False)
         assert run_scheduled([trim, separate], chunks, weights) == 3
         assert separate.total == expected
+
+
+def test_majority_reads_the_model_again_where_the_kernels_sum_the_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with the fused kernels the plain third read is the default: the kernel sums the elected
+    signs from the stored inputs, the same total as the torch computation from the task vectors."""
+    trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
+    assert not MajoritySignStat(trim).folded and MajoritySignStat(trim).stored_inputs
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert MajoritySignStat(TrimStat(0.3, "global", 3, torch.device("cpu"))).folded
+    monkeypatch.undo()
+    g = torch.Generator().manual_seed(8)
+    stored = [[(torch.randn(64, 33, generator=g) * 0.02).bfloat16() for _ in range(4)] for _ in range(3)]
+    for t in stored:  # exact cancellations: ties, where the sum of signs gains nothing
+        t[2][::4] = (2 * t[0][::4].float() - t[1][::4].float()).bfloat16()
+    chunks = [float_task_vectors(t, torch.device("cpu"))[1] for t in stored]
+    weights = WEIGHTS[:3]
+    run_scheduled([trim], chunks, weights)
+    kernel, plain = MajoritySignStat(trim, fold=False), MajoritySignStat(trim, fold=False)
+    for t, x in zip(stored, chunks):
+        kernel.observe_stored(0, "t", t, weights)
+        plain.observe(0, "t", x, weights)
+    assert kernel.total == plain.total == majority_reference(chunks, weights, 0.3) != 0
 
 
 @pytest.mark.parametrize("held, reads", [(1 << 20, 2), (300, 2), (8, 3)])
@@ -216,7 +238,7 @@ def test_majority_holds_ambiguous_coordinates_merged_and_reads_again_past_its_bo
     chunks = majority_chunks("few", 3, seed=11)
     weights = WEIGHTS[:3]
     trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
-    majority = MajoritySignStat(trim)
+    majority = MajoritySignStat(trim, fold=True)
     assert run_scheduled([trim, majority], chunks, weights) == reads
     assert majority.total == majority_reference(chunks, weights, 0.3) != 0
 
@@ -228,7 +250,7 @@ def test_majority_partials_summed_across_processes_give_the_single_process_figur
     weights = WEIGHTS[:3]
     procs = [[TrimStat(0.25, "global", 3, torch.device("cpu"))] for _ in range(2)]
     for stats in procs:
-        stats.append(MajoritySignStat(stats[0]))
+        stats.append(MajoritySignStat(stats[0], fold=True))
     halves = [chunks[::2], chunks[1::2]]
     for g in range(2):
         for stats, part in zip(procs, halves):
