@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 from collections import deque
@@ -381,21 +380,22 @@ def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor],
     fig.add(r.l1, r.l2, [r.delta_norm], {"sign_conflict": r.conflicts / n if n else 0.0} if fusion.conflicts else {}, n)
     if not own:
         return r.out, None
-    deferred = DeferredMajority(functools.partial(stat.add, piece.name) if stat else lambda _: None, guess, None,
-                                "lambda")
-    deferred.add(float(r.sign_total))
-    if r.ties.numel():
-        base, columns = float_task_vectors([x.reshape(-1)[r.ties] for x in tensors], loader.device)
-        if drops is not None:
-            columns = apply_drop(columns, [m.reshape(-1)[r.ties] for m in drops], fusion.keep)
-        if fusion.thresholds is not None:
-            columns = trimmed(columns, fusion.thresholds)
-        deferred.keep(r.ties, base, tie_candidates(columns, lambda x, m: merge_values(x, weights, fusion.merge_fn,
-                                                                                       majority=m)))
     if stat is not None:
-        return r.out, deferred if r.ties.numel() else None
+        stat.add(piece.name, float(r.sign_total))
+    if not r.ties.numel():
+        return r.out, None
+    deferred = DeferredMajority(lambda _: None, guess, None, "lambda")  # (the block's signs are added above)
+    base, columns = float_task_vectors([x.reshape(-1)[r.ties] for x in tensors], loader.device)
+    if drops is not None:
+        columns = apply_drop(columns, [m.reshape(-1)[r.ties] for m in drops], fusion.keep)
+    if fusion.thresholds is not None:
+        columns = trimmed(columns, fusion.thresholds)
+    deferred.keep(r.ties, base, tie_candidates(columns, lambda x, m: merge_values(x, weights, fusion.merge_fn,
+                                                                                   majority=m)))
+    if stat is not None:
+        return r.out, deferred
     majority = float((r.sign_total > 0) - (r.sign_total < 0))  # a whole tensor's, known now
-    mended = mended_ties(deferred, majority, [fusion.scale], dtype, fig.delta_sq) if r.ties.numel() else None
+    mended = mended_ties(deferred, majority, [fusion.scale], dtype, fig.delta_sq)
     if mended is not None:
         r.out.view(-1)[r.ties] = mended[0]
     return r.out, None
