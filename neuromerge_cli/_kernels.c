@@ -396,12 +396,23 @@ VECTOR_CLONES static void count_around_f32(const float *x, int64_t n, float valu
 typedef float vfloat4 __attribute__((vector_size(16)));
 typedef double vdouble4 __attribute__((vector_size(32))); /* two of these hold a vfloat in float64 */
 
+INLINE vdouble4 half_as_double(vfloat v, int half) { /* lanes [4 half, 4 half + 4) of v in float64 */
+    vfloat4 h;
+    memcpy(&h, (const char *)&v + half * sizeof h, sizeof h);
+    return __builtin_convertvector(h, vdouble4);
+}
+
+INLINE vfloat halves_as_float(vdouble4 lo, vdouble4 hi) { /* each rounded to nearest */
+    vfloat4 l = __builtin_convertvector(lo, vfloat4), h = __builtin_convertvector(hi, vfloat4);
+    vfloat f;
+    memcpy(&f, &l, sizeof l);
+    memcpy((char *)&f + sizeof l, &h, sizeof h);
+    return f;
+}
+
 INLINE void add_as_double(vdouble4 *acc, vfloat v) {
-    vfloat4 lo, hi;
-    memcpy(&lo, &v, sizeof lo);
-    memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
-    acc[0] += __builtin_convertvector(lo, vdouble4);
-    acc[1] += __builtin_convertvector(hi, vdouble4);
+    acc[0] += half_as_double(v, 0);
+    acc[1] += half_as_double(v, 1);
 }
 
 /* total = sum x_i, capped = sum min(x_i, cap) (NaN stays NaN), in float64 */
@@ -424,101 +435,241 @@ VECTOR_CLONES static void capped_sums_f32(const float *x, int64_t n, float cap, 
     }
 }
 
-/* For each of the rows x_t (num_tasks rows of n float32): counts[t * 65536 + (bits(|x|) >> 16)] += 1 and
- * l1[t] += sum |x| (float64), both added to what they hold (NaN lands in its own bin and makes l1 NaN) */
-VECTOR_CLONES static void magnitude_histogram_f32(const float *x, int num_tasks, int64_t n, int64_t *counts,
-                                                  double *l1) {
-    for (int t = 0; t < num_tasks; t++) {
-        const float *row = x + (int64_t)t * n;
-        int64_t *bins = counts + ((int64_t)t << 16);
-        vdouble4 sum[2] = {{0}, {0}};
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            vfloat v = vector_abs(vector_load(row, i, KIND_F32));
-            vuint u;
-            memcpy(&u, &v, sizeof u);
-            u >>= 16;
-            for (int k = 0; k < LANES; k++)
-                bins[u[k]]++;
-            add_as_double(sum, v);
-        }
-        double total = 0.0;
-        for (int k = 0; k < 4; k++)
-            total += sum[0][k] + sum[1][k];
-        for (; i < n; i++) {
-            float v = fabsf(row[i]);
-            uint32_t u;
-            memcpy(&u, &v, 4);
-            bins[u >> 16]++;
-            total += v;
-        }
-        l1[t] += total;
-    }
+/* |tau| of LANES entries from i on (a scalar for one): |x - base| in float32, |x| when base is NULL */
+INLINE vfloat vector_magnitude(int kind, const void *base, const void *x, int64_t i) {
+    vfloat v = vector_load(x, i, kind);
+    return vector_abs(base ? v - vector_load(base, i, kind) : v);
 }
 
-/* For each row x_t: where the high 16 bits of |x|'s float32 bits equal bins[t], fine[t * 65536 + low 16 bits]
- * += 1; where they are below it, below[t] += |x| (float64); both added to what they hold */
-VECTOR_CLONES static void magnitude_fine_f32(const float *x, int num_tasks, int64_t n, const int64_t *bins,
-                                             int64_t *fine, double *below) {
-    for (int t = 0; t < num_tasks; t++) {
-        const float *row = x + (int64_t)t * n;
-        int64_t *counts = fine + ((int64_t)t << 16);
-        uint32_t bin = (uint32_t)bins[t];
-        vdouble4 sum[2] = {{0}, {0}};
-        int64_t i = 0;
-        for (; i + LANES <= n; i += LANES) {
-            vfloat v = vector_abs(vector_load(row, i, KIND_F32));
-            vuint u;
-            memcpy(&u, &v, sizeof u);
-            vuint high = u >> 16, in_bin = (vuint)(high == bin);
-            add_as_double(sum, blend((vuint)(high < bin), v, (vfloat){0}));
-            if (memcmp(&in_bin, &(vuint){0}, sizeof in_bin)) /* about one entry in a bin's share */
+INLINE float scalar_magnitude(int kind, const void *base, const void *x, int64_t i) {
+    float v = scalar_load(x, i, kind);
+    return fabsf(base ? v - scalar_load(base, i, kind) : v);
+}
+
+INLINE double lanes_total(const vdouble4 *sum) {
+    return (sum[0][0] + sum[1][0]) + (sum[0][1] + sum[1][1]) + ((sum[0][2] + sum[1][2]) + (sum[0][3] + sum[1][3]));
+}
+
+/* For each task t, over n entries of |tau_t| (vector_magnitude): counts[t * 65536 + (bits(|tau_t|) >> 16)] += 1
+ * and l1[t] += sum |tau_t| (float64), both added to what they hold (NaN lands in its own bin and makes l1 NaN).
+ * A CHUNK of the base is read for every task while it is in the cache. */
+INLINE void magnitude_histogram_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                                   int64_t *counts, double *l1) {
+    for (int64_t lo = 0; lo < n; lo += CHUNK) {
+        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n;
+        for (int t = 0; t < num_tasks; t++) {
+            int64_t *bins = counts + ((int64_t)t << 16), i = lo;
+            vdouble4 sum[2] = {{0}, {0}};
+            for (; i + LANES <= hi; i += LANES) {
+                vfloat v = vector_magnitude(kind, base, tasks[t], i);
+                vuint u;
+                memcpy(&u, &v, sizeof u);
+                u >>= 16;
                 for (int k = 0; k < LANES; k++)
-                    if (in_bin[k])
-                        counts[u[k] & 0xffff]++;
+                    bins[u[k]]++;
+                add_as_double(sum, v);
+            }
+            double tail = 0.0;
+            for (; i < hi; i++) {
+                float v = scalar_magnitude(kind, base, tasks[t], i);
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                bins[u >> 16]++;
+                tail += v;
+            }
+            l1[t] += lanes_total(sum) + tail;
         }
-        double total = 0.0;
-        for (int k = 0; k < 4; k++)
-            total += sum[0][k] + sum[1][k];
-        for (; i < n; i++) {
-            float v = fabsf(row[i]);
-            uint32_t u;
-            memcpy(&u, &v, 4);
-            if (u >> 16 == bin)
-                counts[u & 0xffff]++;
-            else if (u >> 16 < bin)
-                total += v;
-        }
-        below[t] += total;
     }
 }
 
-static PyObject *magnitude_fine(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long x, bins, fine, below;
-    int num_tasks;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KinKKK", &x, &num_tasks, &n, &bins, &fine, &below))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    magnitude_fine_f32((const float *)x, num_tasks, (int64_t)n, (const int64_t *)bins, (int64_t *)fine,
-                       (double *)below);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+/* For each task t: where the high 16 bits of |tau_t|'s float32 bits equal bins[t], fine[t * 65536 + low 16 bits]
+ * += 1; where they are below it, below[t] += |tau_t| (float64); both added to what they hold */
+INLINE void magnitude_fine_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                              const int64_t *bins, int64_t *fine, double *below) {
+    for (int64_t lo = 0; lo < n; lo += CHUNK) {
+        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n;
+        for (int t = 0; t < num_tasks; t++) {
+            int64_t *counts = fine + ((int64_t)t << 16), i = lo;
+            uint32_t bin = (uint32_t)bins[t];
+            vdouble4 sum[2] = {{0}, {0}};
+            for (; i + LANES <= hi; i += LANES) {
+                vfloat v = vector_magnitude(kind, base, tasks[t], i);
+                vuint u;
+                memcpy(&u, &v, sizeof u);
+                vuint high = u >> 16, in_bin = (vuint)(high == bin);
+                add_as_double(sum, blend((vuint)(high < bin), v, (vfloat){0}));
+                if (memcmp(&in_bin, &(vuint){0}, sizeof in_bin)) /* about one entry in a bin's share */
+                    for (int k = 0; k < LANES; k++)
+                        if (in_bin[k])
+                            counts[u[k] & 0xffff]++;
+            }
+            double tail = 0.0;
+            for (; i < hi; i++) {
+                float v = scalar_magnitude(kind, base, tasks[t], i);
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                if (u >> 16 == bin)
+                    counts[u & 0xffff]++;
+                else if (u >> 16 < bin)
+                    tail += v;
+            }
+            below[t] += lanes_total(sum) + tail;
+        }
+    }
 }
 
-static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long x, counts, l1;
-    int num_tasks;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "KinKK", &x, &num_tasks, &n, &counts, &l1))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    magnitude_histogram_f32((const float *)x, num_tasks, (int64_t)n, (int64_t *)counts, (double *)l1);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+VECTOR_CLONES static void magnitude_histogram_f32(const void *base, const void *const *tasks, int num_tasks,
+                                                  int64_t n, int64_t *counts, double *l1) {
+    magnitude_histogram_of(KIND_F32, base, tasks, num_tasks, n, counts, l1);
 }
+
+VECTOR_CLONES static void magnitude_histogram_bf16(const void *base, const void *const *tasks, int num_tasks,
+                                                   int64_t n, int64_t *counts, double *l1) {
+    magnitude_histogram_of(KIND_BF16, base, tasks, num_tasks, n, counts, l1);
+}
+
+VECTOR_CLONES static void magnitude_fine_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                                             const int64_t *bins, int64_t *fine, double *below) {
+    magnitude_fine_of(KIND_F32, base, tasks, num_tasks, n, bins, fine, below);
+}
+
+VECTOR_CLONES static void magnitude_fine_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                                              const int64_t *bins, int64_t *fine, double *below) {
+    magnitude_fine_of(KIND_BF16, base, tasks, num_tasks, n, bins, fine, below);
+}
+
+/* NeuroMerging's neurons (methods/subspaces.py): rows of ``width`` entries, Q = [tau_1; ...; tau_T; w0] per row,
+ * tau_t = x_t - w0 in float32, trimmed as in merge_of; the float64 work four lanes at a time. */
+#define NEURON_MAX_TASKS 16
+#define NEURON_PAIRS ((NEURON_MAX_TASKS + 1) * (NEURON_MAX_TASKS + 2) / 2)
+
+/* x[0..T-1] = the (trimmed) task values of LANES entries of a row from i on, x[T] = w0; their |tau_t| and
+ * tau_t^2 (before the trim) added to sum_abs and sum_sq */
+INLINE void neuron_values(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t i, int valid,
+                          const float *thresholds, vfloat *x, vfloat *sum_abs, vfloat *sum_sq) {
+    const vfloat zero = {0};
+    vfloat b = padded_load(base, i, kind, valid);
+    for (int t = 0; t < num_tasks; t++) {
+        vfloat d = padded_load(tasks[t], i, kind, valid) - b;
+        sum_abs[t] += vector_abs(d);
+        sum_sq[t] += d * d;
+        x[t] = thresholds ? as_float((vuint)(vector_abs(d) >= thresholds[t])) * d + zero : d;
+    }
+    x[num_tasks] = b;
+}
+
+/* gram[r] = Q Q^T ((T+1) x (T+1), float64) of each row r (the products of float32 values are exact; only the
+ * order of the sums is the kernel's), l1[t] += sum |tau_t| and l2sq[t] += sum tau_t^2 of the untrimmed tau_t */
+INLINE void neuron_gram_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t rows,
+                           int64_t width, const float *thresholds, double *gram, double *l1, double *l2sq) {
+    const int q = num_tasks + 1;
+    vfloat x[NEURON_MAX_TASKS + 1], sum_abs[NEURON_MAX_TASKS], sum_sq[NEURON_MAX_TASKS];
+    vdouble4 acc[NEURON_PAIRS], v[NEURON_MAX_TASKS + 1];
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t row = r * width;
+        for (int k = 0; k < q * (q + 1) / 2; k++)
+            acc[k] = (vdouble4){0};
+        for (int64_t lo = 0; lo < width; lo += CHUNK) {
+            int64_t hi = lo + CHUNK < width ? lo + CHUNK : width;
+            for (int t = 0; t < num_tasks; t++)
+                sum_abs[t] = sum_sq[t] = (vfloat){0};
+            for (int64_t i = lo; i < hi; i += LANES) {
+                neuron_values(kind, base, tasks, num_tasks, row + i, hi - i < LANES ? (int)(hi - i) : LANES,
+                              thresholds, x, sum_abs, sum_sq);
+                for (int half = 0; half < 2; half++) { /* padding lanes hold 0: they add nothing */
+                    for (int s = 0; s < q; s++)
+                        v[s] = half_as_double(x[s], half);
+                    for (int s = 0, k = 0; s < q; s++)
+                        for (int t = s; t < q; t++, k++)
+                            acc[k] += v[s] * v[t];
+                }
+            }
+            for (int t = 0; t < num_tasks; t++) {
+                l1[t] += (double)lane_total(sum_abs[t]);
+                l2sq[t] += (double)lane_total(sum_sq[t]);
+            }
+        }
+        double *g = gram + r * q * q;
+        for (int s = 0, k = 0; s < q; s++)
+            for (int t = s; t < q; t++, k++)
+                g[s * q + t] = g[t * q + s] = (acc[k][0] + acc[k][1]) + (acc[k][2] + acc[k][3]);
+    }
+}
+
+/* For each row r: orthogonal = (float)(sum_s z[r][s] Q_s) (float64 sums), parallel = coefficient[r] * w0,
+ * delta = parallel * lambda1 + orthogonal * lambda2, out = w0 + delta stored as ``out_kind``: the float32
+ * operations of neuron_merge and engine.merge_piece. sums += (sum delta^2, sum parallel^2, sum orthogonal^2). */
+INLINE void neuron_output_of(int kind, int out_kind, const void *base, const void *const *tasks, int num_tasks,
+                             int64_t rows, int64_t width, const float *thresholds, const double *z,
+                             const float *coefficient, float lambda1, float lambda2, void *out, double *sums) {
+    const int q = num_tasks + 1;
+    vfloat x[NEURON_MAX_TASKS + 1], sum_abs[NEURON_MAX_TASKS], sum_sq[NEURON_MAX_TASKS];
+    vdouble4 zr[NEURON_MAX_TASKS + 1];
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t row = r * width;
+        for (int s = 0; s < q; s++)
+            zr[s] = (vdouble4){0} + z[r * q + s];
+        vfloat c = (vfloat){0} + coefficient[r];
+        for (int64_t lo = 0; lo < width; lo += CHUNK) {
+            int64_t hi = lo + CHUNK < width ? lo + CHUNK : width;
+            vfloat delta_sq = {0}, par_sq = {0}, orth_sq = {0};
+            for (int64_t i = lo; i < hi; i += LANES) {
+                int valid = hi - i < LANES ? (int)(hi - i) : LANES;
+                neuron_values(kind, base, tasks, num_tasks, row + i, valid, thresholds, x, sum_abs, sum_sq);
+                vdouble4 o[2];
+                for (int half = 0; half < 2; half++) {
+                    o[half] = zr[0] * half_as_double(x[0], half);
+                    for (int s = 1; s < q; s++)
+                        o[half] = o[half] + zr[s] * half_as_double(x[s], half);
+                }
+                vfloat orthogonal = halves_as_float(o[0], o[1]), parallel = c * x[num_tasks];
+                vfloat delta = parallel * lambda1 + orthogonal * lambda2;
+                delta_sq += delta * delta;
+                par_sq += parallel * parallel;
+                orth_sq += orthogonal * orthogonal;
+                padded_store(out, row + i, out_kind, x[num_tasks] + delta, valid);
+            }
+            sums[0] += (double)lane_total(delta_sq);
+            sums[1] += (double)lane_total(par_sq);
+            sums[2] += (double)lane_total(orth_sq);
+        }
+    }
+}
+
+/* Compiled for each storage kind with 2-4 tasks as constants (the accumulators then stay in registers). */
+#define NEURON_TASKS(CALL)                                                                                         \
+    switch (num_tasks) {                                                                                           \
+    case 2: { const int T = 2; CALL; break; }                                                                      \
+    case 3: { const int T = 3; CALL; break; }                                                                      \
+    case 4: { const int T = 4; CALL; break; }                                                                      \
+    default: { const int T = num_tasks; CALL; }                                                                    \
+    }
+#define NEURON_GRAM(KIND, NAME)                                                                                    \
+    VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t rows,        \
+                                   int64_t width, const float *thresholds, double *gram, double *l1, double *l2sq) { \
+        NEURON_TASKS(neuron_gram_of(KIND, base, tasks, T, rows, width, thresholds, gram, l1, l2sq))                \
+    }
+NEURON_GRAM(KIND_F32, neuron_gram_f32)
+NEURON_GRAM(KIND_BF16, neuron_gram_bf16)
+#define NEURON_OUTPUT(KIND, OUT_KIND, NAME)                                                                        \
+    VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t rows,        \
+                                   int64_t width, const float *thresholds, const double *z, const float *coefficient, \
+                                   float lambda1, float lambda2, void *out, double *sums) {                        \
+        NEURON_TASKS(neuron_output_of(KIND, OUT_KIND, base, tasks, T, rows, width, thresholds, z, coefficient,     \
+                                      lambda1, lambda2, out, sums))                                                \
+    }
+NEURON_OUTPUT(KIND_F32, KIND_F32, neuron_output_f32_f32)
+NEURON_OUTPUT(KIND_F32, KIND_BF16, neuron_output_f32_bf16)
+NEURON_OUTPUT(KIND_BF16, KIND_F32, neuron_output_bf16_f32)
+NEURON_OUTPUT(KIND_BF16, KIND_BF16, neuron_output_bf16_bf16)
+
+typedef void (*neuron_gram_fn)(const void *, const void *const *, int, int64_t, int64_t, const float *, double *,
+                               double *, double *);
+static const neuron_gram_fn NEURON_GRAM_KERNELS[2] = {neuron_gram_f32, neuron_gram_bf16};
+typedef void (*neuron_output_fn)(const void *, const void *const *, int, int64_t, int64_t, const float *,
+                                 const double *, const float *, float, float, void *, double *);
+static const neuron_output_fn NEURON_OUTPUT_KERNELS[2][2] = {
+    {neuron_output_f32_f32, neuron_output_f32_bf16}, {neuron_output_bf16_f32, neuron_output_bf16_bf16}};
 
 static PyObject *count_around(PyObject *self, PyObject *args) {
     (void)self;
@@ -593,18 +744,19 @@ static void *run_part(void *arg) {
     return NULL;
 }
 
-/* Runs fn over [0, n) in up to ``threads`` parts; returns the number of parts, whose bounds are in bounds[] */
-static int run_parts(int64_t n, int threads, part_fn fn, void *ctx, int64_t *bounds) {
-    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+/* Runs fn over [0, n) in up to ``threads`` parts of whole ``grain``s, each of at least ``least`` (but one);
+ * returns the number of parts, whose bounds are in bounds[] */
+static int run_parts(int64_t n, int64_t grain, int64_t least, int threads, part_fn fn, void *ctx, int64_t *bounds) {
+    int64_t grains = (n + grain - 1) / grain;
     int parts = threads < 1 ? 1 : threads > MAX_PARTS ? MAX_PARTS : threads;
-    if (parts > n / MIN_PART)
-        parts = n / MIN_PART > 1 ? (int)(n / MIN_PART) : 1;
+    if (parts > n / least)
+        parts = n / least > 1 ? (int)(n / least) : 1;
 #ifdef _WIN32
     parts = 1;
 #endif
     part_call calls[MAX_PARTS];
     for (int k = 0; k <= parts; k++) {
-        int64_t b = chunks * k / parts * CHUNK;
+        int64_t b = grains * k / parts * grain;
         bounds[k] = b < n ? b : n;
     }
     for (int k = 0; k < parts; k++)
@@ -695,7 +847,7 @@ static PyObject *merge(PyObject *self, PyObject *args) {
     merge_sums total = {(double *)l1, (double *)l2sq, 0.0, 0, 0, 0, (int64_t *)ties};
     Py_BEGIN_ALLOW_THREADS
     int64_t bounds[MAX_PARTS + 1];
-    int parts = run_parts((int64_t)n, threads, merge_part, j, bounds);
+    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, merge_part, j, bounds);
     for (int t = 0; t < num_tasks; t++)
         total.l1[t] = total.l2sq[t] = 0.0;
     for (int k = 0; k < parts; k++) { /* in order: the tie positions stay ascending */
@@ -762,7 +914,7 @@ static PyObject *task_vectors(PyObject *self, PyObject *args) {
                             .base_out = (float *)base_out, .n = (int64_t)n};
     Py_BEGIN_ALLOW_THREADS
     int64_t bounds[MAX_PARTS + 1];
-    int parts = run_parts((int64_t)n, threads, task_vectors_part, j, bounds);
+    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, task_vectors_part, j, bounds);
     for (int t = 0; t < num_tasks; t++) {
         double a = 0.0, b = 0.0;
         for (int k = 0; k < parts; k++) {
@@ -777,6 +929,216 @@ static PyObject *task_vectors(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The histogram kernels over threads: each part but the first counts into its own zeroed copy of the counts,
+ * added to the caller's when every part is done (the counts are the same whatever the split). */
+typedef struct {
+    int kind, num_tasks, fine;
+    const void *base, *tasks[MAX_TASKS];
+    const int64_t *bins;
+    int64_t *counts, *own[MAX_PARTS];
+    double sums[MAX_PARTS][MAX_TASKS];
+} histogram_job;
+
+static void histogram_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    histogram_job *j = (histogram_job *)ctx;
+    int64_t in = KIND_BYTES[j->kind], *counts = j->counts;
+    if (part > 0) {
+        counts = j->own[part] = calloc((size_t)j->num_tasks << 16, sizeof(int64_t));
+        if (!counts) /* no memory for a copy: the first part counts this share too, after its own */
+            return;
+    }
+    const void *tasks[MAX_TASKS];
+    for (int t = 0; t < j->num_tasks; t++)
+        tasks[t] = (const char *)j->tasks[t] + lo * in;
+    const void *base = j->base ? (const char *)j->base + lo * in : NULL;
+    if (j->fine)
+        (j->kind == KIND_F32 ? magnitude_fine_f32 : magnitude_fine_bf16)(base, tasks, j->num_tasks, hi - lo, j->bins,
+                                                                         counts, j->sums[part]);
+    else
+        (j->kind == KIND_F32 ? magnitude_histogram_f32 : magnitude_histogram_bf16)(base, tasks, j->num_tasks, hi - lo,
+                                                                                   counts, j->sums[part]);
+}
+
+/* magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads) with bins 0: the coarse count (sums: l1);
+ * else the fine one (sums: below); pointers as integers, base 0 for rows of values */
+static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind, threads;
+    unsigned long long base, bins, counts, sums;
+    PyObject *task_list;
+    Py_ssize_t n, num_tasks;
+    if (!PyArg_ParseTuple(args, "iKO!nKKKi", &kind, &base, &PyTuple_Type, &task_list, &n, &bins, &counts, &sums,
+                          &threads))
+        return NULL;
+    const void *tasks[MAX_TASKS];
+    if (check_kind(kind) || read_pointers(task_list, tasks, &num_tasks))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_histogram: a negative size");
+        return NULL;
+    }
+    histogram_job *j = PyMem_RawCalloc(1, sizeof(histogram_job));
+    if (!j)
+        return PyErr_NoMemory();
+    j->kind = kind;
+    j->num_tasks = (int)num_tasks;
+    j->fine = bins != 0;
+    j->base = (const void *)base;
+    memcpy(j->tasks, tasks, (size_t)num_tasks * sizeof(void *));
+    j->bins = (const int64_t *)bins;
+    j->counts = (int64_t *)counts;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t bounds[MAX_PARTS + 1];
+    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, histogram_part, j, bounds);
+    int64_t cells = (int64_t)num_tasks << 16;
+    for (int k = 1; k < parts; k++) {
+        if (!j->own[k]) {
+            histogram_part(j, 0, bounds[k], bounds[k + 1]);
+            continue;
+        }
+        for (int64_t c = 0; c < cells; c++)
+            j->counts[c] += j->own[k][c];
+        free(j->own[k]);
+    }
+    for (int t = 0; t < num_tasks; t++)
+        for (int k = 0; k < parts; k++)
+            ((double *)sums)[t] += j->sums[k][t];
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(j);
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    int kind, out_kind, num_tasks;
+    const void *base, *tasks[NEURON_MAX_TASKS];
+    int64_t width;
+    const float *thresholds, *coefficient;
+    double *gram;
+    const double *z;
+    float lambda1, lambda2;
+    void *out;
+    double l1[MAX_PARTS][NEURON_MAX_TASKS], l2sq[MAX_PARTS][NEURON_MAX_TASKS], sums[MAX_PARTS][3];
+} neuron_job;
+
+/* the job's inputs (and output) from row ``lo`` on */
+static void neuron_rows(const neuron_job *j, int64_t lo, const void **base, const void **tasks, void **out) {
+    int64_t in = KIND_BYTES[j->kind] * j->width * lo;
+    *base = (const char *)j->base + in;
+    for (int t = 0; t < j->num_tasks; t++)
+        tasks[t] = (const char *)j->tasks[t] + in;
+    if (out)
+        *out = (char *)j->out + KIND_BYTES[j->out_kind] * j->width * lo;
+}
+
+static void neuron_gram_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    neuron_job *j = (neuron_job *)ctx;
+    const void *base, *tasks[NEURON_MAX_TASKS];
+    neuron_rows(j, lo, &base, tasks, NULL);
+    int q = j->num_tasks + 1;
+    NEURON_GRAM_KERNELS[j->kind](base, tasks, j->num_tasks, hi - lo, j->width, j->thresholds, j->gram + lo * q * q,
+                                 j->l1[part], j->l2sq[part]);
+}
+
+static void neuron_output_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    neuron_job *j = (neuron_job *)ctx;
+    const void *base, *tasks[NEURON_MAX_TASKS];
+    void *out;
+    neuron_rows(j, lo, &base, tasks, &out);
+    NEURON_OUTPUT_KERNELS[j->kind][j->out_kind](base, tasks, j->num_tasks, hi - lo, j->width, j->thresholds,
+                                                j->z + lo * (j->num_tasks + 1), j->coefficient + lo, j->lambda1,
+                                                j->lambda2, out, j->sums[part]);
+}
+
+/* The neuron kernels' common arguments: (kind, base, tasks, rows, width, thresholds) into a zeroed job */
+static neuron_job *neuron_job_of(int kind, unsigned long long base, PyObject *task_list, Py_ssize_t rows,
+                                 Py_ssize_t width, unsigned long long thresholds) {
+    const void *tasks[MAX_TASKS];
+    Py_ssize_t num_tasks;
+    if (check_kind(kind) || read_pointers(task_list, tasks, &num_tasks))
+        return NULL;
+    if (num_tasks < 1 || num_tasks > NEURON_MAX_TASKS || rows < 0 || width < 0) {
+        PyErr_SetString(PyExc_ValueError, "neuron kernels: 1 to 16 tasks, and sizes >= 0");
+        return NULL;
+    }
+    neuron_job *j = PyMem_RawCalloc(1, sizeof(neuron_job)); /* zeroed: the parts' sums start at 0 */
+    if (!j)
+        return (neuron_job *)PyErr_NoMemory();
+    j->kind = kind;
+    j->num_tasks = (int)num_tasks;
+    j->base = (const void *)base;
+    memcpy(j->tasks, tasks, (size_t)num_tasks * sizeof(void *));
+    j->width = (int64_t)width;
+    j->thresholds = (const float *)thresholds;
+    return j;
+}
+
+/* Rows per part: at least MIN_PART entries, as for the flat kernels */
+static int64_t least_rows(int64_t width) { return width > 0 && MIN_PART / width > 1 ? MIN_PART / width : 1; }
+
+/* neuron_gram(kind, base, tasks, rows, width, thresholds, gram, l1, l2sq, threads); pointers as integers */
+static PyObject *neuron_gram(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind, threads;
+    unsigned long long base, thresholds, gram, l1, l2sq;
+    PyObject *task_list;
+    Py_ssize_t rows, width;
+    if (!PyArg_ParseTuple(args, "iKO!nnKKKKi", &kind, &base, &PyTuple_Type, &task_list, &rows, &width, &thresholds,
+                          &gram, &l1, &l2sq, &threads))
+        return NULL;
+    neuron_job *j = neuron_job_of(kind, base, task_list, rows, width, thresholds);
+    if (!j)
+        return NULL;
+    j->gram = (double *)gram;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t bounds[MAX_PARTS + 1];
+    int parts = run_parts((int64_t)rows, 1, least_rows(j->width), threads, neuron_gram_part, j, bounds);
+    for (int t = 0; t < j->num_tasks; t++) {
+        ((double *)l1)[t] = ((double *)l2sq)[t] = 0.0;
+        for (int k = 0; k < parts; k++) {
+            ((double *)l1)[t] += j->l1[k][t];
+            ((double *)l2sq)[t] += j->l2sq[k][t];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(j);
+    Py_RETURN_NONE;
+}
+
+/* neuron_output(kind, out_kind, base, tasks, rows, width, thresholds, z, coefficient, lambda1, lambda2, out, threads)
+ * -> (delta_sq, parallel_sq, orthogonal_sq) */
+static PyObject *neuron_output(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind, out_kind, threads;
+    unsigned long long base, thresholds, z, coefficient, out;
+    PyObject *task_list;
+    Py_ssize_t rows, width;
+    float lambda1, lambda2;
+    if (!PyArg_ParseTuple(args, "iiKO!nnKKKffKi", &kind, &out_kind, &base, &PyTuple_Type, &task_list, &rows, &width,
+                          &thresholds, &z, &coefficient, &lambda1, &lambda2, &out, &threads))
+        return NULL;
+    if (check_kind(out_kind))
+        return NULL;
+    neuron_job *j = neuron_job_of(kind, base, task_list, rows, width, thresholds);
+    if (!j)
+        return NULL;
+    j->out_kind = out_kind;
+    j->z = (const double *)z;
+    j->coefficient = (const float *)coefficient;
+    j->lambda1 = lambda1;
+    j->lambda2 = lambda2;
+    j->out = (void *)out;
+    double sums[3] = {0.0, 0.0, 0.0};
+    Py_BEGIN_ALLOW_THREADS
+    int64_t bounds[MAX_PARTS + 1];
+    int parts = run_parts((int64_t)rows, 1, least_rows(j->width), threads, neuron_output_part, j, bounds);
+    for (int k = 0; k < parts; k++)
+        for (int s = 0; s < 3; s++)
+            sums[s] += j->sums[k][s];
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(j);
+    return Py_BuildValue("ddd", sums[0], sums[1], sums[2]);
+}
+
 static PyMethodDef methods[] = {
     {"task_vectors", task_vectors, METH_VARARGS,
      "task_vectors(kind, base, tasks, n, out, base_out, l1, l2sq, absolute, threads): see kernels.py"},
@@ -786,9 +1148,12 @@ static PyMethodDef methods[] = {
     {"count_around", count_around, METH_VARARGS, "count_around(x, n, value) -> (below, equal): see kernels.py"},
     {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap) -> (total, capped): see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
-     "magnitude_histogram(x, num_tasks, n, counts, l1): see kernels.py"},
-    {"magnitude_fine", magnitude_fine, METH_VARARGS,
-     "magnitude_fine(x, num_tasks, n, bins, fine, below): see kernels.py"},
+     "magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads): see kernels.py"},
+    {"neuron_gram", neuron_gram, METH_VARARGS,
+     "neuron_gram(kind, base, tasks, rows, width, thresholds, gram, l1, l2sq, threads): see kernels.py"},
+    {"neuron_output", neuron_output, METH_VARARGS,
+     "neuron_output(kind, out_kind, base, tasks, rows, width, thresholds, z, coefficient, lambda1, lambda2, out, "
+     "threads) -> (delta_sq, parallel_sq, orthogonal_sq): see kernels.py"},
     {NULL, NULL, 0, NULL},
 };
 

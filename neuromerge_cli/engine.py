@@ -17,10 +17,11 @@ from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
 from .figures import Figure, Norm, Ratio, figure_values
 from . import kernels
-from .methods import Fusion, Method, TensorJob, get_method
+from .methods import Fusion, Method, NeuronFusion, TensorJob, get_method
 from .methods.elect import DeferredMajority, merge_values, tie_candidates
 from .memory import HeapGuard, peak_rss_bytes, reuse_freed_memory
 from .methods.common import apply_drop, tensor_seed
+from .methods.subspaces import as_rows, fused_neurons
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
 from .stats import GlobalStat, TensorMajorityStat, float_task_vectors, task_vectors_and_norms, trimmed
@@ -269,7 +270,9 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
             deltas = None
             for stat, p in active:
                 if stat.stored_inputs:
-                    stat.observe_stored(p, piece.name, tensors, weights)
+                    sums = stat.observe_stored(p, piece.name, tensors, weights)
+                    if sums is not None and not loader.allow_nonfinite:
+                        loader.check_finite(tensors, sums, piece.name)
                     continue
                 if deltas is None:
                     _, deltas = loader.as_float(tensors, piece.name)
@@ -399,6 +402,27 @@ def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor],
     if mended is not None:
         r.out.view(-1)[r.ties] = mended[0]
     return r.out, None
+
+
+def fused_neuron_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor], t: TensorPlan,
+                       fusion: NeuronFusion, weights: torch.Tensor, stats: dict[str, GlobalStat], fig: TensorFigures
+                       ) -> tuple[torch.Tensor, None] | None:
+    """``piece`` (of the planned neuron tensor ``t``) merged as NeuroMerging's fused sweeps (one read for
+    the rows' Gram matrices, one for the output; methods.subspaces.fused_neurons), its figures added to
+    ``fig``: the output in the planned dtype; None where the kernels do not take the piece."""
+    rows = [as_rows(x) for x in tensors]
+    stat = stats.get("tensor_majority") if piece.rows is not None else None
+    on_demand = stat is None or (isinstance(stat, TensorMajorityStat) and not stat.deferred)
+    if t.dtype not in kernels.KINDS or not kernels.neuron_applies(rows, loader.device) or not on_demand:
+        return None
+    gram, l1, l2 = kernels.neuron_gram(rows, fusion.thresholds)
+    if not loader.allow_nonfinite:
+        loader.check_finite(tensors, l1, piece.name)
+    # a block's parallel election falls back to its tensor's majority sign, read on demand (as TensorJob's)
+    majority = None if stat is None else (lambda: stat.majority(piece.name, weights))
+    r, extra = fused_neurons(rows, gram, fusion, weights, majority, t.dtype)
+    fig.add(l1, l2, [r.delta_norm], extra, r.out.numel())
+    return r.out.reshape(tensors[0].shape), None
 
 
 def mended_ties(deferred: DeferredMajority, majority: float, scales: list[float], dtype: torch.dtype,
@@ -546,9 +570,10 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                 if t.role == "copy":
                     outs = [tensors[0]] * len(targets)
                 elif fusing and (fusion := method.fusion(recipe.params, scales[0] if scales else None, by_key,
-                                                         piece.name)) and \
-                        (fused := fused_merge(loader, piece, tensors, t, fusion, weights, by_key,
-                                              figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
+                                                         piece.name, t.role)) and \
+                        (fused := (fused_neuron_merge if isinstance(fusion, NeuronFusion) else fused_merge)(
+                            loader, piece, tensors, t, fusion, weights, by_key,
+                            figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
                     outs = [fused[0]]
                     if fused[1] is not None:
                         waiting.append((piece.row, fused[1]))

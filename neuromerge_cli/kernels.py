@@ -55,24 +55,34 @@ def capped_sums(x: torch.Tensor, cap: float) -> tuple[float, float]:
     return _kernels.capped_sums(x.data_ptr(), x.numel(), cap)
 
 
-def magnitude_histogram(rows: torch.Tensor, counts: torch.Tensor, l1: torch.Tensor) -> None:
-    """For each row x_t of ``rows`` (T, n): add to ``counts`` (T · 2^16 int64) the count of each value of
-    the high 16 bits of |x|'s float32 bits (topk.magnitude_bits >> 16), and Σ|x| to ``l1`` (T float64):
-    one read (``takes`` must hold for ``rows``, and both accumulators be contiguous on the CPU)."""
-    assert _kernels is not None and counts.dtype == torch.int64 and l1.dtype == torch.float64
-    assert counts.is_contiguous() and l1.is_contiguous() and counts.numel() == rows.shape[0] << 16
-    _kernels.magnitude_histogram(rows.data_ptr(), rows.shape[0], rows.shape[1], counts.data_ptr(), l1.data_ptr())
+def magnitude_histogram(rows: list[torch.Tensor], counts: torch.Tensor, l1: torch.Tensor,
+                        base: torch.Tensor | None = None) -> None:
+    """For each task's magnitudes |τ_t| (|row_t − base| in float32 when ``base`` is given, else |row_t|): add to
+    ``counts`` (T · 2^16 int64) the count of each value of the high 16 bits of their float32 bits
+    (topk.magnitude_bits >> 16), and Σ|τ_t| to ``l1`` (T float64). One read: the rows are float32 (``takes``
+    holds for each) or, with a ``base``, stored inputs [base, *rows] that ``applies`` takes; both accumulators
+    contiguous on the CPU."""
+    assert counts.dtype == torch.int64 and counts.is_contiguous() and counts.numel() == len(rows) << 16
+    _histogram(rows, base, None, counts, l1)
 
 
-def magnitude_fine(rows: torch.Tensor, bins: torch.Tensor, fine: torch.Tensor, below: torch.Tensor) -> None:
-    """For each row x_t of ``rows`` (T, n): where the high 16 bits of |x|'s float32 bits equal ``bins[t]``,
-    add one to ``fine`` (T · 2^16 int64) at t · 2^16 + the low 16 bits; where they are below it, add |x|
-    to ``below`` (T float64). One read (``takes`` must hold for ``rows``; accumulators contiguous, CPU)."""
-    assert _kernels is not None and fine.dtype == bins.dtype == torch.int64 and below.dtype == torch.float64
-    assert fine.is_contiguous() and below.is_contiguous() and fine.numel() == rows.shape[0] << 16
-    b = bins.contiguous()
-    _kernels.magnitude_fine(rows.data_ptr(), rows.shape[0], rows.shape[1], b.data_ptr(), fine.data_ptr(),
-                            below.data_ptr())
+def magnitude_fine(rows: list[torch.Tensor], bins: torch.Tensor, fine: torch.Tensor, below: torch.Tensor,
+                   base: torch.Tensor | None = None) -> None:
+    """For each task's magnitudes |τ_t| (as magnitude_histogram): where the high 16 bits of their float32
+    bits equal ``bins[t]``, add one to ``fine`` (T · 2^16 int64) at t · 2^16 + the low 16 bits; where they
+    are below it, add |τ_t| to ``below`` (T float64). One read, inputs as for magnitude_histogram."""
+    assert fine.dtype == bins.dtype == torch.int64 and fine.is_contiguous() and fine.numel() == len(rows) << 16
+    _histogram(rows, base, bins.contiguous(), fine, below)
+
+
+def _histogram(rows: list[torch.Tensor], base: torch.Tensor | None, bins: torch.Tensor | None, counts: torch.Tensor,
+               sums: torch.Tensor) -> None:
+    assert _kernels is not None and sums.dtype == torch.float64 and sums.is_contiguous()
+    assert all(r.is_contiguous() for r in rows) and (base is not None or all(takes(r) for r in rows))
+    kind = KINDS[rows[0].dtype]
+    _kernels.magnitude_histogram(kind, 0 if base is None else base.data_ptr(), tuple(r.data_ptr() for r in rows),
+                                 rows[0].numel(), 0 if bins is None else bins.data_ptr(), counts.data_ptr(),
+                                 sums.data_ptr(), threads())
 
 
 def task_vectors_and_norms(tensors: list[torch.Tensor]
@@ -121,7 +131,7 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
     assert _kernels is not None
     base, tasks = tensors[0], tensors[1:]
     w = weights.to(torch.float32).contiguous()
-    thr = None if thresholds is None else thresholds.to(torch.float32).contiguous()
+    thr = _thresholds(thresholds)
     out = torch.empty(base.shape if write else (0,), dtype=dtype)
     l1 = torch.empty(len(tasks), dtype=torch.float64)
     l2sq = torch.empty(len(tasks), dtype=torch.float64)
@@ -136,6 +146,65 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
         l2sq.data_ptr(), positions.data_ptr() if ties else 0, threads())
     return Merged(out, l1, l2sq.sqrt_(), delta_sq ** 0.5, sign_total, conflict_count,
                   positions[:tie_count].clone())
+
+
+NEURON_MAX_TASKS = 16  # _kernels.c's NEURON_MAX_TASKS
+
+
+def neuron_applies(rows: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether the neuron kernels take [θ0, θ_1..θ_T] as stored, viewed as rows (out, d)."""
+    return applies(rows, device) and rows[0].ndim == 2 and len(rows) <= NEURON_MAX_TASKS + 1
+
+
+def _thresholds(thresholds: torch.Tensor | None) -> torch.Tensor | None:
+    return None if thresholds is None else thresholds.to(torch.float32).contiguous()
+
+
+def neuron_gram(rows: list[torch.Tensor], thresholds: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q Qᵀ per row (out, T+1, T+1) float64 with Q = [τ_1; …; τ_T; w0] and τ_t trimmed at ``thresholds``
+    as stats.TrimStat.mask does (None: no trim), ‖τ_t‖₁ and ‖τ_t‖₂ before the trim) of [θ0, θ_1..θ_T]
+    as stored, each (out, d) (``neuron_applies`` must hold): one read of the inputs."""
+    assert _kernels is not None
+    base, tasks = rows[0], rows[1:]
+    q = len(tasks) + 1
+    gram = torch.empty((base.shape[0], q, q), dtype=torch.float64)
+    l1 = torch.empty(len(tasks), dtype=torch.float64)
+    l2sq = torch.empty(len(tasks), dtype=torch.float64)
+    thr = _thresholds(thresholds)
+    _kernels.neuron_gram(KINDS[base.dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.shape[0],
+                         base.shape[1], 0 if thr is None else thr.data_ptr(), gram.data_ptr(), l1.data_ptr(),
+                         l2sq.data_ptr(), threads())
+    return gram, l1, l2sq.sqrt_()
+
+
+@dataclass
+class NeuronOutput:
+    """What kernels.neuron_output returns for one piece."""
+
+    out: torch.Tensor  # θ0 + delta, in the output dtype
+    delta_norm: float  # ‖delta‖₂
+    parallel_sq: float  # ‖τ̄∥‖² (unscaled)
+    orthogonal_sq: float  # ‖τ̄⊥‖² (unscaled)
+
+
+def neuron_output(rows: list[torch.Tensor], thresholds: torch.Tensor | None, z: torch.Tensor, coefficient: torch.Tensor,
+                  lambda1: float, lambda2: float, dtype: torch.dtype) -> NeuronOutput:
+    """θ0 + λ1·τ̄∥ + λ2·τ̄⊥ in ``dtype`` of [θ0, θ_1..θ_T] as stored, each (out, d) (``neuron_applies`` must
+    hold), in one read: per row, τ̄⊥ = Qᵀ z (z (out, T+1) float64, Q as in neuron_gram) rounded to float32,
+    τ̄∥ = ``coefficient`` (out,) float32 · w0, and the float32 operations of the torch path after them."""
+    assert _kernels is not None
+    base, tasks = rows[0], rows[1:]
+    z = z.to(torch.float64).contiguous()
+    c = coefficient.to(torch.float32).contiguous()
+    assert z.shape == (base.shape[0], len(tasks) + 1) and c.shape == (base.shape[0],)
+    out = torch.empty(base.shape, dtype=dtype)
+    thr = _thresholds(thresholds)
+    delta_sq, parallel_sq, orthogonal_sq = _kernels.neuron_output(
+        KINDS[base.dtype], KINDS[dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), base.shape[0],
+        base.shape[1], 0 if thr is None else thr.data_ptr(), z.data_ptr(), c.data_ptr(), lambda1, lambda2,
+        out.data_ptr(), threads())
+    return NeuronOutput(out, delta_sq ** 0.5, parallel_sq, orthogonal_sq)
 
 
 def _sweep(tensors: list[torch.Tensor], base_out: torch.Tensor | None, absolute: bool

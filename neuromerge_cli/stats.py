@@ -33,9 +33,12 @@ class GlobalStat:
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
+                       ) -> torch.Tensor | None:
         """Like observe, from [θ0, θ_1..θ_T] in their storage dtype (on the CPU): a statistic that needs
-        θ0, or that works task by task to hold less than T float32 task vectors at once."""
+        θ0, that works task by task to hold less than T float32 task vectors at once, or that a kernel
+        computes from the stored inputs. Returns Σ|τ_t| (or another sum over each τ_t that a NaN or Inf
+        makes non-finite) when it has it, for the engine to refuse non-finite inputs."""
         raise NotImplementedError
 
     def end_pass(self, pass_index: int) -> None:
@@ -156,7 +159,6 @@ class TrimStat(GlobalStat):
         self._split: tuple[torch.Tensor, TrimSplit] | None = None  # the last chunk of pass 2 and its split
         self.keep_split = False  # keep that split for one ``split`` call (a statistic sharing the read)
         self.rowwise = self.passes == 0 or scope == "global"
-        self.stored_inputs = self.passes == 1
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         if self._topk is not None:
@@ -175,19 +177,37 @@ class TrimStat(GlobalStat):
             return
         self._observe_tensor(name, deltas.shape[0], lambda t: deltas[t].abs())
 
-    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
-        base = tensors[0].to(self.device)
-        self._observe_tensor(name, len(tensors) - 1, lambda t: abs_difference(tensors[t + 1].to(self.device), base))
+    @property
+    def stored_inputs(self) -> bool:  # type: ignore[override]
+        """A per-tensor trim reads the stored inputs task by task; a global one where the kernels count |τ|
+        straight from them (a CPU), unless a statistic shares the split of its second read (keep_split)."""
+        if self._topk is None:
+            return self.passes == 1
+        return kernels.ENABLED and self.device.type == "cpu" and not self.keep_split
 
-    def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], torch.Tensor]) -> None:
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
+                       ) -> torch.Tensor | None:
+        if self._topk is None:
+            base = tensors[0].to(self.device)
+            return self._observe_tensor(name, len(tensors) - 1,
+                                        lambda t: abs_difference(tensors[t + 1].to(self.device), base))
+        if kernels.applies(tensors, self.device):
+            return self._topk.observe_stored(pass_index, tensors)
+        deltas = float_task_vectors(tensors, self.device)[1]
+        self.observe(pass_index, name, deltas, weights)
+        return deltas.reshape(deltas.shape[0], -1).sum(1)
+
+    def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``
         is a fresh float32 |τ_t| of the tensor (consumed).
 
         The entries kept are those not below the threshold, counted while finding it; the L1 norm
         trimmed is Σ min(|τ|, thr) − thr · kept, exact up to float64 rounding of the sums (absolute
         error in σ_t ~1e-16). NaN or Inf (with --allow-nonfinite) are counted and summed plainly.
+        Returns the tensor's Σ|τ_t|.
         """
         thr = torch.empty(num_tasks, dtype=torch.float32)
+        totals = torch.empty(num_tasks, dtype=torch.float64)
         n = 0
         for t in range(num_tasks):
             mags = magnitudes(t).reshape(-1)
@@ -202,12 +222,14 @@ class TrimStat(GlobalStat):
                 keep = mags >= value  # on mags.device, as row_threshold found it there
                 kept = int(torch.count_nonzero(keep))
                 removed = sum_f64(mags.masked_fill_(keep, 0.0))
-            self._total[t] += total
+            totals[t] = total
             self._kept[t] += kept
             self._removed[t] += removed
             del mags
+        self._total += totals
         self._tensor_thr[name] = thr
         self._n += n
+        return totals
 
     def end_pass(self, pass_index: int) -> None:
         if self._topk is None:
@@ -371,8 +393,10 @@ class MajoritySignStat(GlobalStat):
             sums = kernels.merge(tensors, weights.cpu(), "elect_sum", tensors[0].dtype, thresholds=thresholds,
                                  write=False)
             self._sum += float(sums.sign_total)
-            return
-        self.observe(pass_index, name, float_task_vectors(tensors, device)[1], weights)
+            return sums.l1
+        deltas = float_task_vectors(tensors, device)[1]
+        self.observe(pass_index, name, deltas, weights)
+        return deltas.reshape(deltas.shape[0], -1).sum(1)
 
     def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         split = self._trim.split(deltas)

@@ -297,7 +297,7 @@ class StreamingTopK:
         rows = values.reshape(values.shape[0], -1)
         if kernels.takes(rows) and self.device.type == "cpu":  # one sweep, no int32 copy of the bits
             self._select.n += rows.shape[1]
-            kernels.magnitude_histogram(rows, self._select.coarse_counts, self._total_l1)
+            kernels.magnitude_histogram(list(rows), self._select.coarse_counts, self._total_l1)
             return
         bits = magnitude_bits(values)
         self._select.observe_coarse(bits >> 16)
@@ -323,13 +323,27 @@ class StreamingTopK:
         or None when not ``want_split``."""
         rows = values.reshape(values.shape[0], -1)
         if not want_split and kernels.takes(rows) and self.device.type == "cpu":
-            kernels.magnitude_fine(rows, self.bins, self._select.fine_counts[:, 0], self._below_l1)
+            kernels.magnitude_fine(list(rows), self.bins, self._select.fine_counts[:, 0], self._below_l1)
             return None
         split = self.split(values)
         self._select.add_fine(0, (split.low + self._select.offsets)[split.undecided])
         below = (split.bits & split.below_mask()).view(torch.float32)  # |x| below the bin, 0.0 elsewhere
         self._below_l1 += row_sums_f64(below)
         return split
+
+    def observe_stored(self, pass_index: int, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+        """Pass ``pass_index`` (0: coarse, 1: fine) over one chunk given as the stored inputs [θ0, θ_1..θ_T]
+        (kernels.applies must hold), |τ_t| = |θ_t − θ0| made on the fly by the kernels: the same counts as
+        observe_* of the float32 task vectors. Returns the chunk's Σ|τ_t| in pass 0 (else None)."""
+        base, rows = tensors[0].reshape(-1), [t.reshape(-1) for t in tensors[1:]]
+        if pass_index == 0:
+            self._select.n += base.numel()
+            sums = torch.zeros(len(rows), dtype=torch.float64)
+            kernels.magnitude_histogram(rows, self._select.coarse_counts, sums, base)
+            self._total_l1 += sums
+            return sums
+        kernels.magnitude_fine(rows, self.bins, self._select.fine_counts[:, 0], self._below_l1, base)
+        return None
 
     def end_fine(self) -> None:
         """Exact thresholds, kept counts and the L1 mass below the threshold, per task."""

@@ -93,12 +93,21 @@ def test_task_arithmetic_matches_the_formula_in_blocks(tmp_path: Path, monkeypat
         torch.testing.assert_close(got[name], want, rtol=1e-6, atol=1e-6)
 
 
-def test_nonfinite_input_is_refused_with_its_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method, params", [
+    ("task_arithmetic", None),
+    ("ties", {"mask_scope": "tensor"}),
+    ("ties", {"mask_scope": "global"}),
+    ("neuromerging", None),
+])
+def test_nonfinite_input_is_refused_with_its_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                                   params: dict | None) -> None:
     base, tasks = toy_family(tmp_path / "m", 2)
     bad = load_file(tasks[1] / "model.safetensors")
     bad["layer.1.weight"][3, 4] = float("inf")
     write_model(tasks[1], bad)
-    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, "task_arithmetic")
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, method, params)
+    if params is not None or method == "neuromerging":  # refused in the first statistics read: no file made
+        monkeypatch.setattr(engine, "ShardWriter", lambda *a, **k: pytest.fail("the merge read started"))
     with pytest.raises(MergeError, match=r"task1.*layer\.1\.weight.*NaN or Inf"):
         merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -264,6 +273,51 @@ def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeyp
     runs = merges_with_each_guess(recipe, tmp_path / "blocks", monkeypatch)
     assert all(data == expected for data, _ in runs)
     assert max(mended(report) for _, report in runs) > 0
+
+
+@pytest.mark.parametrize("params, weights, out_dtype", [
+    ({}, None, None),
+    ({"density": 0.4, "mask_scope": "tensor", "lambda1": 0.7}, [0.5, 1.25, 1.0], None),
+    ({"density": 0.5, "lambda1": 1.0, "lambda2": 1.3, "merge_fn": "elect_sum"}, None, "float32"),
+    ({"density": 1.0, "merge_fn": "mean", "lambda_point": 0.5}, [0.5, 1.25, 1.0], None),
+    ({"density": 0.3, "mask_scope": "tensor", "merge_fn": "sum", "lambda1": 0.2}, None, None),
+])
+@pytest.mark.parametrize("family", ["toy", "cancelling"])
+def test_fused_neuromerging_gives_the_bytes_of_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             params: dict, weights: list | None,
+                                                             out_dtype: str | None, family: str) -> None:
+    """NeuroMerging's fused neuron kernels (in blocks of rows, whose parallel elections may need their tensor's
+    majority sign) write what the torch path writes: the float64 sums are added in another order, which on
+    these inputs changes no float32 value; the report's figures agree to rounding."""
+    from helpers import merge as merge_dict, recipe_dict
+
+    from neuromerge_cli import kernels
+
+    root = tmp_path / "m"
+    base, tasks = toy_family(root, 3, torch.bfloat16) if family == "toy" else cancelling_family(root)
+    extra = {"dtype": out_dtype} if out_dtype else {}
+    recipe = recipe_dict(base, tasks, "neuromerging", params, weights and weights[:len(tasks)], **extra)
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 16)
+    calls: list[int] = []
+    gram = kernels.neuron_gram
+    monkeypatch.setattr(kernels, "neuron_gram", lambda *a, **k: calls.append(1) or gram(*a, **k))
+    fused = merge_dict(recipe, tmp_path / "fused")
+    assert len(calls) > 10  # the blocks of every neuron tensor
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    plain = merge_dict(recipe, tmp_path / "plain")
+    for f in (tmp_path / "plain").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "fused" / f.name).read_bytes()
+    assert fused["global"]["sigma"] == pytest.approx(plain["global"]["sigma"], rel=1e-12)
+    assert fused["global"]["lambda2"] == pytest.approx(plain["global"]["lambda2"], rel=1e-12)
+    assert fused["global"].get("tensor_majority") == plain["global"].get("tensor_majority")  # blocks read again
+    for name, row in plain["tensors"].items():
+        got = fused["tensors"][name]
+        assert set(got) == set(row)
+        for key, value in row.items():
+            if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), (name, key)
+            else:
+                assert got[key] == value, (name, key)
 
 
 @pytest.mark.parametrize("method, params, weights, out_dtype", [

@@ -184,36 +184,154 @@ def test_capped_sums_match_float64(n: int) -> None:
     assert all(v != v for v in kernels.capped_sums(x, 1.5))
 
 
-def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude() -> None:
-    g = torch.Generator().manual_seed(3)
-    rows = torch.randn(3, 4096 + 5, generator=g) * torch.tensor([[1e-3], [1.0], [1e3]])
-    rows[1, 7] = float("nan")
+def histogram_inputs(stored: bool, dtype: torch.dtype, n: int = 4096 + 5, seed: int = 3
+                     ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
+    """(base or None, the rows the kernel reads, the float32 values whose magnitudes it counts (T, n)):
+    rows of values, or stored inputs [base, *tasks] whose task vectors are the values."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(3, n, generator=g) * torch.tensor([[1e-3], [1.0], [1e3]])
+    if not stored:
+        return None, list(values), values
+    base = torch.randn(n, generator=g).to(dtype)
+    rows = [(base.float() + v).to(dtype) for v in values]
+    return base, rows, torch.stack([r.float() - base.float() for r in rows])
+
+
+@pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch: pytest.MonkeyPatch, stored: bool,
+                                                                     dtype: torch.dtype, threads: int) -> None:
+    monkeypatch.setattr(kernels, "threads", lambda: threads)
+    base, rows, values = histogram_inputs(stored, dtype, n=3 * (1 << 18) + 4101)  # parts with 4 threads
+    rows[1][7] = float("nan")
+    values[1, 7] = float("nan")
     counts = torch.full((3 << 16,), 5, dtype=torch.int64)  # added to, not overwritten
     l1 = torch.ones(3, dtype=torch.float64)
-    kernels.magnitude_histogram(rows, counts, l1)
-    bits = rows.view(torch.int32) & 0x7FFFFFFF
+    kernels.magnitude_histogram(rows, counts, l1, base)
+    bits = values.view(torch.int32) & 0x7FFFFFFF
     for t in range(3):
         want = torch.bincount((bits[t] >> 16).long(), minlength=1 << 16) + 5
         assert torch.equal(counts[t << 16:(t + 1) << 16], want)
-    assert l1[0] == pytest.approx(1 + float(rows[0].double().abs().sum()), rel=1e-13)
-    assert l1[1] != l1[1] and l1[2] == pytest.approx(1 + float(rows[2].double().abs().sum()), rel=1e-13)
+    assert l1[0] == pytest.approx(1 + float(values[0].double().abs().sum()), rel=1e-13)
+    assert l1[1] != l1[1] and l1[2] == pytest.approx(1 + float(values[2].double().abs().sum()), rel=1e-13)
 
 
-def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below() -> None:
-    g = torch.Generator().manual_seed(4)
-    rows = torch.randint(-40, 41, (3, 4096 + 5), generator=g).float() / 16  # many entries share a bin
-    rows[2, 9] = float("nan")
-    bits = rows.view(torch.int32) & 0x7FFFFFFF
+@pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize("threads", [1, 4])
+def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below(
+        monkeypatch: pytest.MonkeyPatch, stored: bool, dtype: torch.dtype, threads: int) -> None:
+    monkeypatch.setattr(kernels, "threads", lambda: threads)
+    base, rows, values = histogram_inputs(stored, dtype, n=3 * (1 << 18) + 4101, seed=4)
+    if not stored:  # many entries share a bin
+        values = torch.randint(-40, 41, values.shape, generator=torch.Generator().manual_seed(4)).float() / 16
+        rows = list(values)
+    rows[2][9] = float("nan")
+    values[2, 9] = float("nan")
+    bits = values.view(torch.int32) & 0x7FFFFFFF
     bins = torch.stack([(bits[t] >> 16)[t * 100] for t in range(3)]).long()
     fine = torch.full((3 << 16,), 2, dtype=torch.int64)
     below = torch.ones(3, dtype=torch.float64)
-    kernels.magnitude_fine(rows, bins, fine, below)
+    kernels.magnitude_fine(rows, bins, fine, below, base)
     for t in range(3):
         inside = (bits[t] >> 16) == bins[t]
         want = torch.bincount((bits[t][inside] & 0xFFFF).long(), minlength=1 << 16) + 2
         assert inside.any() and torch.equal(fine[t << 16:(t + 1) << 16], want)
-        under = rows[t].abs()[(bits[t] >> 16) < bins[t]]
-        assert below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-13)
+        under = values[t].abs()[(bits[t] >> 16) < bins[t]]
+        assert below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-12)
+
+
+def neuron_inputs(out: int, width: int, dtype: torch.dtype, num_tasks: int, seed: int = 0) -> list[torch.Tensor]:
+    return [x.reshape(out, width) for x in inputs(out * width, dtype, num_tasks, seed)]
+
+
+def reference_q(rows: list[torch.Tensor], thresholds: torch.Tensor | None) -> torch.Tensor:
+    """Q = [τ_1; …; τ_T; w0] per row (out, T+1, d) in float64, τ trimmed as the torch path trims it."""
+    base, deltas = stats.float_task_vectors(rows, CPU)
+    if thresholds is not None:
+        deltas = stats.trimmed(deltas, thresholds)
+    return torch.cat([deltas, base.unsqueeze(0)]).transpose(0, 1).double()
+
+
+NEURON_SHAPES = [(1, 1), (5, 7), (3, 8), (17, 13), (2, 4096 + 9), (0, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_tasks", [1, 3, 5])
+@pytest.mark.parametrize("shape", NEURON_SHAPES)
+@pytest.mark.parametrize("trim", [False, True])
+def test_neuron_gram_is_q_qt_per_row(dtype: torch.dtype, num_tasks: int, shape: tuple[int, int], trim: bool) -> None:
+    rows = neuron_inputs(*shape, dtype, num_tasks)
+    thresholds = torch.linspace(0.002, 0.012, num_tasks) if trim else None
+    gram, l1, l2 = kernels.neuron_gram(rows, thresholds)
+    q = reference_q(rows, thresholds)
+    want = q @ q.transpose(1, 2)
+    assert gram.shape == want.shape and torch.equal(gram, gram.transpose(1, 2))
+    torch.testing.assert_close(gram, want, rtol=1e-14, atol=1e-300)  # exact products, sums in another order
+    want_l1, want_l2 = f64_norms([r.reshape(-1) for r in rows])
+    torch.testing.assert_close(l1, want_l1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(l2, want_l2, rtol=1e-6, atol=0)
+
+
+def reference_neuron_output(rows: list[torch.Tensor], thresholds: torch.Tensor | None, z: torch.Tensor,
+                            coefficient: torch.Tensor, lambda1: float, lambda2: float, dtype: torch.dtype
+                            ) -> tuple[torch.Tensor, float, float, float]:
+    """The torch path's operations (neuron_merge, TensorParts.combine, merge_piece), τ̄⊥ summed over Q's rows
+    in order in float64 as the kernel adds them."""
+    q = reference_q(rows, thresholds)
+    orthogonal = z[:, 0:1] * q[:, 0]
+    for s in range(1, q.shape[1]):
+        orthogonal = orthogonal + z[:, s:s + 1] * q[:, s]
+    orthogonal = orthogonal.float()
+    base = rows[0].float()
+    parallel = coefficient.float().unsqueeze(1) * base
+    delta = parallel * lambda1
+    delta.add_(orthogonal * lambda2)
+    return ((base + delta).to(dtype), float(delta.double().norm()), float(parallel.double().square().sum()),
+            float(orthogonal.double().square().sum()))
+
+
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                              (torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("num_tasks", [1, 3, 5])
+@pytest.mark.parametrize("shape", NEURON_SHAPES)
+def test_neuron_output_gives_the_bytes_of_the_torch_operations(dtype: torch.dtype, out_dtype: torch.dtype,
+                                                               num_tasks: int, shape: tuple[int, int]) -> None:
+    rows = neuron_inputs(*shape, dtype, num_tasks, seed=1)
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(shape[0], num_tasks + 1, generator=g, dtype=torch.float64)
+    coefficient = torch.randn(shape[0], generator=g)
+    thresholds = torch.linspace(0.002, 0.012, num_tasks)
+    got = kernels.neuron_output(rows, thresholds, z, coefficient, 0.7, 2.5, out_dtype)
+    out, delta_norm, parallel_sq, orthogonal_sq = reference_neuron_output(rows, thresholds, z, coefficient, 0.7, 2.5,
+                                                                          out_dtype)
+    assert got.out.dtype == out_dtype and torch.equal(got.out.view(torch.uint8), out.view(torch.uint8))
+    assert got.delta_norm == pytest.approx(delta_norm, rel=1e-6)
+    assert got.parallel_sq == pytest.approx(parallel_sq, rel=1e-6)
+    assert got.orthogonal_sq == pytest.approx(orthogonal_sq, rel=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_neuron_kernels_split_rows_over_threads_with_the_same_results(monkeypatch: pytest.MonkeyPatch,
+                                                                      threads: int) -> None:
+    rows = neuron_inputs(3 * 64 + 5, 4096 + 8, torch.bfloat16, 3)  # 2^18 entries per part: four parts
+    thresholds = torch.tensor([0.004, 0.0, 0.01])
+    z = torch.randn(rows[0].shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    coefficient = torch.randn(rows[0].shape[0], generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(kernels, "threads", lambda: 1)
+    gram, l1, _ = kernels.neuron_gram(rows, thresholds)
+    out = kernels.neuron_output(rows, thresholds, z, coefficient, 0.0, 1.5, torch.bfloat16)
+    monkeypatch.setattr(kernels, "threads", lambda: threads)
+    split_gram, split_l1, _ = kernels.neuron_gram(rows, thresholds)
+    split = kernels.neuron_output(rows, thresholds, z, coefficient, 0.0, 1.5, torch.bfloat16)
+    assert torch.equal(split_gram, gram) and torch.equal(split.out, out.out)  # a row's sums never split
+    torch.testing.assert_close(split_l1, l1, rtol=1e-12, atol=0)
+
+
+def test_neuron_kernels_apply_to_rows_of_at_most_16_tasks() -> None:
+    assert kernels.neuron_applies(neuron_inputs(4, 8, torch.bfloat16, 16), CPU)
+    assert not kernels.neuron_applies(neuron_inputs(4, 8, torch.bfloat16, 17), CPU)
+    assert not kernels.neuron_applies([r.reshape(-1) for r in neuron_inputs(4, 8, torch.bfloat16, 2)], CPU)
+    assert not kernels.neuron_applies([r.t() for r in neuron_inputs(4, 8, torch.bfloat16, 2)], CPU)
 
 
 @pytest.mark.parametrize("merge_fn", ["elect_mean", "sum"])

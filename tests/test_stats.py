@@ -62,6 +62,39 @@ def test_global_trim_sigma_threshold_and_mask(density: float) -> None:
     assert torch.equal(masked, torch.where(full.abs() >= thresholds[:, None], full, 0.0))
 
 
+@pytest.mark.skipif(not kernels.ENABLED, reason="needs the kernels")
+def test_global_trim_from_the_stored_inputs_equals_the_trim_of_the_task_vectors(monkeypatch: pytest.MonkeyPatch
+                                                                                 ) -> None:
+    """On a CPU with the kernels a global trim reads |τ| straight from the stored inputs (one sweep each
+    read): the same thresholds and counts as from the float32 task vectors; per read, Σ|τ_t| for the
+    engine's check of non-finite inputs (first read only)."""
+    g = torch.Generator().manual_seed(9)
+    stored = []
+    for shape in [(40, 33), (7,), (3, 2, 5), (600, 700)]:  # the last is split over threads
+        base = torch.randn(shape, generator=g)
+        stored.append([base.bfloat16()] + [(base + 0.02 * torch.randn(shape, generator=g)).bfloat16()
+                                           for _ in range(3)])
+    deltas = [float_task_vectors(t, torch.device("cpu"))[1] for t in stored]
+    plain = TrimStat(0.2, "global", 3, torch.device("cpu"))
+    run_passes([plain], deltas, torch.ones(3))
+    trim = TrimStat(0.2, "global", 3, torch.device("cpu"))
+    assert trim.stored_inputs
+    monkeypatch.setattr(kernels, "threads", lambda: 2)
+    for p in range(2):
+        for i, (t, d) in enumerate(zip(stored, deltas)):
+            sums = trim.observe_stored(p, f"t{i}", t, torch.ones(3))
+            if p == 0:
+                torch.testing.assert_close(sums, d.reshape(3, -1).abs().double().sum(1), rtol=1e-12, atol=0)
+            else:
+                assert sums is None
+        trim.end_pass(p)
+    assert torch.equal(trim.thresholds, plain.thresholds)
+    assert trim.summary()["kept_fraction"] == plain.summary()["kept_fraction"]
+    assert trim.sigma == pytest.approx(plain.sigma, rel=1e-12)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert not TrimStat(0.2, "global", 3, torch.device("cpu")).stored_inputs
+
+
 def test_tensor_scope_trims_each_tensor_on_its_own() -> None:
     tensors = task_vectors(seed=3)
     density = 0.25

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import MergeError, did_you_mean
-from .base import Fusion, Method, TensorJob, TensorParts, TensorResult
+from .base import Fusion, Method, NeuronFusion, TensorJob, TensorParts, TensorResult
 from .dare import DareLinear, DareTies
 from .iso import IsoC, IsoCts
 from .linear import Linear

@@ -101,6 +101,19 @@ class Fusion:
     keep: float = 1.0
 
 
+@dataclass(frozen=True)
+class NeuronFusion:
+    """NeuroMerging's merge of a neuron tensor (rows = neurons) that the engine may run as two fused
+    sweeps over the stored inputs around the per-row work (methods.subspaces.fused_neurons): the task
+    rows trimmed at ``thresholds`` (as stats.TrimStat.mask; None: no trim), delta = λ1·τ̄∥ + λ2·τ̄⊥
+    with ψ = ``merge_fn``."""
+
+    merge_fn: str
+    lambda1: float
+    lambda2: float
+    thresholds: torch.Tensor | None = None
+
+
 class Method(ABC):
     """A merge method. Subclasses set ``name``, ``summary`` and ``params`` and write ``merge``."""
 
@@ -177,9 +190,10 @@ class Method(ABC):
         return {p: params[p] for p in self.scale_params}
 
     def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
-               name: str) -> Fusion | None:
-        """This method's merge of tensor ``name`` as a Fusion, when it is one for these parameters, the
-        scale parameters' values ``scales`` and the finished statistics; else None."""
+               name: str, role: str) -> Fusion | NeuronFusion | None:
+        """This method's merge of tensor ``name`` (of ``role``, as TensorJob.role) as a Fusion or a
+        NeuronFusion, when it is one for these parameters, the scale parameters' values ``scales`` and
+        the finished statistics; else None."""
         return None
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class DareLinear(Method):
         return TensorParts({"lambda": weighted_sum(dropped, job.weights)})
 
     def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
-               name: str) -> Fusion | None:
+               name: str, role: str) -> Fusion | None:
         assert scales is not None
         return Fusion("sum", scales["lambda"], **dare_fusion(params, name))
 
@@ -57,7 +57,7 @@ class DareTies(Method):
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(dropped)})
 
     def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
-               name: str) -> Fusion | None:
+               name: str, role: str) -> Fusion | None:
         assert scales is not None
         return Fusion(params["merge_fn"], scales["lambda"], conflicts=True, **dare_fusion(params, name))
 

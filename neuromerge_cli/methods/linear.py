@@ -20,5 +20,5 @@ class Linear(Method):
         return TensorResult(weighted_sum(job.deltas, job.weights) / job.weights.sum())
 
     def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
-               name: str) -> Fusion | None:
+               name: str, role: str) -> Fusion | None:
         return Fusion("mean")  # Σ w_t τ_t / Σ w_t

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import MergeError
 from ..stats import GlobalStat, TensorMajorityStat, TrimStat
-from .base import Method, TensorJob, TensorParts
+from .base import Fusion, Method, NeuronFusion, TensorJob, TensorParts
 from .common import MASK_SCOPE, MERGE_FN, density
 from .elect import merge_values, sign_conflict_rate
 from .params import Param, number, number_or_auto
@@ -67,6 +67,17 @@ class NeuroMerging(Method):
         shape = job.base.shape
         return TensorParts({"lambda1": result.parallel.reshape(shape), "lambda2": result.orthogonal.reshape(shape)},
                            result.stats)
+
+    def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
+               name: str, role: str) -> Fusion | NeuronFusion | None:
+        trim = stats["trim"]
+        assert isinstance(trim, TrimStat) and scales is not None
+        if not trim.knows_thresholds(name):
+            return None
+        thresholds = trim.thresholds_of(name)
+        if role != "neuron":
+            return Fusion(params["merge_fn"], scales["lambda_point"], thresholds, conflicts=True)
+        return NeuronFusion(params["merge_fn"], scales["lambda1"], scales["lambda2"], thresholds)
 
     def scales(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, float]:
         lambda2 = params["lambda2"]

@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..figures import Norm, Ratio
+from .base import NeuronFusion
 from .elect import Majority, elected_sign_sum, merge_values
 
 RANK_RTOL = 1e-6
@@ -135,18 +137,21 @@ def _load_rows(buffer: torch.Tensor, base: torch.Tensor, tau: torch.Tensor, r0: 
     return q
 
 
-def _projections(q: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Gram of Q, ⟨τ_t, w0⟩ (rows, T), ‖w0‖² (rows,), a_t (rows, T)) of rows Q (rows, T+1, d)."""
-    gram = torch.bmm(q, q.transpose(1, 2))
+def _projections(gram: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(⟨τ_t, w0⟩ (rows, T), ‖w0‖² (rows,), a_t (rows, T)) from the Gram matrices of Q (rows, T+1, T+1)."""
     dots, norm2 = gram[:, :num_tasks, num_tasks], gram[:, num_tasks, num_tasks]
     safe = norm2.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
     a = torch.where(norm2.unsqueeze(1) > 0, dots / safe, 0.0)
-    return gram, dots, norm2, a
+    return dots, norm2, a
 
 
 def _buffer(chunks: list[tuple[int, int]], num_tasks: int, width: int, device: torch.device) -> torch.Tensor:
     return torch.empty((max((r1 - r0 for r0, r1 in chunks), default=0), num_tasks + 1, width),
                        dtype=torch.float64, device=device)
+
+
+def _gram(q: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(q, q.transpose(1, 2))
 
 
 def parallel_sign_sum(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, budget: int | None = None) -> float:
@@ -159,8 +164,76 @@ def parallel_sign_sum(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tens
     buffer = _buffer(chunks, num_tasks, width, base.device)
     coeffs = torch.empty((num_tasks, out), dtype=torch.float64, device=base.device)
     for r0, r1 in chunks:
-        coeffs[:, r0:r1] = _projections(_load_rows(buffer, base, tau, r0, r1), num_tasks)[3].T
+        coeffs[:, r0:r1] = _projections(_gram(_load_rows(buffer, base, tau, r0, r1)), num_tasks)[2].T
     return elected_sign_sum(coeffs, weights.to(torch.float64))
+
+
+@dataclass
+class RowCoefficients:
+    """NeuroMerging's per-row results for a block of rows, from the Gram matrices of Q = [τ_1; …; τ_T; w0]."""
+
+    a: torch.Tensor  # (rows, T) parallel coefficients a_t
+    z: torch.Tensor  # (rows, T+1): τ̄⊥ = Qᵀ z per row
+    chunk: OrthogonalChunk
+    parallel_energy: torch.Tensor  # (T,) Σ over the rows of ‖a_t w0‖²
+    orthogonal_energy: torch.Tensor  # (T,) Σ over the rows of ‖p_t‖²
+
+
+def row_coefficients(gram: torch.Tensor, weights: torch.Tensor, merge_fn: str) -> RowCoefficients:
+    """The coefficients of a block of rows from the Gram matrices (rows, T+1, T+1) of their Q (float64)."""
+    num_tasks = gram.shape[1] - 1
+    dots, norm2, a = _projections(gram, num_tasks)
+    safe = norm2.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    # ⟨p_s, p_t⟩ = ⟨τ_s, τ_t⟩ − ⟨τ_s, w0⟩⟨τ_t, w0⟩/‖w0‖²; the cancellation error (≈ eps64·s²) is far
+    # below the rank tolerance, which is relative to s² = Σ_t ‖τ_t‖²
+    outer = dots.unsqueeze(2) * dots.unsqueeze(1)
+    gram_tau = gram[:, :num_tasks, :num_tasks]
+    gram_p = gram_tau - torch.where(norm2.reshape(-1, 1, 1) > 0, outer / safe.unsqueeze(2), 0.0)
+    scale2 = torch.diagonal(gram_tau, dim1=1, dim2=2).sum(1)
+    chunk = orthogonal_coefficients(gram_p, scale2, weights, merge_fn)
+    # τ̄⊥ = Σ_t y_t (τ_t − a_t w0) = Qᵀ [y; −Σ_t y_t a_t]
+    z = torch.cat([chunk.y, -(chunk.y * a).sum(1, keepdim=True)], dim=1)
+    return RowCoefficients(a, z, chunk, (a * dots).sum(0), torch.diagonal(gram_p, dim1=1, dim2=2).sum(0))
+
+
+class NeuronTally:
+    """What the neuron step adds up over the blocks of rows of one tensor (or block of it)."""
+
+    def __init__(self, num_tasks: int, out: int, device: torch.device) -> None:
+        self.coeffs = torch.empty((num_tasks, out), dtype=torch.float64, device=device)
+        self.rank = torch.empty(out, dtype=torch.int64, device=device)
+        self.parallel_energy = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        self.orthogonal_energy = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        self.conflicts = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, r0: int, r1: int, c: RowCoefficients) -> None:
+        self.coeffs[:, r0:r1] = c.a.T
+        self.rank[r0:r1] = c.chunk.rank
+        self.conflicts += c.chunk.conflicts
+        self.parallel_energy += c.parallel_energy
+        self.orthogonal_energy += c.orthogonal_energy
+
+    def parallel(self, weights: torch.Tensor, merge_fn: str, majority: Majority) -> torch.Tensor:
+        """ψ_t(a_t) per row (out,), float64: the elections over the rows (see neuron_merge)."""
+        return merge_values(self.coeffs, weights.to(torch.float64), merge_fn, majority=majority)
+
+    def stats(self, parallel_sq: float, orthogonal_sq: float) -> dict[str, Any]:
+        """The report's figures, given ‖τ̄∥‖² and ‖τ̄⊥‖²."""
+        out = self.rank.shape[0]
+        coeffs = self.coeffs
+        par_conflicts = int(((coeffs > 0).any(0) & (coeffs < 0).any(0)).sum())
+        orth_conflicts, elections_orth = int(self.conflicts), int(self.rank.sum())
+        total = self.parallel_energy + self.orthogonal_energy
+        return {
+            "parallel_share": Ratio(tuple(self.parallel_energy.tolist()), tuple(total.tolist())),
+            "orthogonal_share": Ratio(tuple(self.orthogonal_energy.tolist()), tuple(total.tolist())),
+            "mean_orthogonal_rank": Ratio(elections_orth, out),
+            "sign_conflict": Ratio(par_conflicts + orth_conflicts, out + elections_orth),
+            "sign_conflict_parallel": Ratio(par_conflicts, out),
+            "sign_conflict_orthogonal": Ratio(orth_conflicts, elections_orth),
+            "parallel_norm": Norm(parallel_sq),
+            "orthogonal_norm": Norm(orthogonal_sq),
+        }
 
 
 def neuron_merge(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, merge_fn: str,
@@ -175,48 +248,30 @@ def neuron_merge(base: torch.Tensor, tau: torch.Tensor, weights: torch.Tensor, m
     budget = budget or chunk_budget(base.device)
     out, width = base.shape
     num_tasks = tau.shape[0]
-    dev = base.device
-    coeffs = torch.empty((num_tasks, out), dtype=torch.float64, device=dev)
-    orthogonal = torch.empty((out, width), dtype=torch.float32, device=dev)
-    rank = torch.empty(out, dtype=torch.int64, device=dev)
-    par_energy = torch.zeros(num_tasks, dtype=torch.float64, device=dev)
-    orth_energy = torch.zeros(num_tasks, dtype=torch.float64, device=dev)
-    conflicts = torch.zeros((), dtype=torch.int64, device=dev)
+    tally = NeuronTally(num_tasks, out, base.device)
+    orthogonal = torch.empty((out, width), dtype=torch.float32, device=base.device)
     chunks = row_chunks(out, num_tasks + 1, width, budget)
-    buffer = _buffer(chunks, num_tasks, width, dev)
+    buffer = _buffer(chunks, num_tasks, width, base.device)
     for r0, r1 in chunks:
         # Q = [τ_1; …; τ_T; w0] per row: one Gram matrix gives ⟨τ_s, τ_t⟩, ⟨τ_t, w0⟩ and ‖w0‖²
         q = _load_rows(buffer, base, tau, r0, r1)
-        gram, dots, norm2, a = _projections(q, num_tasks)
-        safe = norm2.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-        # ⟨p_s, p_t⟩ = ⟨τ_s, τ_t⟩ − ⟨τ_s, w0⟩⟨τ_t, w0⟩/‖w0‖²; the cancellation error (≈ eps64·s²) is far
-        # below the rank tolerance, which is relative to s² = Σ_t ‖τ_t‖²
-        outer = dots.unsqueeze(2) * dots.unsqueeze(1)
-        gram_tau = gram[:, :num_tasks, :num_tasks]
-        gram_p = gram_tau - torch.where(norm2.reshape(-1, 1, 1) > 0, outer / safe.unsqueeze(2), 0.0)
-        scale2 = torch.diagonal(gram_tau, dim1=1, dim2=2).sum(1)
-        chunk = orthogonal_coefficients(gram_p, scale2, weights, merge_fn)
-        # τ̄⊥ = Σ_t y_t (τ_t − a_t w0) = Qᵀ [y; −Σ_t y_t a_t]
-        z = torch.cat([chunk.y, -(chunk.y * a).sum(1, keepdim=True)], dim=1)
-        orthogonal[r0:r1].copy_(torch.bmm(z.unsqueeze(1), q).squeeze(1))
-        coeffs[:, r0:r1] = a.T
-        rank[r0:r1] = chunk.rank
-        conflicts += chunk.conflicts
-        par_energy += (a * dots).sum(0)
-        orth_energy += torch.diagonal(gram_p, dim1=1, dim2=2).sum(0)
-    merged_a = merge_values(coeffs, weights.to(torch.float64), merge_fn, majority=parallel_majority)
-    parallel = merged_a.float().unsqueeze(1) * base
-    par_conflicts = int(((coeffs > 0).any(0) & (coeffs < 0).any(0)).sum())
-    orth_conflicts, elections_orth = int(conflicts), int(rank.sum())
-    total = par_energy + orth_energy
-    stats = {
-        "parallel_share": Ratio(tuple(par_energy.tolist()), tuple(total.tolist())),
-        "orthogonal_share": Ratio(tuple(orth_energy.tolist()), tuple(total.tolist())),
-        "mean_orthogonal_rank": Ratio(elections_orth, out),
-        "sign_conflict": Ratio(par_conflicts + orth_conflicts, out + elections_orth),
-        "sign_conflict_parallel": Ratio(par_conflicts, out),
-        "sign_conflict_orthogonal": Ratio(orth_conflicts, elections_orth),
-        "parallel_norm": Norm(float(parallel.double().square().sum())),
-        "orthogonal_norm": Norm(float(orthogonal.double().square().sum())),
-    }
+        c = row_coefficients(_gram(q), weights, merge_fn)
+        orthogonal[r0:r1].copy_(torch.bmm(c.z.unsqueeze(1), q).squeeze(1))
+        tally.add(r0, r1, c)
+    parallel = tally.parallel(weights, merge_fn, parallel_majority).float().unsqueeze(1) * base
+    stats = tally.stats(float(parallel.double().square().sum()), float(orthogonal.double().square().sum()))
     return NeuronMerge(parallel, orthogonal, stats)
+
+
+def fused_neurons(rows: list[torch.Tensor], gram: torch.Tensor, fusion: NeuronFusion, weights: torch.Tensor,
+                  majority: Majority, dtype: torch.dtype) -> tuple[kernels.NeuronOutput, dict[str, Any]]:
+    """The rest of a fused neuron merge (base.NeuronFusion) of [θ0, θ_1..θ_T] as stored, each (out, d),
+    once kernels.neuron_gram has given the Gram matrices of their Q: the per-row coefficients, then
+    θ0 + λ1·τ̄∥ + λ2·τ̄⊥ in ``dtype`` in one more read (kernels.neuron_output); and neuron_merge's figures.
+    ``majority``: as neuron_merge's ``parallel_majority``."""
+    c = row_coefficients(gram, weights, fusion.merge_fn)
+    tally = NeuronTally(gram.shape[1] - 1, gram.shape[0], gram.device)
+    tally.add(0, gram.shape[0], c)
+    coefficient = tally.parallel(weights, fusion.merge_fn, majority).float()
+    out = kernels.neuron_output(rows, fusion.thresholds, c.z, coefficient, fusion.lambda1, fusion.lambda2, dtype)
+    return out, tally.stats(out.parallel_sq, out.orthogonal_sq)

@@ -24,5 +24,5 @@ class TaskArithmetic(Method):
         return TensorParts({"lambda": weighted_sum(job.deltas, job.weights)})
 
     def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
-               name: str) -> Fusion | None:
+               name: str, role: str) -> Fusion | None:
         return None if scales is None else Fusion("sum", scales["lambda"])

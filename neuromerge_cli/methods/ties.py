@@ -38,7 +38,7 @@ class Ties(Method):
         return TensorParts({"lambda": merged}, {"sign_conflict": sign_conflict_rate(trimmed)})
 
     def fusion(self, params: dict[str, Any], scales: dict[str, float] | None, stats: dict[str, GlobalStat],
-               name: str) -> Fusion | None:
+               name: str, role: str) -> Fusion | None:
         trim = stats["trim"]
         assert isinstance(trim, TrimStat) and scales is not None
         if not trim.knows_thresholds(name):
