@@ -192,6 +192,13 @@ INLINE vfloat blend(vuint mask, vfloat a, vfloat b) { /* a where mask, else b */
     return a;
 }
 
+INLINE int any_lane(vuint mask) { /* whether a comparison's lane is true (memcmp is not inlined everywhere) */
+    uint32_t any = 0;
+    for (int k = 0; k < LANES; k++)
+        any |= mask[k];
+    return any != 0;
+}
+
 INLINE vfloat vector_sign(vfloat x) { /* torch.sign: 0 for ±0 and NaN */
     return as_float((vuint)(x > 0)) - as_float((vuint)(x < 0));
 }
@@ -306,7 +313,7 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
                 vfloat s = vector_sign(total);
                 vuint tie = (vuint)(s == 0) & (vuint)(mass > 0);
                 signs += s; /* padding lanes: 0 */
-                if (memcmp(&tie, &(vuint){0}, sizeof tie)) /* rare: keep the positions */
+                if (any_lane(tie)) /* rare: keep the positions */
                     for (int k = 0; k < valid; k++)
                         if (tie[k]) {
                             if (r->ties)
@@ -498,7 +505,7 @@ INLINE void magnitude_fine_of(int kind, const void *base, const void *const *tas
                 memcpy(&u, &v, sizeof u);
                 vuint high = u >> 16, in_bin = (vuint)(high == bin);
                 add_as_double(sum, blend((vuint)(high < bin), v, (vfloat){0}));
-                if (memcmp(&in_bin, &(vuint){0}, sizeof in_bin)) /* about one entry in a bin's share */
+                if (any_lane(in_bin)) /* about one entry in a bin's share */
                     for (int k = 0; k < LANES; k++)
                         if (in_bin[k])
                             counts[u[k] & 0xffff]++;
@@ -670,34 +677,6 @@ typedef void (*neuron_output_fn)(const void *, const void *const *, int, int64_t
                                  const double *, const float *, float, float, void *, double *);
 static const neuron_output_fn NEURON_OUTPUT_KERNELS[2][2] = {
     {neuron_output_f32_f32, neuron_output_f32_bf16}, {neuron_output_bf16_f32, neuron_output_bf16_bf16}};
-
-static PyObject *count_around(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long x;
-    Py_ssize_t n;
-    float value;
-    int64_t below, equal;
-    if (!PyArg_ParseTuple(args, "Knf", &x, &n, &value))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    count_around_f32((const float *)x, (int64_t)n, value, &below, &equal);
-    Py_END_ALLOW_THREADS
-    return Py_BuildValue("LL", (long long)below, (long long)equal);
-}
-
-static PyObject *capped_sums(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long x;
-    Py_ssize_t n;
-    float cap;
-    double total, capped;
-    if (!PyArg_ParseTuple(args, "Knf", &x, &n, &cap))
-        return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    capped_sums_f32((const float *)x, (int64_t)n, cap, &total, &capped);
-    Py_END_ALLOW_THREADS
-    return Py_BuildValue("dd", total, capped);
-}
 
 static int read_pointers(PyObject *tuple, const void **out, Py_ssize_t *count) {
     *count = PyTuple_GET_SIZE(tuple);
@@ -929,6 +908,69 @@ static PyObject *task_vectors(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* count_around and capped_sums over threads: each part's counts or sums, added in order */
+typedef struct {
+    const float *x;
+    float value; /* count_around: the value; capped_sums: the cap */
+    int sums;    /* capped_sums, else count_around */
+    int64_t below[MAX_PARTS], equal[MAX_PARTS];
+    double total[MAX_PARTS], capped[MAX_PARTS];
+} scan_job;
+
+static void scan_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    scan_job *j = (scan_job *)ctx;
+    if (j->sums)
+        capped_sums_f32(j->x + lo, hi - lo, j->value, &j->total[part], &j->capped[part]);
+    else
+        count_around_f32(j->x + lo, hi - lo, j->value, &j->below[part], &j->equal[part]);
+}
+
+static int scan(scan_job *j, int64_t n, int threads) {
+    int parts;
+    int64_t bounds[MAX_PARTS + 1];
+    Py_BEGIN_ALLOW_THREADS
+    parts = run_parts(n, CHUNK, MIN_PART, threads, scan_part, j, bounds);
+    Py_END_ALLOW_THREADS
+    return parts;
+}
+
+/* count_around(x, n, value, threads) -> (below, equal) */
+static PyObject *count_around(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x;
+    Py_ssize_t n;
+    int threads;
+    scan_job j = {0};
+    if (!PyArg_ParseTuple(args, "Knfi", &x, &n, &j.value, &threads))
+        return NULL;
+    j.x = (const float *)x;
+    int64_t below = 0, equal = 0;
+    for (int k = 0, parts = scan(&j, (int64_t)n, threads); k < parts; k++) {
+        below += j.below[k];
+        equal += j.equal[k];
+    }
+    return Py_BuildValue("LL", (long long)below, (long long)equal);
+}
+
+/* capped_sums(x, n, cap, threads) -> (total, capped) */
+static PyObject *capped_sums(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long x;
+    Py_ssize_t n;
+    int threads;
+    scan_job j = {0};
+    if (!PyArg_ParseTuple(args, "Knfi", &x, &n, &j.value, &threads))
+        return NULL;
+    j.x = (const float *)x;
+    j.sums = 1;
+    double total = 0.0, capped = 0.0;
+    for (int k = 0, parts = scan(&j, (int64_t)n, threads); k < parts; k++) {
+        total += j.total[k];
+        capped += j.capped[k];
+    }
+    return Py_BuildValue("dd", total, capped);
+}
+
 /* The histogram kernels over threads: each part but the first counts into its own zeroed copy of the counts,
  * added to the caller's when every part is done (the counts are the same whatever the split). */
 typedef struct {
@@ -1145,8 +1187,9 @@ static PyMethodDef methods[] = {
     {"merge", merge, METH_VARARGS,
      "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep, "
      "out, l1, l2sq, ties, threads): see kernels.py"},
-    {"count_around", count_around, METH_VARARGS, "count_around(x, n, value) -> (below, equal): see kernels.py"},
-    {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap) -> (total, capped): see kernels.py"},
+    {"count_around", count_around, METH_VARARGS,
+     "count_around(x, n, value, threads) -> (below, equal): see kernels.py"},
+    {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap, threads) -> (total, capped): see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
      "magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads): see kernels.py"},
     {"neuron_gram", neuron_gram, METH_VARARGS,

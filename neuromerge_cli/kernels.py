@@ -46,13 +46,13 @@ def takes(x: torch.Tensor) -> bool:
 def count_around(x: torch.Tensor, value: float) -> tuple[int, int]:
     """(entries of ``x`` below ``value``, entries equal to it) in one read (``takes`` must hold)."""
     assert _kernels is not None
-    return _kernels.count_around(x.data_ptr(), x.numel(), value)
+    return _kernels.count_around(x.data_ptr(), x.numel(), value, threads())
 
 
 def capped_sums(x: torch.Tensor, cap: float) -> tuple[float, float]:
     """(Σ x, Σ min(x, cap)) in float64 in one read (``takes`` must hold)."""
     assert _kernels is not None
-    return _kernels.capped_sums(x.data_ptr(), x.numel(), cap)
+    return _kernels.capped_sums(x.data_ptr(), x.numel(), cap, threads())
 
 
 def magnitude_histogram(rows: list[torch.Tensor], counts: torch.Tensor, l1: torch.Tensor,

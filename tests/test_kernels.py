@@ -162,8 +162,9 @@ def test_applies_only_to_what_the_kernels_take(case: str) -> None:
     assert not kernels.applies(inputs(64, torch.bfloat16), torch.device("meta"))
 
 
-@pytest.mark.parametrize("n", SIZES + [3 * 4096 + 11])
-def test_count_around_counts_as_torch_does(n: int) -> None:
+@pytest.mark.parametrize("n", SIZES + [3 * 4096 + 11, 3 * (1 << 18) + 4101])  # the last: parts over 4 threads
+def test_count_around_counts_as_torch_does(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr(kernels, "threads", lambda: 4)
     g = torch.Generator().manual_seed(n)
     x = torch.randint(0, 9, (n,), generator=g).float() / 4  # many repeats of each value
     if n > 5:
@@ -173,8 +174,9 @@ def test_count_around_counts_as_torch_does(n: int) -> None:
         assert kernels.count_around(x, value) == want
 
 
-@pytest.mark.parametrize("n", SIZES)
-def test_capped_sums_match_float64(n: int) -> None:
+@pytest.mark.parametrize("n", SIZES + [3 * (1 << 18) + 4101])
+def test_capped_sums_match_float64(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    monkeypatch.setattr(kernels, "threads", lambda: 4)
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)).abs()
     for cap in (0.0, 0.5, 10.0):
         total, capped = kernels.capped_sums(x, cap)
