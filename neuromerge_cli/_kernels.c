@@ -908,6 +908,91 @@ static PyObject *task_vectors(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* DARE's keep masks: numpy's PCG64 (a 128-bit LCG with the XSL-RR output), drawn as numpy's random_raw does,
+ * in parts over threads (the LCG jumps ahead to each part in log steps) and in interleaved streams within a
+ * part (independent multiply chains instead of one that waits on each multiply) */
+typedef __uint128_t u128;
+#define PCG_MULTIPLIER (((u128)2549297995355413924ULL << 64) | 4865540595714422341ULL)
+#define PCG_STREAMS 4
+
+/* the state after ``delta`` more steps */
+static u128 pcg_advance(u128 state, u128 inc, uint64_t delta) {
+    u128 mult = 1, plus = 0, step_mult = PCG_MULTIPLIER, step_plus = inc;
+    for (; delta; delta >>= 1) {
+        if (delta & 1) {
+            mult *= step_mult;
+            plus = plus * step_mult + step_plus;
+        }
+        step_plus = (step_mult + 1) * step_plus;
+        step_mult *= step_mult;
+    }
+    return mult * state + plus;
+}
+
+INLINE uint64_t pcg_output(u128 state) {
+    uint64_t x = (uint64_t)(state >> 64) ^ (uint64_t)state;
+    unsigned r = (unsigned)(state >> 122);
+    return (x >> r) | (x << ((64 - r) & 63));
+}
+
+INLINE void pcg_keep_draw(u128 *state, u128 inc, int64_t j, uint32_t bound, uint8_t *keep) {
+    *state = *state * PCG_MULTIPLIER + inc;
+    uint64_t draw = pcg_output(*state);
+    keep[2 * j] = (uint32_t)draw < bound;
+    keep[2 * j + 1] = (uint32_t)(draw >> 32) < bound;
+}
+
+/* keep[2j] = (low 32 bits of draw j < bound), keep[2j + 1] = (its high 32 bits < bound), for draws [lo, hi) of
+ * the stream whose state is ``state`` before draw 0 (``keep`` has room for 2 hi entries) */
+static void pcg_keep_draws(u128 state, u128 inc, int64_t lo, int64_t hi, uint32_t bound, uint8_t *keep) {
+    u128 s[PCG_STREAMS];
+    int64_t step = (hi - lo) / PCG_STREAMS, rest = lo + step * PCG_STREAMS;
+    for (int k = 0; k < PCG_STREAMS; k++)
+        s[k] = pcg_advance(state, inc, (uint64_t)(lo + k * step));
+    for (int64_t i = 0; i < step; i++)
+        for (int k = 0; k < PCG_STREAMS; k++)
+            pcg_keep_draw(&s[k], inc, lo + k * step + i, bound, keep);
+    u128 tail = pcg_advance(state, inc, (uint64_t)rest); /* the last (hi - lo) % PCG_STREAMS draws */
+    for (int64_t j = rest; j < hi; j++)
+        pcg_keep_draw(&tail, inc, j, bound, keep);
+}
+
+typedef struct {
+    u128 state, inc;
+    uint32_t bound;
+    uint8_t *keep;
+} keep_job;
+
+static void keep_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    (void)part;
+    keep_job *j = (keep_job *)ctx;
+    pcg_keep_draws(j->state, j->inc, lo, hi, j->bound, j->keep);
+}
+
+/* dare_keep(state_high, state_low, inc_high, inc_low, length, bound, keep, threads): see kernels.py; ``keep``
+ * has room for an even number of entries (the high half of the last draw) */
+static PyObject *dare_keep(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long state_high, state_low, inc_high, inc_low, keep;
+    Py_ssize_t length;
+    unsigned long bound;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKnkKi", &state_high, &state_low, &inc_high, &inc_low, &length, &bound, &keep,
+                          &threads))
+        return NULL;
+    if (length < 0 || bound > 0xffffffffUL) {
+        PyErr_SetString(PyExc_ValueError, "dare_keep: a negative length or a bound of 2^32 or more");
+        return NULL;
+    }
+    keep_job j = {((u128)state_high << 64) | state_low, ((u128)inc_high << 64) | inc_low, (uint32_t)bound,
+                  (uint8_t *)keep};
+    int64_t bounds[MAX_PARTS + 1];
+    Py_BEGIN_ALLOW_THREADS
+    run_parts(((int64_t)length + 1) / 2, CHUNK, MIN_PART / 2, threads, keep_part, &j, bounds);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* count_around and capped_sums over threads: each part's counts or sums, added in order */
 typedef struct {
     const float *x;
@@ -1197,6 +1282,8 @@ static PyMethodDef methods[] = {
     {"neuron_output", neuron_output, METH_VARARGS,
      "neuron_output(kind, out_kind, base, tasks, rows, width, thresholds, z, coefficient, lambda1, lambda2, out, "
      "threads) -> (delta_sq, parallel_sq, orthogonal_sq): see kernels.py"},
+    {"dare_keep", dare_keep, METH_VARARGS,
+     "dare_keep(state_high, state_low, inc_high, inc_low, length, bound, keep, threads): see kernels.py"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -85,6 +85,18 @@ def _histogram(rows: list[torch.Tensor], base: torch.Tensor | None, bins: torch.
                                  sums.data_ptr(), threads())
 
 
+def dare_keep(state: int, inc: int, length: int, bound: int) -> torch.Tensor:
+    """The bool mask of ``length`` 32-bit draws < ``bound`` (< 2^32) of numpy's PCG64 at 128-bit ``state`` and
+    increment ``inc`` (its ``state["state"]``): bit for bit ``numpy.less(PCG64.random_raw((length + 1) // 2)
+    .view("<u4")[:length], bound)`` (each raw draw split into its low then its high 32 bits)."""
+    assert _kernels is not None and 0 <= bound < 1 << 32
+    keep = torch.empty((length + 1) // 2 * 2, dtype=torch.bool)  # both halves of every draw
+    mask64 = (1 << 64) - 1
+    _kernels.dare_keep(state >> 64, state & mask64, inc >> 64, inc & mask64, length, bound, keep.data_ptr(),
+                       threads())
+    return keep[:length]
+
+
 def task_vectors_and_norms(tensors: list[torch.Tensor]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(θ0, τ stacked (T, ...), ‖τ_t‖₁, ‖τ_t‖₂) of [θ0, θ_1..θ_T] as stored (``applies`` must hold):

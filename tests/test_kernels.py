@@ -370,3 +370,15 @@ def test_task_vectors_split_over_threads_give_the_same_tensors(monkeypatch: pyte
         torch.testing.assert_close(l1, want_l1, rtol=1e-7, atol=0)
         torch.testing.assert_close(l2, want_l2, rtol=1e-7, atol=0)
         assert torch.equal(kernels.abs_difference(tensors[2], tensors[0]), want_deltas[1].abs())
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 7, 9, 4097, 3 * (1 << 18) + 5])  # the last: parts over 4 threads
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_dare_keep_draws_what_numpy_pcg64_draws(monkeypatch: pytest.MonkeyPatch, length: int, threads: int) -> None:
+    np = pytest.importorskip("numpy")
+    monkeypatch.setattr(kernels, "threads", lambda: threads)
+    for seed, bound in [(0, 0), (7, 1), (11, 1 << 31), (123456789, (1 << 32) - 1), (5, int(0.3 * 2**32))]:
+        raw = np.random.PCG64(seed).random_raw((length + 1) // 2).astype("<u8")
+        want = torch.from_numpy(np.less(raw.view("<u4")[:length], bound))
+        state = np.random.PCG64(seed).state["state"]
+        assert torch.equal(kernels.dare_keep(state["state"], state["inc"], length, bound), want)

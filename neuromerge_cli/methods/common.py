@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 import torch
 
+from .. import kernels
 from .elect import MERGE_FUNCTIONS
 from .params import Param, choice, integer, number
 
@@ -55,7 +56,11 @@ def chunk_keep(seed: int, length: int, bound: int) -> torch.Tensor:
 
     if bound >= 1 << 32:
         return torch.ones(length, dtype=torch.bool)
-    raw = np.random.PCG64(seed).random_raw((length + 1) // 2).astype("<u8", copy=False)
+    generator = np.random.PCG64(seed)
+    if kernels.ENABLED:  # the same draws, over threads (numpy draws one after another)
+        state = generator.state["state"]
+        return kernels.dare_keep(state["state"], state["inc"], length, bound)
+    raw = generator.random_raw((length + 1) // 2).astype("<u8", copy=False)
     return torch.from_numpy(np.less(raw.view("<u4")[:length], bound))
 
 
