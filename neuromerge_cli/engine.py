@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections import deque
@@ -203,7 +204,7 @@ class TensorLoader:
 
     def check_finite(self, tensors: list[torch.Tensor], delta_sums: torch.Tensor, name: str) -> None:
         """Any NaN/Inf in an input makes its task vector's sum non-finite; only then look closer."""
-        if bool(torch.isfinite(delta_sums).all()):
+        if all(math.isfinite(x) for x in delta_sums.tolist()):
             return
         for ck, t in zip(self.checkpoints, tensors):
             if not bool(torch.isfinite(t).all()):
@@ -295,8 +296,8 @@ class TensorFigures:
 
     def __init__(self, t: TensorPlan, num_tasks: int, variants: int = 1) -> None:
         self.t = t
-        self.l1 = torch.zeros(num_tasks, dtype=torch.float64)
-        self.l2sq = torch.zeros(num_tasks, dtype=torch.float64)
+        self.l1 = [0.0] * num_tasks  # Python floats: per block, a few list operations instead of torch calls
+        self.l2sq = [0.0] * num_tasks
         self.delta_sq = [0.0] * variants
         self.extra: dict[str, float] = {}
         self.summed: dict[str, Figure] = {}
@@ -305,8 +306,8 @@ class TensorFigures:
 
     def add(self, l1: torch.Tensor, l2: torch.Tensor, delta_norms: list[float], extra: dict[str, Any],
             numel: int) -> None:
-        self.l1 += l1.double().cpu()
-        self.l2sq += l2.double().cpu() ** 2
+        self.l1 = [a + b for a, b in zip(self.l1, l1.tolist())]
+        self.l2sq = [a + b * b for a, b in zip(self.l2sq, l2.tolist())]
         self.delta_sq = [a + b ** 2 for a, b in zip(self.delta_sq, delta_norms)]
         for k, v in extra.items():
             if isinstance(v, (Ratio, Norm)):
@@ -321,8 +322,8 @@ class TensorFigures:
         n = max(self.n, 1)
         return {
             "role": self.t.role, "shape": list(self.t.shape),
-            "task_l1": [float(x) for x in self.l1.tolist()],
-            "task_l2": [float(x) ** 0.5 for x in self.l2sq.tolist()],
+            "task_l1": [float(x) for x in self.l1],
+            "task_l2": [float(x) ** 0.5 for x in self.l2sq],
             "delta_norm": self.delta_sq[variant] ** 0.5,
             **{k: v / n for k, v in self.extra.items()}, **figure_values(self.summed), **self.other,
         }
