@@ -320,6 +320,30 @@ def test_fused_neuromerging_gives_the_bytes_of_the_torch_path(tmp_path: Path, mo
                 assert got[key] == value, (name, key)
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_neuromerging_merges_tensors_without_rows_or_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            scope: str) -> None:
+    from helpers import merge as merge_dict, recipe_dict
+
+    from neuromerge_cli import kernels
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 5, generator=g), "no_columns": torch.zeros(4, 0), "no_rows": torch.zeros(0, 3),
+            "b": torch.randn(5, generator=g)}
+    base = {k: v.bfloat16() for k, v in base.items()}
+    tasks = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() for k, v in base.items()}
+             for _ in range(2)]
+    folders = [write_model(tmp_path / "base", base)] + [write_model(tmp_path / f"t{i}", t) for i, t in enumerate(tasks)]
+    recipe = recipe_dict(folders[0], folders[1:], "neuromerging", {"mask_scope": scope}, None)
+    merge_dict(recipe, tmp_path / "fused")
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    merge_dict(recipe, tmp_path / "plain")
+    fused, plain = read_all(tmp_path / "fused"), read_all(tmp_path / "plain")
+    assert fused["no_columns"].shape == (4, 0) and fused["no_rows"].shape == (0, 3)
+    for name, w in plain.items():
+        assert torch.equal(fused[name], w)
+
+
 @pytest.mark.parametrize("method, params, weights, out_dtype", [
     ("task_arithmetic", {"lambda": 0.7}, [0.5, 1.25, 1.0], None),
     ("task_arithmetic", {}, None, "float32"),

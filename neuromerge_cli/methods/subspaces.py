@@ -29,6 +29,7 @@ Numerical conventions (the SPEC leaves "non-negligible" open; the tests' referen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ def chunk_budget(device: torch.device) -> int:
 
 def as_rows(x: torch.Tensor, leading: int = 0) -> torch.Tensor:
     """View a tensor as rows: (*lead, out, −1), keeping ``leading`` leading dims (e.g. the task axis)."""
-    return x.reshape(*x.shape[: leading + 1], -1)
+    return x.reshape(*x.shape[: leading + 1], math.prod(x.shape[leading + 1:]))  # (-1 is ambiguous with no rows)
 
 
 def row_chunks(out: int, tasks: int, width: int, budget: int) -> list[tuple[int, int]]:
