@@ -378,28 +378,6 @@ MERGE(KIND_BF16, KIND_BF16, merge_bf16_bf16)
 typedef void (*merge_fn)(const void *, const void *const *, int, int64_t, const merge_params *, void *, merge_sums *);
 static const merge_fn MERGE_KERNELS[2][2] = {{merge_f32_f32, merge_f32_bf16}, {merge_bf16_f32, merge_bf16_bf16}};
 
-/* below = #{x_i < value}, equal = #{x_i == value} (NaN is neither) */
-VECTOR_CLONES static void count_around_f32(const float *x, int64_t n, float value, int64_t *below, int64_t *equal) {
-    *below = *equal = 0;
-    for (int64_t lo = 0; lo < n; lo += CHUNK) { /* lane counters of one chunk cannot overflow */
-        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n, i = lo;
-        vuint less = {0}, same = {0};
-        for (; i + LANES <= hi; i += LANES) {
-            vfloat v = vector_load(x, i, KIND_F32);
-            less -= (vuint)(v < value); /* a true lane is ~0, i.e. -1 */
-            same -= (vuint)(v == value);
-        }
-        for (; i < hi; i++) {
-            *below += x[i] < value;
-            *equal += x[i] == value;
-        }
-        for (int k = 0; k < LANES; k++) {
-            *below += less[k];
-            *equal += same[k];
-        }
-    }
-}
-
 typedef float vfloat4 __attribute__((vector_size(16)));
 typedef double vdouble4 __attribute__((vector_size(32))); /* two of these hold a vfloat in float64 */
 
@@ -422,26 +400,6 @@ INLINE void add_as_double(vdouble4 *acc, vfloat v) {
     acc[1] += half_as_double(v, 1);
 }
 
-/* total = sum x_i, capped = sum min(x_i, cap) (NaN stays NaN), in float64 */
-VECTOR_CLONES static void capped_sums_f32(const float *x, int64_t n, float cap, double *total, double *capped) {
-    vdouble4 all[2] = {{0}, {0}}, low[2] = {{0}, {0}};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        vfloat v = vector_load(x, i, KIND_F32);
-        add_as_double(all, v);
-        add_as_double(low, blend((vuint)(v > cap), (vfloat){0} + cap, v));
-    }
-    *total = *capped = 0.0;
-    for (int k = 0; k < 4; k++) {
-        *total += all[0][k] + all[1][k];
-        *capped += low[0][k] + low[1][k];
-    }
-    for (; i < n; i++) {
-        *total += x[i];
-        *capped += x[i] > cap ? cap : x[i];
-    }
-}
-
 /* |tau| of LANES entries from i on (a scalar for one): |x - base| in float32, |x| when base is NULL */
 INLINE vfloat vector_magnitude(int kind, const void *base, const void *x, int64_t i) {
     vfloat v = vector_load(x, i, kind);
@@ -453,9 +411,70 @@ INLINE float scalar_magnitude(int kind, const void *base, const void *x, int64_t
     return fabsf(base ? v - scalar_load(base, i, kind) : v);
 }
 
+/* x, or |x - base| in float32 when base is not NULL (a row of magnitudes from the stored inputs) */
+INLINE vfloat vector_operand(int kind, const void *base, const void *x, int64_t i) {
+    return base ? vector_magnitude(kind, base, x, i) : vector_load(x, i, kind);
+}
+
+INLINE float scalar_operand(int kind, const void *base, const void *x, int64_t i) {
+    return base ? scalar_magnitude(kind, base, x, i) : scalar_load(x, i, kind);
+}
+
 INLINE double lanes_total(const vdouble4 *sum) {
     return (sum[0][0] + sum[1][0]) + (sum[0][1] + sum[1][1]) + ((sum[0][2] + sum[1][2]) + (sum[0][3] + sum[1][3]));
 }
+
+/* Over x_i (as vector_operand): with ``counting``, below = #{x_i < value}, equal = #{x_i == value} (NaN is
+ * neither); with ``summing``, total = sum x_i and capped = sum min(x_i, value) in float64 (NaN stays NaN) */
+INLINE void scan_of(int kind, const void *base, const void *x, int64_t n, float value, int counting, int summing,
+                    int64_t *below, int64_t *equal, double *total, double *capped) {
+    vdouble4 all[2] = {{0}, {0}}, low[2] = {{0}, {0}};
+    double tail_all = 0.0, tail_low = 0.0;
+    *below = *equal = 0;
+    for (int64_t lo = 0; lo < n; lo += CHUNK) { /* lane counters of one chunk cannot overflow */
+        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n, i = lo;
+        vuint less = {0}, same = {0};
+        for (; i + LANES <= hi; i += LANES) {
+            vfloat v = vector_operand(kind, base, x, i);
+            if (counting) {
+                less -= (vuint)(v < value); /* a true lane is ~0, i.e. -1 */
+                same -= (vuint)(v == value);
+            }
+            if (summing) {
+                add_as_double(all, v);
+                add_as_double(low, blend((vuint)(v > value), (vfloat){0} + value, v));
+            }
+        }
+        for (; i < hi; i++) {
+            float v = scalar_operand(kind, base, x, i);
+            *below += v < value;
+            *equal += v == value;
+            tail_all += v;
+            tail_low += v > value ? value : v;
+        }
+        for (int k = 0; k < LANES; k++) {
+            *below += less[k];
+            *equal += same[k];
+        }
+    }
+    *total = lanes_total(all) + tail_all;
+    *capped = lanes_total(low) + tail_low;
+}
+
+#define SCAN(KIND, COUNTING, SUMMING, NAME)                                                                        \
+    VECTOR_CLONES static void NAME(const void *base, const void *x, int64_t n, float value, int64_t *below,        \
+                                   int64_t *equal, double *total, double *capped) {                                \
+        scan_of(KIND, base, x, n, value, COUNTING, SUMMING, below, equal, total, capped);                          \
+    }
+SCAN(KIND_F32, 1, 0, count_f32)
+SCAN(KIND_BF16, 1, 0, count_bf16)
+SCAN(KIND_F32, 0, 1, sums_f32)
+SCAN(KIND_BF16, 0, 1, sums_bf16)
+SCAN(KIND_F32, 1, 1, count_and_sums_f32)
+SCAN(KIND_BF16, 1, 1, count_and_sums_bf16)
+typedef void (*scan_fn)(const void *, const void *, int64_t, float, int64_t *, int64_t *, double *, double *);
+static const scan_fn SCAN_KERNELS[3][2] = { /* [what - 1][kind]: what = 1 count, 2 sums, 3 both */
+    {count_f32, count_bf16}, {sums_f32, sums_bf16}, {count_and_sums_f32, count_and_sums_bf16}};
 
 /* For each task t, over n entries of |tau_t| (vector_magnitude): counts[t * 65536 + (bits(|tau_t|) >> 16)] += 1
  * and l1[t] += sum |tau_t| (float64), both added to what they hold (NaN lands in its own bin and makes l1 NaN).
@@ -993,67 +1012,57 @@ static PyObject *dare_keep(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* count_around and capped_sums over threads: each part's counts or sums, added in order */
+/* scan (count_around, capped_sums, or both at once) over threads: each part's counts or sums, added in order */
 typedef struct {
-    const float *x;
-    float value; /* count_around: the value; capped_sums: the cap */
-    int sums;    /* capped_sums, else count_around */
+    int kind, what;       /* what: 1 counts, 2 sums, 3 both */
+    const void *base, *x; /* base NULL: x holds the values; else they are |x - base| */
+    float value;          /* the value counted around, and the cap of the sums */
     int64_t below[MAX_PARTS], equal[MAX_PARTS];
     double total[MAX_PARTS], capped[MAX_PARTS];
 } scan_job;
 
 static void scan_part(void *ctx, int part, int64_t lo, int64_t hi) {
     scan_job *j = (scan_job *)ctx;
-    if (j->sums)
-        capped_sums_f32(j->x + lo, hi - lo, j->value, &j->total[part], &j->capped[part]);
-    else
-        count_around_f32(j->x + lo, hi - lo, j->value, &j->below[part], &j->equal[part]);
+    int64_t in = KIND_BYTES[j->kind] * lo;
+    const void *base = j->base ? (const char *)j->base + in : NULL, *x = (const char *)j->x + in;
+    SCAN_KERNELS[j->what - 1][j->kind](base, x, hi - lo, j->value, &j->below[part], &j->equal[part],
+                                       &j->total[part], &j->capped[part]);
 }
 
-static int scan(scan_job *j, int64_t n, int threads) {
-    int parts;
-    int64_t bounds[MAX_PARTS + 1];
-    Py_BEGIN_ALLOW_THREADS
-    parts = run_parts(n, CHUNK, MIN_PART, threads, scan_part, j, bounds);
-    Py_END_ALLOW_THREADS
-    return parts;
-}
-
-/* count_around(x, n, value, threads) -> (below, equal) */
-static PyObject *count_around(PyObject *self, PyObject *args) {
+/* scan(kind, base, x, n, value, what, threads) -> (below, equal, total, capped); pointers as integers (base 0:
+ * x holds the values); what: 1 counts, 2 sums, 3 both (the others come back 0) */
+static PyObject *scan(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long x;
+    unsigned long long base, x;
     Py_ssize_t n;
     int threads;
     scan_job j = {0};
-    if (!PyArg_ParseTuple(args, "Knfi", &x, &n, &j.value, &threads))
+    if (!PyArg_ParseTuple(args, "iKKnfii", &j.kind, &base, &x, &n, &j.value, &j.what, &threads) ||
+        check_kind(j.kind))
         return NULL;
-    j.x = (const float *)x;
-    int64_t below = 0, equal = 0;
-    for (int k = 0, parts = scan(&j, (int64_t)n, threads); k < parts; k++) {
+    if (n < 0 || j.what < 1 || j.what > 3) {
+        PyErr_SetString(PyExc_ValueError, "scan: a negative size or an unknown request");
+        return NULL;
+    }
+    j.base = (const void *)base;
+    j.x = (const void *)x;
+    int parts;
+    int64_t bounds[MAX_PARTS + 1], below = 0, equal = 0;
+    double total = 0.0, capped = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, scan_part, &j, bounds);
+    for (int k = 0; k < parts; k++) {
         below += j.below[k];
         equal += j.equal[k];
-    }
-    return Py_BuildValue("LL", (long long)below, (long long)equal);
-}
-
-/* capped_sums(x, n, cap, threads) -> (total, capped) */
-static PyObject *capped_sums(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long x;
-    Py_ssize_t n;
-    int threads;
-    scan_job j = {0};
-    if (!PyArg_ParseTuple(args, "Knfi", &x, &n, &j.value, &threads))
-        return NULL;
-    j.x = (const float *)x;
-    j.sums = 1;
-    double total = 0.0, capped = 0.0;
-    for (int k = 0, parts = scan(&j, (int64_t)n, threads); k < parts; k++) {
         total += j.total[k];
         capped += j.capped[k];
     }
-    return Py_BuildValue("dd", total, capped);
+    Py_END_ALLOW_THREADS
+    if (!(j.what & 1))
+        below = equal = 0;
+    if (!(j.what & 2))
+        total = capped = 0.0;
+    return Py_BuildValue("LLdd", (long long)below, (long long)equal, total, capped);
 }
 
 /* The histogram kernels over threads: each part but the first counts into its own zeroed copy of the counts,
@@ -1272,9 +1281,8 @@ static PyMethodDef methods[] = {
     {"merge", merge, METH_VARARGS,
      "merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep, "
      "out, l1, l2sq, ties, threads): see kernels.py"},
-    {"count_around", count_around, METH_VARARGS,
-     "count_around(x, n, value, threads) -> (below, equal): see kernels.py"},
-    {"capped_sums", capped_sums, METH_VARARGS, "capped_sums(x, n, cap, threads) -> (total, capped): see kernels.py"},
+    {"scan", scan, METH_VARARGS,
+     "scan(kind, base, x, n, value, what, threads) -> (below, equal, total, capped): see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
      "magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads): see kernels.py"},
     {"neuron_gram", neuron_gram, METH_VARARGS,

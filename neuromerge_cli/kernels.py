@@ -43,16 +43,28 @@ def takes(x: torch.Tensor) -> bool:
     return ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
 
 
-def count_around(x: torch.Tensor, value: float) -> tuple[int, int]:
-    """(entries of ``x`` below ``value``, entries equal to it) in one read (``takes`` must hold)."""
-    assert _kernels is not None
-    return _kernels.count_around(x.data_ptr(), x.numel(), value, threads())
+def count_around(x: torch.Tensor, value: float, base: torch.Tensor | None = None) -> tuple[int, int]:
+    """(entries below ``value``, entries equal to it) of ``x`` (``takes`` must hold), or with a ``base`` of
+    |x − base| in float32 (stored inputs [base, x] that ``applies`` takes), in one read."""
+    below, equal, _, _ = _scan(x, value, base, 1)
+    return below, equal
 
 
-def capped_sums(x: torch.Tensor, cap: float) -> tuple[float, float]:
-    """(Σ x, Σ min(x, cap)) in float64 in one read (``takes`` must hold)."""
-    assert _kernels is not None
-    return _kernels.capped_sums(x.data_ptr(), x.numel(), cap, threads())
+def capped_sums(x: torch.Tensor, cap: float, base: torch.Tensor | None = None) -> tuple[float, float]:
+    """(Σ v, Σ min(v, cap)) in float64 of the values v of ``x``, or of |x − base| (as count_around), in one read."""
+    _, _, total, capped = _scan(x, cap, base, 2)
+    return total, capped
+
+
+def count_and_sums(x: torch.Tensor, value: float, base: torch.Tensor | None = None) -> tuple[int, int, float, float]:
+    """count_around and capped_sums at ``value`` together, in one read."""
+    return _scan(x, value, base, 3)
+
+
+def _scan(x: torch.Tensor, value: float, base: torch.Tensor | None, what: int) -> tuple[int, int, float, float]:
+    assert _kernels is not None and (base is None or base.numel() == x.numel())
+    return _kernels.scan(KINDS[x.dtype], 0 if base is None else base.data_ptr(), x.data_ptr(), x.numel(), value,
+                         what, threads())
 
 
 def magnitude_histogram(rows: list[torch.Tensor], counts: torch.Tensor, l1: torch.Tensor,

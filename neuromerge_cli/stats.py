@@ -15,7 +15,8 @@ import torch
 from . import kernels
 from .memory import release_free_memory
 from .sums import sign_total, sum_and_capped_sum, sum_f64
-from .topk import LOW_BINS, StreamingTopK, TrimSplit, kept_count, row_threshold, tensor_thresholds
+from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, kept_count, row_threshold,
+                   tensor_thresholds, whole)
 
 
 class GlobalStat:
@@ -188,6 +189,9 @@ class TrimStat(GlobalStat):
     def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
                        ) -> torch.Tensor | None:
         if self._topk is None:
+            if kernels.applies(tensors, self.device):  # |τ_t| read by the kernels, not made
+                return self._observe_tensor(name, len(tensors) - 1, lambda t: StoredMagnitudes(tensors[t + 1],
+                                                                                                tensors[0]))
             base = tensors[0].to(self.device)
             return self._observe_tensor(name, len(tensors) - 1,
                                         lambda t: abs_difference(tensors[t + 1].to(self.device), base))
@@ -197,9 +201,9 @@ class TrimStat(GlobalStat):
         self.observe(pass_index, name, deltas, weights)
         return deltas.reshape(deltas.shape[0], -1).sum(1)
 
-    def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], Row]) -> torch.Tensor:
         """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``
-        is a fresh float32 |τ_t| of the tensor (consumed).
+        is a fresh float32 |τ_t| of the tensor (consumed), or the StoredMagnitudes the kernels read it from.
 
         The entries kept are those not below the threshold, counted while finding it; the L1 norm
         trimmed is Σ min(|τ|, thr) − thr · kept, exact up to float64 rounding of the sums (absolute
@@ -210,15 +214,20 @@ class TrimStat(GlobalStat):
         totals = torch.empty(num_tasks, dtype=torch.float64)
         n = 0
         for t in range(num_tasks):
-            mags = magnitudes(t).reshape(-1)
+            mags = magnitudes(t)
+            mags = mags if isinstance(mags, StoredMagnitudes) else mags.reshape(-1)
             n = mags.numel()
             value, below = row_threshold(mags, self.density)
             thr[t] = value
-            total, capped = sum_and_capped_sum(mags, value)
+            if isinstance(mags, StoredMagnitudes):
+                total, capped = mags.capped_sums(float(value))
+            else:
+                total, capped = sum_and_capped_sum(mags, value)
             if math.isfinite(total):
                 kept = n - below
                 removed = max(0.0, capped - float(value) * kept)
             else:
+                mags = whole(mags)
                 keep = mags >= value  # on mags.device, as row_threshold found it there
                 kept = int(torch.count_nonzero(keep))
                 removed = sum_f64(mags.masked_fill_(keep, 0.0))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
@@ -45,21 +45,61 @@ def tensor_thresholds(magnitudes: torch.Tensor, density: float) -> torch.Tensor:
     return torch.stack([row_threshold(row, density)[0] for row in flat]) if flat.shape[0] else flat.new_zeros(0)
 
 
-def row_threshold(row: torch.Tensor, density: float) -> tuple[torch.Tensor, int]:
+class StoredMagnitudes:
+    """|x − base| in float32 of one task's tensor as stored ([base, x] taken by kernels.applies), flattened,
+    never made whole unless a step needs every value (``whole``): kth_smallest samples it and counts
+    around its guesses, and the trim sums it, through the kernels, from the stored inputs."""
+
+    def __init__(self, x: torch.Tensor, base: torch.Tensor) -> None:
+        self.x, self.base = x.reshape(-1), base.reshape(-1)
+        self._sums: tuple[float, float, float] | None = None  # (value, Σ, Σ capped at value) of the last count
+
+    def numel(self) -> int:
+        return self.x.numel()
+
+    def sample(self, step: int) -> torch.Tensor:
+        """Every ``step``-th value (the float32 values ``whole`` would hold)."""
+        return (self.x[::step].float() - self.base[::step].float()).abs_()
+
+    def whole(self) -> torch.Tensor:
+        return kernels.abs_difference(self.x, self.base)
+
+    def count_around(self, value: float) -> tuple[int, int]:
+        """Counts around ``value``; its capped sums come in the same read (kth_smallest's last count is
+        mostly at the threshold the trim then sums at)."""
+        below, equal, total, capped = kernels.count_and_sums(self.x, value, self.base)
+        self._sums = (value, total, capped)
+        return below, equal
+
+    def capped_sums(self, cap: float) -> tuple[float, float]:
+        if self._sums is not None and self._sums[0] == cap:
+            return self._sums[1], self._sums[2]
+        return kernels.capped_sums(self.x, cap, self.base)
+
+
+Row = Union[torch.Tensor, StoredMagnitudes]  # a 1-d row of magnitudes, made or read from the stored inputs
+
+
+def whole(row: Row) -> torch.Tensor:
+    """A row's values as a tensor."""
+    return row.whole() if isinstance(row, StoredMagnitudes) else row
+
+
+def row_threshold(row: Row, density: float) -> tuple[torch.Tensor, int]:
     """The k-th largest entry of a 1-d ``row`` (0 when it is empty) and how many entries are below it."""
     n = row.numel()
     k = kept_count(n, density)
     if n == 0:  # an empty tensor: nothing to keep or trim
-        return row.new_zeros(()), 0
+        return whole(row).new_zeros(()), 0
     if k >= n:
-        return row.amin(), 0
+        return whole(row).amin(), 0
     return kth_smallest(row, n - k + 1)
 
 
 GUESSES = 3  # guesses of kth_smallest checked by counting before it brackets the answer
 
 
-def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
+def kth_smallest(row: Row, q: int) -> tuple[torch.Tensor, int]:
     """The exact q-th smallest entry (1-based) of a 1-d tensor and how many entries are below it, in a
     few passes instead of a full select (NaN counts as the largest value, as in ``torch.kthvalue``).
 
@@ -73,9 +113,11 @@ def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
     """
     n = row.numel()
     if n <= 4 * SELECT_SAMPLE:
+        row = whole(row)
         value = torch.kthvalue(row, q).values
         return value, count_around(row, value)[0]
-    sample = row[:: max(1, n // SELECT_SAMPLE)].sort().values
+    step = max(1, n // SELECT_SAMPLE)
+    sample = (row.sample(step) if isinstance(row, StoredMagnitudes) else row[::step]).sort().values
     m = sample.numel()
     frac = q / n
     at = min(m - 1, int(frac * m))
@@ -101,6 +143,7 @@ def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
         at = nxt
     # bracket: above the guess below the answer (else from the sample, the margin down), below the one
     # above it (else the margin up)
+    row = whole(row)
     if low is not None:
         under, in_low = low[1], row > low[0]
     else:
@@ -114,9 +157,11 @@ def kth_smallest(row: torch.Tensor, q: int) -> tuple[torch.Tensor, int]:
     return value, count_around(row, value)[0]
 
 
-def count_around(row: torch.Tensor, value: torch.Tensor) -> tuple[int, int]:
+def count_around(row: Row, value: torch.Tensor) -> tuple[int, int]:
     """(entries of ``row`` below ``value``, entries equal to it): one sweep of the fused kernel
     (kernels.count_around) where it applies."""
+    if isinstance(row, StoredMagnitudes):
+        return row.count_around(float(value))
     if kernels.takes(row):
         return kernels.count_around(row, float(value))
     return int(torch.count_nonzero(row < value)), int(torch.count_nonzero(row == value))

@@ -186,6 +186,27 @@ def test_capped_sums_match_float64(monkeypatch: pytest.MonkeyPatch, n: int) -> N
     assert all(v != v for v in kernels.capped_sums(x, 1.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [0, 13, 4096 * 2 + 5, 3 * (1 << 18) + 4101])
+def test_scans_of_stored_inputs_read_their_magnitudes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                      n: int) -> None:
+    """count_around, capped_sums and count_and_sums of stored inputs [base, x] see |x − base| in float32."""
+    monkeypatch.setattr(kernels, "threads", lambda: 4)
+    base, x = inputs(n, dtype, num_tasks=1, seed=n)
+    if n > 5:
+        x[3] = base[3]  # a zero magnitude
+    mags = (x.float() - base.float()).abs()
+    for value in (0.0, float(torch.tensor(0.004)), float(mags[7]) if n > 7 else 0.5):  # float32 values
+        below, equal = int(torch.count_nonzero(mags < value)), int(torch.count_nonzero(mags == value))
+        total, capped = float(mags.double().sum()), float(mags.double().clamp_max(value).sum())
+        assert kernels.count_around(x, value, base) == (below, equal)
+        got_total, got_capped = kernels.capped_sums(x, value, base)
+        both = kernels.count_and_sums(x, value, base)
+        assert both[:2] == (below, equal)
+        for a, b in ((got_total, total), (got_capped, capped), (both[2], total), (both[3], capped)):
+            assert a == pytest.approx(b, rel=1e-12, abs=1e-300)
+
+
 def histogram_inputs(stored: bool, dtype: torch.dtype, n: int = 4096 + 5, seed: int = 3
                      ) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
     """(base or None, the rows the kernel reads, the float32 values whose magnitudes it counts (T, n)):

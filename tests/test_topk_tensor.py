@@ -102,3 +102,28 @@ def test_kth_smallest_refines_a_missed_guess_from_the_counts(monkeypatch: pytest
             assert_kth(row, q)
         selects.append(len(selected))
     assert selects[0] <= len(ranks) // 20 < len(ranks) // 2 <= selects[1]
+
+
+@pytest.mark.parametrize("guesses", [0, 3])  # 0: straight to the bracket, which makes the row whole
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kth_smallest_of_stored_magnitudes_equals_that_of_the_made_row(monkeypatch: pytest.MonkeyPatch, guesses: int,
+                                                                       dtype: torch.dtype) -> None:
+    from neuromerge_cli import kernels, topk
+
+    if not kernels.ENABLED:
+        pytest.skip("needs the kernels")
+    monkeypatch.setattr(topk, "GUESSES", guesses)
+    g = torch.Generator().manual_seed(3)
+    n = 6 * SELECT_SAMPLE + 5
+    base = torch.randn(n, generator=g).to(dtype)
+    tuned = (base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype)
+    stored = topk.StoredMagnitudes(tuned, base)
+    mags = (tuned.float() - base.float()).abs()
+    assert stored.numel() == n and torch.equal(stored.whole(), mags)
+    for q in (1, n // 5, n // 2, n - 1, n):
+        value, below = kth_smallest(stored, q)
+        assert (float(value), below) == sorted_answer(mags, q), q
+        assert stored.capped_sums(float(value)) == pytest.approx(
+            (float(mags.double().sum()), float(mags.double().clamp_max(float(value)).sum())), rel=1e-12)
+    for density in (0.01, 0.3):
+        assert row_threshold(stored, density) == row_threshold(mags, density)
