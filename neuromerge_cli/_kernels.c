@@ -718,6 +718,18 @@ static int check_kind(int kind) {
     return -1;
 }
 
+/* A kernel's stored inputs checked: a known kind, 1 to ``most`` task pointers (into tasks[]), a size >= 0 */
+static int check_inputs(const char *kernel, int kind, PyObject *task_list, Py_ssize_t n, int most, const void **tasks,
+                        Py_ssize_t *num_tasks) {
+    if (check_kind(kind) || read_pointers(task_list, tasks, num_tasks))
+        return -1;
+    if (*num_tasks < 1 || *num_tasks > most || n < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: 1 to %d tasks, and a size >= 0", kernel, most);
+        return -1;
+    }
+    return 0;
+}
+
 /* merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep,
  *       out, l1, l2sq, ties, threads)
  * -> (delta_sq, sign_total, conflicts, tie_count); pointers as integers (0: none, for thresholds and ties) */
@@ -822,7 +834,7 @@ static PyObject *merge(PyObject *self, PyObject *args) {
         return NULL;
     const void *tasks[MAX_TASKS], *drops[MAX_TASKS];
     Py_ssize_t num_drops;
-    if (check_kind(kind) || check_kind(out_kind) || read_pointers(task_list, tasks, &num_tasks) ||
+    if (check_inputs("merge", kind, task_list, n, MAX_TASKS, tasks, &num_tasks) || check_kind(out_kind) ||
         read_pointers(drop_list, drops, &num_drops))
         return NULL;
     if (num_drops && num_drops != num_tasks) {
@@ -830,8 +842,8 @@ static PyObject *merge(PyObject *self, PyObject *args) {
         return NULL;
     }
     p.drops = num_drops ? (const uint8_t *const *)drops : NULL;
-    if (num_tasks < 1 || n < 0 || fn < FN_SUM || fn > FN_ELECT_MEAN) {
-        PyErr_SetString(PyExc_ValueError, "merge: no task, a negative size or an unknown merge function");
+    if (fn < FN_SUM || fn > FN_ELECT_MEAN) {
+        PyErr_SetString(PyExc_ValueError, "merge: an unknown merge function");
         return NULL;
     }
     p.weights = (const float *)weights;
@@ -898,12 +910,8 @@ static PyObject *task_vectors(PyObject *self, PyObject *args) {
                           &l2sq, &absolute, &threads))
         return NULL;
     const void *tasks[MAX_TASKS];
-    if (check_kind(kind) || read_pointers(task_list, tasks, &num_tasks))
+    if (check_inputs("task_vectors", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
         return NULL;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "task_vectors: a negative size");
-        return NULL;
-    }
     task_vectors_job *j = PyMem_RawMalloc(sizeof(task_vectors_job));
     if (!j)
         return PyErr_NoMemory();
@@ -1107,12 +1115,8 @@ static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
                           &threads))
         return NULL;
     const void *tasks[MAX_TASKS];
-    if (check_kind(kind) || read_pointers(task_list, tasks, &num_tasks))
+    if (check_inputs("magnitude_histogram", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
         return NULL;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "magnitude_histogram: a negative size");
-        return NULL;
-    }
     histogram_job *j = PyMem_RawCalloc(1, sizeof(histogram_job));
     if (!j)
         return PyErr_NoMemory();
@@ -1190,12 +1194,9 @@ static neuron_job *neuron_job_of(int kind, unsigned long long base, PyObject *ta
                                  Py_ssize_t width, unsigned long long thresholds) {
     const void *tasks[MAX_TASKS];
     Py_ssize_t num_tasks;
-    if (check_kind(kind) || read_pointers(task_list, tasks, &num_tasks))
+    if (check_inputs("neuron kernels", kind, task_list, rows < 0 || width < 0 ? -1 : rows * width, NEURON_MAX_TASKS,
+                     tasks, &num_tasks))
         return NULL;
-    if (num_tasks < 1 || num_tasks > NEURON_MAX_TASKS || rows < 0 || width < 0) {
-        PyErr_SetString(PyExc_ValueError, "neuron kernels: 1 to 16 tasks, and sizes >= 0");
-        return NULL;
-    }
     neuron_job *j = PyMem_RawCalloc(1, sizeof(neuron_job)); /* zeroed: the parts' sums start at 0 */
     if (!j)
         return (neuron_job *)PyErr_NoMemory();
