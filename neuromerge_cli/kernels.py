@@ -2,7 +2,9 @@
 
 A kernel does in one read of its inputs what takes several eager torch passes, with the same float32
 operations in the same order: the same task vectors, merged weights and counts, bit for bit (float64
-sums differ in their last digits: another summation order). Callers keep the torch operations for
+sums differ in their last digits: another summation order; NeuroMerging's float64 Gram matrices and
+orthogonal sums too, which could move a float32 result by one unit in the last place, though no
+benchmark or test output differs). DARE's masks are numpy's PCG64 draws. Callers keep the torch operations for
 what a kernel does not take (CUDA, float16 inputs, non-contiguous views) and for installs where the
 extension could not be built. NEUROMERGE_KERNELS=0 turns the kernels off, e.g. to compare the paths.
 """
