@@ -1077,6 +1077,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
 
 /* The histogram kernels over threads: each part but the first counts into its own zeroed copy of the counts,
  * added to the caller's when every part is done (the counts are the same whatever the split). */
+#define HISTOGRAM_COPIES_BYTES (64 << 20)
+
 typedef struct {
     int kind, num_tasks, fine;
     const void *base, *tasks[MAX_TASKS];
@@ -1131,8 +1133,12 @@ static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
     j->counts = (int64_t *)counts;
     Py_BEGIN_ALLOW_THREADS
     int64_t bounds[MAX_PARTS + 1];
-    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, histogram_part, j, bounds);
     int64_t cells = (int64_t)num_tasks << 16;
+    /* each part past the first holds its own counts: at most HISTOGRAM_COPIES_BYTES of them in all */
+    int64_t copies = HISTOGRAM_COPIES_BYTES / (cells * (int64_t)sizeof(int64_t));
+    if (threads > copies + 1)
+        threads = (int)copies + 1;
+    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, histogram_part, j, bounds);
     for (int k = 1; k < parts; k++) {
         if (!j->own[k]) {
             histogram_part(j, 0, bounds[k], bounds[k + 1]);
