@@ -11,7 +11,8 @@ zero coordinates). V is never formed: τ̄⊥ = V c̄ = Pᵀ y with y = U Λ^{-1
 matrix of Q = [τ_1; …; τ_T; w0] per row gives ⟨τ_s, τ_t⟩, ⟨τ_t, w0⟩ and ‖w0‖², hence a_t and
 G = P Pᵀ, and τ̄⊥ = Σ_t y_t p_t = Qᵀ [y; −Σ_t y_t a_t]. A block of rows is copied once into a
 float64 Q (a buffer reused across blocks) and read twice (Gram, result), so the kernel is a few
-streaming passes plus T×T work per row.
+streaming passes plus T×T work per row. On a CPU with the fused kernels Q is never made: the two
+passes are kernels.neuron_gram and kernels.neuron_output over the stored inputs (fused_neurons).
 
 Numerical conventions (the SPEC leaves "non-negligible" open; the tests' reference uses the same):
 - scale of a row: s = ‖[τ_1; …; τ_T]‖_F, the size of its (masked) task rows;
