@@ -14,9 +14,9 @@ import torch
 
 from . import kernels
 from .memory import release_free_memory
-from .sums import sign_total, sum_and_capped_sum, sum_f64
-from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, kept_count, row_threshold,
-                   tensor_thresholds, whole)
+from .sums import sign_total, sum_f64
+from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, capped_sums, kept_count,
+                   row_threshold, tensor_thresholds, whole)
 
 
 class GlobalStat:
@@ -41,6 +41,14 @@ class GlobalStat:
         computes from the stored inputs. Returns Σ|τ_t| (or another sum over each τ_t that a NaN or Inf
         makes non-finite) when it has it, for the engine to refuse non-finite inputs."""
         raise NotImplementedError
+
+    def _observe_made(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor,
+                      device: torch.device) -> torch.Tensor:
+        """observe_stored where no kernel takes the inputs: the task vectors made on ``device`` and observed;
+        their sums returned."""
+        deltas = float_task_vectors(tensors, device)[1]
+        self.observe(pass_index, name, deltas, weights)
+        return deltas.reshape(deltas.shape[0], -1).sum(1)
 
     def end_pass(self, pass_index: int) -> None:
         """Called once every tensor has been observed in ``pass_index``."""
@@ -176,7 +184,7 @@ class TrimStat(GlobalStat):
                 split = self._topk.observe_fine(deltas, self.keep_split)
                 self._split = None if split is None else (deltas, split)
             return
-        self._observe_tensor(name, deltas.shape[0], lambda t: deltas[t].abs())
+        self._observe_tensor(name, deltas.shape[0], lambda t: deltas[t].abs().reshape(-1))
 
     @property
     def stored_inputs(self) -> bool:  # type: ignore[override]
@@ -194,16 +202,14 @@ class TrimStat(GlobalStat):
                                                                                                 tensors[0]))
             base = tensors[0].to(self.device)
             return self._observe_tensor(name, len(tensors) - 1,
-                                        lambda t: abs_difference(tensors[t + 1].to(self.device), base))
+                                        lambda t: abs_difference(tensors[t + 1].to(self.device), base).reshape(-1))
         if kernels.applies(tensors, self.device):
             return self._topk.observe_stored(pass_index, tensors)
-        deltas = float_task_vectors(tensors, self.device)[1]
-        self.observe(pass_index, name, deltas, weights)
-        return deltas.reshape(deltas.shape[0], -1).sum(1)
+        return self._observe_made(pass_index, name, tensors, weights, self.device)
 
     def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], Row]) -> torch.Tensor:
         """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``
-        is a fresh float32 |τ_t| of the tensor (consumed), or the StoredMagnitudes the kernels read it from.
+        is a fresh flat float32 |τ_t| of the tensor (consumed), or the StoredMagnitudes the kernels read it from.
 
         The entries kept are those not below the threshold, counted while finding it; the L1 norm
         trimmed is Σ min(|τ|, thr) − thr · kept, exact up to float64 rounding of the sums (absolute
@@ -215,14 +221,10 @@ class TrimStat(GlobalStat):
         n = 0
         for t in range(num_tasks):
             mags = magnitudes(t)
-            mags = mags if isinstance(mags, StoredMagnitudes) else mags.reshape(-1)
             n = mags.numel()
             value, below = row_threshold(mags, self.density)
             thr[t] = value
-            if isinstance(mags, StoredMagnitudes):
-                total, capped = mags.capped_sums(float(value))
-            else:
-                total, capped = sum_and_capped_sum(mags, value)
+            total, capped = capped_sums(mags, value)
             if math.isfinite(total):
                 kept = n - below
                 removed = max(0.0, capped - float(value) * kept)
@@ -393,7 +395,8 @@ class MajoritySignStat(GlobalStat):
         w = weights.reshape((-1,) + (1,) * (deltas.ndim - 1))
         self._sum += signs_sum(self._trim.mask(deltas, name) * w).cpu()
 
-    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor) -> None:
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
+                       ) -> torch.Tensor | None:
         """The plain read: the elected signs summed by the fused kernel where it applies (the same signs,
         bit for bit), else as ``observe``."""
         device = self._trim.device
@@ -403,9 +406,7 @@ class MajoritySignStat(GlobalStat):
                                  write=False)
             self._sum += float(sums.sign_total)
             return sums.l1
-        deltas = float_task_vectors(tensors, device)[1]
-        self.observe(pass_index, name, deltas, weights)
-        return deltas.reshape(deltas.shape[0], -1).sum(1)
+        return self._observe_made(pass_index, name, tensors, weights, device)
 
     def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         split = self._trim.split(deltas)

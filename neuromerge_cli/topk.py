@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 
 from . import kernels
-from .sums import row_sums_f64
+from .sums import row_sums_f64, sum_and_capped_sum
 
 KEY_BINS = 1 << 16  # histogram bins of each half of a 32-bit key
 LOW_BINS = KEY_BINS  # values of the low 16 bits of |x| inside a threshold bin
@@ -165,6 +165,14 @@ def count_around(row: Row, value: torch.Tensor) -> tuple[int, int]:
     if kernels.takes(row):
         return kernels.count_around(row, float(value))
     return int(torch.count_nonzero(row < value)), int(torch.count_nonzero(row == value))
+
+
+def capped_sums(row: Row, cap: torch.Tensor) -> tuple[float, float]:
+    """(Σ row, Σ min(row, cap)) in float64 (sums.sum_and_capped_sum; from the stored inputs by the kernels,
+    or from the count that found ``cap``, for StoredMagnitudes)."""
+    if isinstance(row, StoredMagnitudes):
+        return row.capped_sums(float(cap))
+    return sum_and_capped_sum(row, cap)
 
 
 class HistogramSelect:
