@@ -108,13 +108,16 @@ def find_tied(base: Checkpoint, tasks: list[Checkpoint]) -> dict[str, str]:
     """
     tied: dict[str, str] = {}
     for names in tie_candidates(base):
+        rows = base.tensors[names[0]].shape[0] if base.tensors[names[0]].shape else 0
         # split each group into classes of equal tensors: e.g. (decoder, embed = lm_head)
         while len(names) > 1:
             primary, *others = names
             same = others
-            for ck in (base, *tasks):
-                ref = ck.read(primary)
-                same = [o for o in same if torch.equal(ref, ck.read(o))]
+            # first rows first: untied weights (the usual case) are told apart without reading them
+            for part in ([(0, 1)] if rows > 1 else []) + [None]:
+                for ck in (base, *tasks) if same else ():
+                    ref = ck.read(primary, part)
+                    same = [o for o in same if torch.equal(ref, ck.read(o, part))]
             tied.update({o: primary for o in same})
             names = [o for o in others if o not in same]
     return tied

@@ -87,6 +87,20 @@ def test_untied_in_one_fine_tune_is_not_tied(tmp_path: Path) -> None:
     assert make_plan(b, ts, None, BIG).tied == {}
 
 
+def test_weights_equal_in_their_first_rows_only_are_not_tied(tmp_path: Path) -> None:
+    embed = torch.randn(5, 3)
+    head = embed.clone()
+    head[-1, -1] += 1  # the first row (read first) agrees; the whole tensor does not
+    for name in ("base", "t0"):
+        write_model(tmp_path / name, {"embed_tokens.weight": embed, "lm_head.weight": head})
+    b, t = opened([tmp_path / "base", tmp_path / "t0"])
+    assert make_plan(b, [t], None, BIG).tied == {}
+    write_model(tmp_path / "t1", {"embed_tokens.weight": embed, "lm_head.weight": embed.clone()})
+    write_model(tmp_path / "base1", {"embed_tokens.weight": embed, "lm_head.weight": embed.clone()})
+    b, t = opened([tmp_path / "base1", tmp_path / "t1"])
+    assert len(make_plan(b, [t], None, BIG).tied) == 1
+
+
 def test_incompatible_checkpoints_name_model_and_tensor(tmp_path: Path) -> None:
     base = toy_tensors()
     write_model(tmp_path / "base", base)
