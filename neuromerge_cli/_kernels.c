@@ -252,6 +252,93 @@ typedef struct {
     int64_t *ties; /* NULL, or room for n positions where an election ties with a non-zero value */
 } merge_sums;
 
+/* merge_params as the loop reads them: copied into the sweep's own memory, which no store to the output
+ * (through memcpy, which may alias anything) can change, so they stay in registers instead of being
+ * loaded again after every vector; the weights and thresholds already broadcast to every lane. */
+typedef struct {
+    const void *tasks[MAX_TASKS];
+    const uint8_t *drops[MAX_TASKS];
+    vfloat weights[MAX_TASKS], thresholds[MAX_TASKS];
+    vfloat divisor, majority, scale, keep;
+    int fn, elect, trim, conflicts;
+} merge_loop;
+
+/* What one chunk's vectors add up, in lanes (merge_of adds them into merge_sums after each chunk). */
+typedef struct {
+    vfloat sum_abs[MAX_TASKS], sum_sq[MAX_TASKS];
+    vfloat delta_sum, signs; /* signs: exact, |lane sum| <= CHUNK / LANES */
+    vuint conflicts;
+} merge_lanes;
+
+/* The LANES entries from i on, of which the first ``valid`` exist (merge_of's loop body: called with
+ * valid = LANES, a constant, for every whole vector, so the padding's tests leave the loop). */
+INLINE void merge_vector(int kind, int out_kind, const void *base, int num_tasks, int64_t i, int valid,
+                         const merge_loop *c, void *out, merge_sums *r, int dropping, merge_lanes *acc) {
+    vfloat x[MAX_TASKS];
+    const vfloat zero = {0}, one = zero + 1.0f, tiny = zero + 1e-30f;
+    vfloat b = padded_load(base, i, kind, valid), psi;
+    for (int t = 0; t < num_tasks; t++) {
+        vfloat d = padded_load(c->tasks[t], i, kind, valid) - b;
+        acc->sum_abs[t] += vector_abs(d);
+        acc->sum_sq[t] += d * d;
+        if (dropping) /* DARE: (m * tau) / keep + 0, as common.dare_drop */
+            d = mask_load(c->drops[t], i, valid) * d / c->keep + zero;
+        x[t] = c->trim ? as_float((vuint)(vector_abs(d) >= c->thresholds[t])) * d + zero : d;
+    }
+    if (c->conflicts) { /* sign conflicts of the (trimmed) task values */
+        vfloat hi_v = x[0], lo_v = x[0];
+        vuint nan = (vuint)(x[0] != x[0]);
+        for (int t = 1; t < num_tasks; t++) {
+            hi_v = blend((vuint)(x[t] > hi_v), x[t], hi_v);
+            lo_v = blend((vuint)(x[t] < lo_v), x[t], lo_v);
+            nan |= (vuint)(x[t] != x[t]);
+        }
+        acc->conflicts -= (vuint)(hi_v > 0) & (vuint)(lo_v < 0) & ~nan; /* padding lanes hold 0: none */
+    }
+    if (!c->elect) {
+        psi = x[0] * c->weights[0];
+        for (int t = 1; t < num_tasks; t++)
+            psi = vector_fma(x[t], c->weights[t], psi);
+        if (c->fn == FN_MEAN)
+            psi = psi / c->divisor;
+    } else {
+        vfloat total = zero, mass = zero;
+        for (int t = 0; t < num_tasks; t++) {
+            x[t] = x[t] * c->weights[t];
+            total = total + x[t];
+            mass = mass + vector_abs(x[t]);
+        }
+        vfloat s = vector_sign(total);
+        vuint tie = (vuint)(s == 0) & (vuint)(mass > 0);
+        acc->signs += s; /* padding lanes: 0 */
+        if (any_lane(tie)) /* rare: keep the positions */
+            for (int k = 0; k < valid; k++)
+                if (tie[k]) {
+                    if (r->ties)
+                        r->ties[r->tie_count] = i + k;
+                    r->tie_count++;
+                }
+        s = s + (one - vector_abs(s)) * c->majority;
+        vfloat magnitude = zero, count = zero;
+        for (int t = 0; t < num_tasks; t++) {
+            vfloat a = x[t] * s;
+            a = blend((vuint)(a < 0), zero, a); /* max(a, 0), NaN kept */
+            magnitude = magnitude + a;
+            if (c->fn == FN_ELECT_MEAN) { /* sign(a) is 1 or 0 here (0 for NaN) */
+                vfloat agree = as_float((vuint)(a > 0));
+                count = t == 0 ? agree * c->weights[0] : vector_fma(agree, c->weights[t], count);
+            }
+        }
+        if (c->fn == FN_ELECT_MEAN)
+            magnitude = magnitude / blend((vuint)(count < tiny), tiny, count);
+        psi = magnitude * s + zero;
+    }
+    vfloat delta = psi * c->scale;
+    acc->delta_sum += delta * delta;
+    if (out) /* NULL: the sums only */
+        padded_store(out, i, out_kind, b + delta, valid);
+}
+
 /* One fused merge sweep, the float32 operations of the torch path in their order (stats.TrimStat.mask,
  * elect.merge_values, elect.sign_conflict_rate, engine.merge_piece): for each entry,
  *   tau_t = x_t - base;  tau_t = (m_t * tau_t) / keep + 0  (with a DARE drop m_t);
@@ -263,91 +350,45 @@ typedef struct {
  * A conflict is an entry whose trimmed values include one above and one below 0 (and no NaN). */
 INLINE void merge_of(int kind, int out_kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
                      const merge_params *p, void *out, merge_sums *r, int dropping) {
-    vfloat x[MAX_TASKS], sum_abs[MAX_TASKS], sum_sq[MAX_TASKS];
-    const int elect = p->fn == FN_ELECT_SUM || p->fn == FN_ELECT_MEAN;
-    const vfloat zero = {0}, one = zero + 1.0f, tiny = zero + 1e-30f, m = zero + p->majority;
+    const vfloat zero = {0};
+    merge_loop c;
+    merge_lanes acc;
+    for (int t = 0; t < num_tasks; t++) {
+        c.tasks[t] = tasks[t];
+        c.drops[t] = dropping ? p->drops[t] : NULL;
+        c.weights[t] = zero + p->weights[t];
+        c.thresholds[t] = zero + (p->thresholds ? p->thresholds[t] : 0.0f);
+    }
+    c.divisor = zero + p->divisor;
+    c.majority = zero + p->majority;
+    c.scale = zero + p->scale;
+    c.keep = zero + p->keep;
+    c.fn = p->fn;
+    c.elect = p->fn == FN_ELECT_SUM || p->fn == FN_ELECT_MEAN;
+    c.trim = p->thresholds != NULL;
+    c.conflicts = p->conflicts;
     for (int t = 0; t < num_tasks; t++)
         r->l1[t] = r->l2sq[t] = 0.0;
     r->delta_sq = 0.0;
     r->sign_total = r->conflicts = r->tie_count = 0;
     for (int64_t lo = 0; lo < n; lo += CHUNK) {
-        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n;
-        vfloat delta_sum = zero, signs = zero; /* signs: exact, |lane sum| <= CHUNK / LANES */
-        vuint conflicts = {0};
+        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n, i = lo;
+        acc.delta_sum = acc.signs = zero;
+        acc.conflicts = (vuint){0};
         for (int t = 0; t < num_tasks; t++)
-            sum_abs[t] = sum_sq[t] = zero;
-        for (int64_t i = lo; i < hi; i += LANES) {
-            int valid = hi - i < LANES ? (int)(hi - i) : LANES;
-            vfloat b = padded_load(base, i, kind, valid), psi;
-            for (int t = 0; t < num_tasks; t++) {
-                vfloat d = padded_load(tasks[t], i, kind, valid) - b;
-                sum_abs[t] += vector_abs(d);
-                sum_sq[t] += d * d;
-                if (dropping) /* DARE: (m * tau) / keep + 0, as common.dare_drop */
-                    d = mask_load(p->drops[t], i, valid) * d / p->keep + zero;
-                x[t] = p->thresholds ? as_float((vuint)(vector_abs(d) >= p->thresholds[t])) * d + zero : d;
-            }
-            if (p->conflicts) { /* sign conflicts of the (trimmed) task values */
-                vfloat hi_v = x[0], lo_v = x[0];
-                vuint nan = (vuint)(x[0] != x[0]);
-                for (int t = 1; t < num_tasks; t++) {
-                    hi_v = blend((vuint)(x[t] > hi_v), x[t], hi_v);
-                    lo_v = blend((vuint)(x[t] < lo_v), x[t], lo_v);
-                    nan |= (vuint)(x[t] != x[t]);
-                }
-                conflicts -= (vuint)(hi_v > 0) & (vuint)(lo_v < 0) & ~nan; /* padding lanes hold 0: none */
-            }
-            if (!elect) {
-                psi = x[0] * p->weights[0];
-                for (int t = 1; t < num_tasks; t++)
-                    psi = vector_fma(x[t], zero + p->weights[t], psi);
-                if (p->fn == FN_MEAN)
-                    psi = psi / p->divisor;
-            } else {
-                vfloat total = zero, mass = zero;
-                for (int t = 0; t < num_tasks; t++) {
-                    x[t] = x[t] * p->weights[t];
-                    total = total + x[t];
-                    mass = mass + vector_abs(x[t]);
-                }
-                vfloat s = vector_sign(total);
-                vuint tie = (vuint)(s == 0) & (vuint)(mass > 0);
-                signs += s; /* padding lanes: 0 */
-                if (any_lane(tie)) /* rare: keep the positions */
-                    for (int k = 0; k < valid; k++)
-                        if (tie[k]) {
-                            if (r->ties)
-                                r->ties[r->tie_count] = i + k;
-                            r->tie_count++;
-                        }
-                s = s + (one - vector_abs(s)) * m;
-                vfloat magnitude = zero, count = zero;
-                for (int t = 0; t < num_tasks; t++) {
-                    vfloat a = x[t] * s;
-                    a = blend((vuint)(a < 0), zero, a); /* max(a, 0), NaN kept */
-                    magnitude = magnitude + a;
-                    if (p->fn == FN_ELECT_MEAN) { /* sign(a) is 1 or 0 here (0 for NaN) */
-                        vfloat agree = as_float((vuint)(a > 0));
-                        count = t == 0 ? agree * p->weights[0] : vector_fma(agree, zero + p->weights[t], count);
-                    }
-                }
-                if (p->fn == FN_ELECT_MEAN)
-                    magnitude = magnitude / blend((vuint)(count < tiny), tiny, count);
-                psi = magnitude * s + zero;
-            }
-            vfloat delta = psi * p->scale;
-            delta_sum += delta * delta;
-            if (out) /* NULL: the sums only */
-                padded_store(out, i, out_kind, b + delta, valid);
-        }
+            acc.sum_abs[t] = acc.sum_sq[t] = zero;
+        for (; i + LANES <= hi; i += LANES)
+            merge_vector(kind, out_kind, base, num_tasks, i, LANES, &c, out, r, dropping, &acc);
+        if (i < hi)
+            merge_vector(kind, out_kind, base, num_tasks, i, (int)(hi - i), &c, out, r, dropping, &acc);
         for (int t = 0; t < num_tasks; t++) {
-            r->l1[t] += (double)lane_total(sum_abs[t]);
-            r->l2sq[t] += (double)lane_total(sum_sq[t]);
+            r->l1[t] += (double)lane_total(acc.sum_abs[t]);
+            r->l2sq[t] += (double)lane_total(acc.sum_sq[t]);
         }
-        r->delta_sq += (double)lane_total(delta_sum);
-        r->sign_total += (int64_t)lane_total(signs);
+        r->delta_sq += (double)lane_total(acc.delta_sum);
+        r->sign_total += (int64_t)lane_total(acc.signs);
         for (int k = 0; k < LANES; k++)
-            r->conflicts += conflicts[k];
+            r->conflicts += acc.conflicts[k];
     }
 }
 
