@@ -612,19 +612,53 @@ VECTOR_CLONES static void magnitude_fine_bf16(const void *base, const void *cons
 #define NEURON_MAX_TASKS 16
 #define NEURON_PAIRS ((NEURON_MAX_TASKS + 1) * (NEURON_MAX_TASKS + 2) / 2)
 
-/* x[0..T-1] = the (trimmed) task values of LANES entries of a row from i on, x[T] = w0; their |tau_t| and
- * tau_t^2 (before the trim) added to sum_abs and sum_sq */
-INLINE void neuron_values(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t i, int valid,
-                          const float *thresholds, vfloat *x, vfloat *sum_abs, vfloat *sum_sq) {
-    const vfloat zero = {0};
-    vfloat b = padded_load(base, i, kind, valid);
+/* The row kernels' inputs as their loops read them: in the sweep's own memory, which no store to the output
+ * (through memcpy) can change, so they stay in registers (see merge_loop). */
+typedef struct {
+    const void *base, *tasks[NEURON_MAX_TASKS];
+    vfloat thresholds[NEURON_MAX_TASKS];
+    int trim;
+} neuron_loop;
+
+INLINE void neuron_loop_of(neuron_loop *c, const void *base, const void *const *tasks, int num_tasks,
+                           const float *thresholds) {
+    c->base = base;
     for (int t = 0; t < num_tasks; t++) {
-        vfloat d = padded_load(tasks[t], i, kind, valid) - b;
+        c->tasks[t] = tasks[t];
+        c->thresholds[t] = (vfloat){0} + (thresholds ? thresholds[t] : 0.0f);
+    }
+    c->trim = thresholds != NULL;
+}
+
+/* x[0..T-1] = the (trimmed) task values of LANES entries of a row from i on (the first ``valid`` of them
+ * read, the others 0), x[T] = w0; their |tau_t| and tau_t^2 (before the trim) added to sum_abs and sum_sq */
+INLINE void neuron_values(int kind, const neuron_loop *c, int num_tasks, int64_t i, int valid, vfloat *x,
+                          vfloat *sum_abs, vfloat *sum_sq) {
+    const vfloat zero = {0};
+    vfloat b = padded_load(c->base, i, kind, valid);
+    for (int t = 0; t < num_tasks; t++) {
+        vfloat d = padded_load(c->tasks[t], i, kind, valid) - b;
         sum_abs[t] += vector_abs(d);
         sum_sq[t] += d * d;
-        x[t] = thresholds ? as_float((vuint)(vector_abs(d) >= thresholds[t])) * d + zero : d;
+        x[t] = c->trim ? as_float((vuint)(vector_abs(d) >= c->thresholds[t])) * d + zero : d;
     }
     x[num_tasks] = b;
+}
+
+/* One vector of neuron_gram_of's row: the products of its values added into acc. */
+INLINE void gram_vector(int kind, const neuron_loop *c, int num_tasks, int64_t i, int valid, vdouble4 *acc,
+                        vfloat *sum_abs, vfloat *sum_sq) {
+    const int q = num_tasks + 1;
+    vfloat x[NEURON_MAX_TASKS + 1];
+    vdouble4 v[NEURON_MAX_TASKS + 1];
+    neuron_values(kind, c, num_tasks, i, valid, x, sum_abs, sum_sq);
+    for (int half = 0; half < 2; half++) { /* padding lanes hold 0: they add nothing */
+        for (int s = 0; s < q; s++)
+            v[s] = half_as_double(x[s], half);
+        for (int s = 0, k = 0; s < q; s++)
+            for (int t = s; t < q; t++, k++)
+                acc[k] += v[s] * v[t];
+    }
 }
 
 /* gram[r] = Q Q^T ((T+1) x (T+1), float64) of each row r (the products of float32 values are exact; only the
@@ -632,27 +666,22 @@ INLINE void neuron_values(int kind, const void *base, const void *const *tasks, 
 INLINE void neuron_gram_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t rows,
                            int64_t width, const float *thresholds, double *gram, double *l1, double *l2sq) {
     const int q = num_tasks + 1;
-    vfloat x[NEURON_MAX_TASKS + 1], sum_abs[NEURON_MAX_TASKS], sum_sq[NEURON_MAX_TASKS];
-    vdouble4 acc[NEURON_PAIRS], v[NEURON_MAX_TASKS + 1];
+    neuron_loop c;
+    vfloat sum_abs[NEURON_MAX_TASKS], sum_sq[NEURON_MAX_TASKS];
+    vdouble4 acc[NEURON_PAIRS];
+    neuron_loop_of(&c, base, tasks, num_tasks, thresholds);
     for (int64_t r = 0; r < rows; r++) {
         int64_t row = r * width;
         for (int k = 0; k < q * (q + 1) / 2; k++)
             acc[k] = (vdouble4){0};
         for (int64_t lo = 0; lo < width; lo += CHUNK) {
-            int64_t hi = lo + CHUNK < width ? lo + CHUNK : width;
+            int64_t hi = lo + CHUNK < width ? lo + CHUNK : width, i = row + lo, end = row + hi;
             for (int t = 0; t < num_tasks; t++)
                 sum_abs[t] = sum_sq[t] = (vfloat){0};
-            for (int64_t i = lo; i < hi; i += LANES) {
-                neuron_values(kind, base, tasks, num_tasks, row + i, hi - i < LANES ? (int)(hi - i) : LANES,
-                              thresholds, x, sum_abs, sum_sq);
-                for (int half = 0; half < 2; half++) { /* padding lanes hold 0: they add nothing */
-                    for (int s = 0; s < q; s++)
-                        v[s] = half_as_double(x[s], half);
-                    for (int s = 0, k = 0; s < q; s++)
-                        for (int t = s; t < q; t++, k++)
-                            acc[k] += v[s] * v[t];
-                }
-            }
+            for (; i + LANES <= end; i += LANES)
+                gram_vector(kind, &c, num_tasks, i, LANES, acc, sum_abs, sum_sq);
+            if (i < end)
+                gram_vector(kind, &c, num_tasks, i, (int)(end - i), acc, sum_abs, sum_sq);
             for (int t = 0; t < num_tasks; t++) {
                 l1[t] += (double)lane_total(sum_abs[t]);
                 l2sq[t] += (double)lane_total(sum_sq[t]);
@@ -665,6 +694,27 @@ INLINE void neuron_gram_of(int kind, const void *base, const void *const *tasks,
     }
 }
 
+/* One vector of neuron_output_of's row r (its z row zr and coefficient c), stored; its squares added up. */
+INLINE void output_vector(int kind, int out_kind, const neuron_loop *c, int num_tasks, int64_t i, int valid,
+                          const vdouble4 *zr, vfloat coefficient, vfloat lambda1, vfloat lambda2, void *out,
+                          vfloat *delta_sq, vfloat *par_sq, vfloat *orth_sq) {
+    const int q = num_tasks + 1;
+    vfloat x[NEURON_MAX_TASKS + 1], sum_abs[NEURON_MAX_TASKS], sum_sq[NEURON_MAX_TASKS]; /* sums unused here */
+    neuron_values(kind, c, num_tasks, i, valid, x, sum_abs, sum_sq);
+    vdouble4 o[2];
+    for (int half = 0; half < 2; half++) {
+        o[half] = zr[0] * half_as_double(x[0], half);
+        for (int s = 1; s < q; s++)
+            o[half] = o[half] + zr[s] * half_as_double(x[s], half);
+    }
+    vfloat orthogonal = halves_as_float(o[0], o[1]), parallel = coefficient * x[num_tasks];
+    vfloat delta = parallel * lambda1 + orthogonal * lambda2;
+    *delta_sq += delta * delta;
+    *par_sq += parallel * parallel;
+    *orth_sq += orthogonal * orthogonal;
+    padded_store(out, i, out_kind, x[num_tasks] + delta, valid);
+}
+
 /* For each row r: orthogonal = (float)(sum_s z[r][s] Q_s) (float64 sums), parallel = coefficient[r] * w0,
  * delta = parallel * lambda1 + orthogonal * lambda2, out = w0 + delta stored as ``out_kind``: the float32
  * operations of neuron_merge and engine.merge_piece. sums += (sum delta^2, sum parallel^2, sum orthogonal^2). */
@@ -672,32 +722,24 @@ INLINE void neuron_output_of(int kind, int out_kind, const void *base, const voi
                              int64_t rows, int64_t width, const float *thresholds, const double *z,
                              const float *coefficient, float lambda1, float lambda2, void *out, double *sums) {
     const int q = num_tasks + 1;
-    vfloat x[NEURON_MAX_TASKS + 1], sum_abs[NEURON_MAX_TASKS], sum_sq[NEURON_MAX_TASKS];
+    const vfloat l1 = (vfloat){0} + lambda1, l2 = (vfloat){0} + lambda2;
+    neuron_loop c;
     vdouble4 zr[NEURON_MAX_TASKS + 1];
+    neuron_loop_of(&c, base, tasks, num_tasks, thresholds);
     for (int64_t r = 0; r < rows; r++) {
         int64_t row = r * width;
         for (int s = 0; s < q; s++)
             zr[s] = (vdouble4){0} + z[r * q + s];
-        vfloat c = (vfloat){0} + coefficient[r];
+        vfloat cr = (vfloat){0} + coefficient[r];
         for (int64_t lo = 0; lo < width; lo += CHUNK) {
-            int64_t hi = lo + CHUNK < width ? lo + CHUNK : width;
+            int64_t hi = lo + CHUNK < width ? lo + CHUNK : width, i = row + lo, end = row + hi;
             vfloat delta_sq = {0}, par_sq = {0}, orth_sq = {0};
-            for (int64_t i = lo; i < hi; i += LANES) {
-                int valid = hi - i < LANES ? (int)(hi - i) : LANES;
-                neuron_values(kind, base, tasks, num_tasks, row + i, valid, thresholds, x, sum_abs, sum_sq);
-                vdouble4 o[2];
-                for (int half = 0; half < 2; half++) {
-                    o[half] = zr[0] * half_as_double(x[0], half);
-                    for (int s = 1; s < q; s++)
-                        o[half] = o[half] + zr[s] * half_as_double(x[s], half);
-                }
-                vfloat orthogonal = halves_as_float(o[0], o[1]), parallel = c * x[num_tasks];
-                vfloat delta = parallel * lambda1 + orthogonal * lambda2;
-                delta_sq += delta * delta;
-                par_sq += parallel * parallel;
-                orth_sq += orthogonal * orthogonal;
-                padded_store(out, row + i, out_kind, x[num_tasks] + delta, valid);
-            }
+            for (; i + LANES <= end; i += LANES)
+                output_vector(kind, out_kind, &c, num_tasks, i, LANES, zr, cr, l1, l2, out, &delta_sq, &par_sq,
+                              &orth_sq);
+            if (i < end)
+                output_vector(kind, out_kind, &c, num_tasks, i, (int)(end - i), zr, cr, l1, l2, out, &delta_sq,
+                              &par_sq, &orth_sq);
             sums[0] += (double)lane_total(delta_sq);
             sums[1] += (double)lane_total(par_sq);
             sums[2] += (double)lane_total(orth_sq);
