@@ -193,9 +193,14 @@ INLINE vfloat blend(vuint mask, vfloat a, vfloat b) { /* a where mask, else b */
 }
 
 INLINE int any_lane(vuint mask) { /* whether a comparison's lane is true (memcmp is not inlined everywhere) */
-    uint32_t any = 0;
-    for (int k = 0; k < LANES; k++)
-        any |= mask[k];
+    typedef uint64_t vhalves __attribute__((vector_size(LANES * 2))); /* the two halves, OR-ed in one step */
+    vhalves low, high;
+    memcpy(&low, &mask, sizeof low);
+    memcpy(&high, (const char *)&mask + sizeof low, sizeof high);
+    low |= high;
+    uint64_t any = 0;
+    for (int k = 0; k < LANES / 4; k++)
+        any |= low[k];
     return any != 0;
 }
 
