@@ -115,7 +115,9 @@ def find_tied(base: Checkpoint, tasks: list[Checkpoint]) -> dict[str, str]:
             same = others
             # first rows first: untied weights (the usual case) are told apart without reading them
             for part in ([(0, 1)] if rows > 1 else []) + [None]:
-                for ck in (base, *tasks) if same else ():
+                for ck in (base, *tasks):
+                    if not same:
+                        break
                     ref = ck.read(primary, part)
                     same = [o for o in same if torch.equal(ref, ck.read(o, part))]
             tied.update({o: primary for o in same})
