@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuromerge_cli.topk import StreamingTopK, kept_count, tensor_thresholds
+from neuromerge_cli.topk import StreamingTopK, kept_count, sorted_values, tensor_thresholds
 from reference import kept_k
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (2, 3, 3, 3), (40, 9)]
@@ -38,6 +38,18 @@ def streamed(parts: list[torch.Tensor], density: float) -> StreamingTopK:
         topk.observe_fine(p)
     topk.end_fine()
     return topk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sorted_values_are_torch_sorts(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randint(-3, 4, (3000,), generator=g) * 0.5).to(dtype)  # many ties
+    x[::7] = torch.randn(x[::7].shape, generator=g).to(dtype)
+    x[5], x[900], x[17] = float("nan"), float("inf"), float("-inf")
+    for row in (x, x[::3]):  # strided, as kth_smallest's sample of a made row
+        got = sorted_values(row)
+        assert got.dtype == dtype and torch.equal(got.isnan(), row.sort().values.isnan())
+        assert torch.equal(got.nan_to_num(7.0), row.sort().values.nan_to_num(7.0))
 
 
 def test_kept_count() -> None:
