@@ -636,15 +636,18 @@ INLINE void neuron_loop_of(neuron_loop *c, const void *base, const void *const *
 }
 
 /* x[0..T-1] = the (trimmed) task values of LANES entries of a row from i on (the first ``valid`` of them
- * read, the others 0), x[T] = w0; their |tau_t| and tau_t^2 (before the trim) added to sum_abs and sum_sq */
+ * read, the others 0), x[T] = w0; their |tau_t| and tau_t^2 (before the trim) added to sum_abs and sum_sq
+ * unless those are NULL */
 INLINE void neuron_values(int kind, const neuron_loop *c, int num_tasks, int64_t i, int valid, vfloat *x,
                           vfloat *sum_abs, vfloat *sum_sq) {
     const vfloat zero = {0};
     vfloat b = padded_load(c->base, i, kind, valid);
     for (int t = 0; t < num_tasks; t++) {
         vfloat d = padded_load(c->tasks[t], i, kind, valid) - b;
-        sum_abs[t] += vector_abs(d);
-        sum_sq[t] += d * d;
+        if (sum_abs) {
+            sum_abs[t] += vector_abs(d);
+            sum_sq[t] += d * d;
+        }
         x[t] = c->trim ? as_float((vuint)(vector_abs(d) >= c->thresholds[t])) * d + zero : d;
     }
     x[num_tasks] = b;
@@ -704,8 +707,8 @@ INLINE void output_vector(int kind, int out_kind, const neuron_loop *c, int num_
                           const vdouble4 *zr, vfloat coefficient, vfloat lambda1, vfloat lambda2, void *out,
                           vfloat *delta_sq, vfloat *par_sq, vfloat *orth_sq) {
     const int q = num_tasks + 1;
-    vfloat x[NEURON_MAX_TASKS + 1], sum_abs[NEURON_MAX_TASKS], sum_sq[NEURON_MAX_TASKS]; /* sums unused here */
-    neuron_values(kind, c, num_tasks, i, valid, x, sum_abs, sum_sq);
+    vfloat x[NEURON_MAX_TASKS + 1];
+    neuron_values(kind, c, num_tasks, i, valid, x, NULL, NULL);
     vdouble4 o[2];
     for (int half = 0; half < 2; half++) {
         o[half] = zr[0] * half_as_double(x[0], half);
