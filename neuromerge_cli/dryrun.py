@@ -9,6 +9,7 @@ import torch
 
 from .engine import PREFETCH, PREFETCH_BYTES, Piece, Prepared, pick_device, pieces, schedule
 from .memory import HEAP_SLACK
+from .plan import Plan
 from .units import format_bytes
 
 # The float32 base + task vectors and the method's temporaries (magnitudes, masks, elections, parts,
@@ -29,37 +30,54 @@ def memory_estimate(prepared: Prepared) -> dict[str, Any]:
     see engine.pieces). in_flight: the piece being merged plus the read-ahead (PREFETCH pieces within
     PREFETCH_BYTES, at least one), base and tasks in their storage dtype. working: the largest piece
     as float32, base plus T task vectors, times WORKSPACE_FACTOR (STORED_FACTOR × one tensor for a pass
-    over the stored inputs), on the compute device. heap_slack: what the allocator may hold in freed
+    over the stored inputs), on the compute device; a merge read that statistics observe (in_merge_read)
+    reads whole tensors and holds the larger of the two working sets. heap_slack: what the allocator may hold in freed
     blocks before it hands them back (HeapGuard).
     """
     plan, recipe, method = prepared.plan, prepared.recipe, prepared.method
     tasks = len(prepared.tasks)
     stats = method.global_stats(recipe.params, tasks, torch.device("cpu"))
     merged = [t.name for t in plan.merged]
+    # (phase, tensors read, read in blocks of rows, observed as stored, merged in blocks of rows or None)
     reads = [(f"statistics read {g + 1}", merged, all(s.rowwise for s, _ in active),
-              any(s.stored_inputs for s, _ in active)) for g, active in enumerate(schedule(stats))]
+              any(s.stored_inputs for s, _ in active), None) for g, active in enumerate(schedule(stats))]
     unique = [t.name for t in plan.tensors if t.alias_of is None]
-    reads.append(("merge read", unique, method.rowwise(recipe.params), False))
-    by_name = plan.by_name()
+    observed = [s for s in stats if s.in_merge_read]  # read whole when they need whole tensors (engine._run)
+    rowwise = method.rowwise(recipe.params)
+    reads.append(("merge read", unique, rowwise and all(s.rowwise for s in observed),
+                  any(s.stored_inputs for s in observed), rowwise))
     best: dict[str, Any] = {}
-    for phase, names, rowwise, stored in reads:
-        work = pieces(plan, names, rowwise)
+    for phase, names, read_rowwise, stored, merge_rowwise in reads:
+        work = pieces(plan, names, read_rowwise)
         if not work:
             continue
         sizes = sorted((prepared.piece_bytes(p) for p in work), reverse=True)
         ahead = max(sizes[0], min(sum(sizes[:PREFETCH + 1]), PREFETCH_BYTES))
         in_flight = sizes[0] + ahead
-        merging = [p for p in work if by_name[p.name].role != "copy"]
-        largest = max(merging, key=lambda p: _piece_numel(by_name[p.name].shape, p), default=None)
-        numel = _piece_numel(by_name[largest.name].shape, largest) if largest is not None else 0
-        working = numel * 4 * (STORED_FACTOR if stored else (tasks + 1) * WORKSPACE_FACTOR)
+        candidates = []  # (working bytes, piece, its values, observed as stored)
+        if stored or merge_rowwise is None:
+            largest, numel = _largest(plan, work)
+            candidates.append((numel * 4 * (STORED_FACTOR if stored else (tasks + 1) * WORKSPACE_FACTOR),
+                               largest, numel, stored))
+        if merge_rowwise is not None:
+            largest, numel = _largest(plan, pieces(plan, names, merge_rowwise))
+            candidates.append((numel * 4 * (tasks + 1) * WORKSPACE_FACTOR, largest, numel, False))
+        working, largest, numel, as_stored = max(candidates, key=lambda c: c[0])
         if not best or in_flight + working > best["in_flight_bytes"] + best["working_bytes"]:
             best = {"phase": phase, "in_flight_bytes": in_flight, "working_bytes": working,
                     "largest_tensor": largest.name if largest else None, "largest_rows": largest.rows if largest else None,
-                    "largest_numel": numel, "stored_inputs": stored}
+                    "largest_numel": numel, "stored_inputs": as_stored}
     return {"in_flight_bytes": 0, "working_bytes": 0, "largest_tensor": None, "largest_rows": None, "largest_numel": 0,
             "phase": "merge read", "stored_inputs": False, **best, "heap_slack_bytes": HEAP_SLACK,
             "prefetch": PREFETCH, "workspace_factor": WORKSPACE_FACTOR, "stored_factor": STORED_FACTOR}
+
+
+def _largest(plan: Plan, work: list[Piece]) -> tuple[Piece | None, int]:
+    """The merged (not copied) piece of ``work`` with the most values, and their number."""
+    by_name = plan.by_name()
+    merging = [p for p in work if by_name[p.name].role != "copy"]
+    largest = max(merging, key=lambda p: _piece_numel(by_name[p.name].shape, p), default=None)
+    return largest, _piece_numel(by_name[largest.name].shape, largest) if largest is not None else 0
 
 
 def _piece_numel(shape: tuple[int, ...], piece: Piece) -> int:

@@ -138,6 +138,12 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
     return out
 
 
+def row_blocks(plan: Plan, piece: Piece, tensors: list[torch.Tensor]) -> list[tuple[Piece, list[torch.Tensor]]]:
+    """The inputs ``tensors`` of a whole tensor ``piece`` as the blocks of rows ``pieces`` cuts it into (views)."""
+    return [(part, tensors if part.rows is None else [x[part.rows[0]:part.rows[1]] for x in tensors])
+            for part in pieces(plan, [piece.name], True)]
+
+
 class TensorLoader:
     """Reads base and task tensors ahead of the consumer on a background thread.
 
@@ -247,6 +253,21 @@ def _last(plan_by_name: dict[str, TensorPlan], piece: Piece) -> bool:
     return piece.rows is None or piece.rows[1] == plan_by_name[piece.name].shape[0]
 
 
+def observe_piece(active: list[tuple[GlobalStat, int]], piece: Piece, tensors: list[torch.Tensor],
+                  loader: TensorLoader, weights: torch.Tensor) -> None:
+    """Every statistic of ``active`` (with its pass index) observes ``piece``'s inputs ``tensors`` (as stored)."""
+    deltas = None
+    for stat, p in active:
+        if stat.stored_inputs:
+            sums = stat.observe_stored(p, piece.name, tensors, weights)
+            if sums is not None and not loader.allow_nonfinite:
+                loader.check_finite(tensors, sums, piece.name)
+            continue
+        if deltas is None:
+            _, deltas = loader.as_float(tensors, piece.name)
+        stat.observe(p, piece.name, deltas, weights)
+
+
 def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLoader,
                    weights: torch.Tensor, progress: Progress | None, world: World | None = None) -> int:
     """Run every statistics pass; returns the number of reads of the model it took.
@@ -268,17 +289,7 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
         work = pieces(plan, mine, all(stat.rowwise for stat, _ in active))
         meter = PassProgress(progress, f"statistics pass {g + 1}/{len(passes)}", prepared, mine)
         for piece, tensors in loader.stream_pieces(work):
-            deltas = None
-            for stat, p in active:
-                if stat.stored_inputs:
-                    sums = stat.observe_stored(p, piece.name, tensors, weights)
-                    if sums is not None and not loader.allow_nonfinite:
-                        loader.check_finite(tensors, sums, piece.name)
-                    continue
-                if deltas is None:
-                    _, deltas = loader.as_float(tensors, piece.name)
-                stat.observe(p, piece.name, deltas, weights)
-            del deltas
+            observe_piece(active, piece, tensors, loader, weights)
             if _last(by_name, piece):
                 meter.tick(piece.name)
         if split:  # the partial sums as they stand at the end of the pass
@@ -533,7 +544,9 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
         background = AsyncWriter()
         try:
             rowwise = method.rowwise(recipe.params)
-            work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise) + \
+            observed = [(s, 0) for s in stats if s.in_merge_read]
+            whole = rowwise and not all(s.rowwise for s, _ in observed)  # read whole, merged in blocks of rows
+            work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise and not whole) + \
                 [Piece(n) for n in mine if by_name[n].role == "copy"]
             meter = PassProgress(options.progress, "merge", prepared, mine)
 
@@ -566,35 +579,39 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
 
             fusing = len(targets) == 1  # a sweep's variants share their parts: the torch path computes them once
             waiting: list[tuple[int, DeferredMajority]] = []  # blocks of the current tensor elected with a guess
-            for piece, tensors in loader.stream_pieces(work):
-                t = by_name[piece.name]
-                if t.role == "copy":
-                    outs = [tensors[0]] * len(targets)
-                elif fusing and (fusion := method.fusion(recipe.params, scales[0] if scales else None, by_key,
-                                                         piece.name, t.role)) and \
-                        (fused := (fused_neuron_merge if isinstance(fusion, NeuronFusion) else fused_merge)(
-                            loader, piece, tensors, t, fusion, weights, by_key,
-                            figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
-                    outs = [fused[0]]
-                    if fused[1] is not None:
-                        waiting.append((piece.row, fused[1]))
-                else:
-                    base, deltas, l1, l2 = loader.with_norms(tensors, piece.name)
-                    job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
-                                    tensor_seed(recipe.params.get("seed", 0), piece.name, -1),
-                                    piece.row, None if piece.rows is None else t.shape[0])
-                    merged, delta_norms, extra = merge_piece(method, recipe.params, job, scales)
-                    fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
-                    fig.add(l1, l2, delta_norms, extra, deltas[0].numel())
-                    outs = [m.to(t.dtype) for m in merged]
-                    if job.deferred is not None and job.deferred.positions is not None:
-                        waiting.append((piece.row, job.deferred))
-                emit(piece, outs)
-                if _last(by_name, piece):
-                    if waiting:
-                        settle(piece.name, waiting)
-                        waiting.clear()
-                    meter.tick(piece.name)
+            for read, inputs in loader.stream_pieces(work):
+                merging = by_name[read.name].role != "copy"
+                if observed and merging:
+                    observe_piece(observed, read, inputs, loader, weights)
+                for piece, tensors in (row_blocks(plan, read, inputs) if whole and merging else [(read, inputs)]):
+                    t = by_name[piece.name]
+                    if t.role == "copy":
+                        outs = [tensors[0]] * len(targets)
+                    elif fusing and (fusion := method.fusion(recipe.params, scales[0] if scales else None, by_key,
+                                                             piece.name, t.role)) and \
+                            (fused := (fused_neuron_merge if isinstance(fusion, NeuronFusion) else fused_merge)(
+                                loader, piece, tensors, t, fusion, weights, by_key,
+                                figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
+                        outs = [fused[0]]
+                        if fused[1] is not None:
+                            waiting.append((piece.row, fused[1]))
+                    else:
+                        base, deltas, l1, l2 = loader.with_norms(tensors, piece.name)
+                        job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
+                                        tensor_seed(recipe.params.get("seed", 0), piece.name, -1),
+                                        piece.row, None if piece.rows is None else t.shape[0])
+                        merged, delta_norms, extra = merge_piece(method, recipe.params, job, scales)
+                        fig = figures.setdefault(piece.name, TensorFigures(t, num_tasks, len(targets)))
+                        fig.add(l1, l2, delta_norms, extra, deltas[0].numel())
+                        outs = [m.to(t.dtype) for m in merged]
+                        if job.deferred is not None and job.deferred.positions is not None:
+                            waiting.append((piece.row, job.deferred))
+                    emit(piece, outs)
+                    if _last(by_name, piece):
+                        if waiting:
+                            settle(piece.name, waiting)
+                            waiting.clear()
+                        meter.tick(piece.name)
             background.drain()
             for writer in writers:
                 writer.close(write_index=world.rank == 0)
@@ -604,6 +621,11 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                 writer.abort()
             raise
         world.barrier()  # every rank's tensors are in the files
+        if observed:  # the statistics of the merge read, as after a statistics pass
+            if not world.alone:
+                world.all_reduce_([x for stat, _ in observed for x in stat.partials(0) or ()])
+            for stat, _ in observed:
+                stat.end_pass(0)
         t2 = time.perf_counter()
         timings.update({"statistics_s": t1 - t0, "merge_s": t2 - t1, "statistics_reads": reads})
         peak = {"rss_bytes": peak_rss_bytes()}

@@ -29,6 +29,9 @@ class GlobalStat:
     # tensor, and ends the pass, after ``after`` does (it must come after it in the list of statistics)
     joins: int = 0
     rowwise: bool = False  # observe() may see blocks of a tensor's rows instead of whole tensors
+    # observed in the merge read instead, each tensor whole just before it is merged (``passes`` is 0): a
+    # statistic whose figures only that tensor's merge needs; end_pass(0) is called after the merge pass
+    in_merge_read: bool = False
     stored_inputs: bool = False  # the engine calls observe_stored() with the inputs as stored, not observe()
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
@@ -148,30 +151,36 @@ class TrimStat(GlobalStat):
     """Top-k trim of every task vector: σ_t and, for the global scope, the exact thresholds.
 
     ``scope='global'``: one threshold per task over all merged tensors (two passes).
-    ``scope='tensor'``: one threshold per task and tensor; one pass, for σ_t and kept fractions.
+    ``scope='tensor'``: one threshold per task and tensor; one pass, for σ_t and kept fractions, or
+    none with ``in_merge_read`` (where nothing needs σ_t before merging): each tensor is observed in
+    the merge read, just before it is merged.
     """
 
     key = "trim"
 
-    def __init__(self, density: float, scope: str, num_tasks: int, device: torch.device) -> None:
+    def __init__(self, density: float, scope: str, num_tasks: int, device: torch.device,
+                 in_merge_read: bool = False) -> None:
         self.density = density
         self.scope = scope
         self.num_tasks = num_tasks
-        self.passes = 0 if density >= 1.0 else (2 if scope == "global" else 1)
+        self.in_merge_read = in_merge_read and scope == "tensor" and density < 1.0
+        self.passes = 0 if density >= 1.0 or self.in_merge_read else (2 if scope == "global" else 1)
         self._topk = StreamingTopK(num_tasks, density, device) if self.passes == 2 else None
         self.device = torch.device(device)
         self._removed = torch.zeros(num_tasks, dtype=torch.float64)
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
         self._kept = torch.zeros(num_tasks, dtype=torch.float64)
-        self._n = 0
+        self._n = torch.zeros(1, dtype=torch.float64)  # entries per task observed (a tensor, to be all-reduced)
         self._tensor_thr: dict[str, torch.Tensor] = {}  # per-tensor thresholds seen in the statistics pass
         self._split: tuple[torch.Tensor, TrimSplit] | None = None  # the last chunk of pass 2 and its split
         self.keep_split = False  # keep that split for one ``split`` call (a statistic sharing the read)
-        self.rowwise = self.passes == 0 or scope == "global"
+        self.rowwise = density >= 1.0 or scope == "global"
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         if self._topk is not None:
             return self._topk.partials(pass_index)
+        if self.in_merge_read:  # each rank observes the tensors it merges
+            return [self._removed, self._total, self._kept, self._n]
         # per-tensor thresholds are cached for the merge pass, which may hand a rank other tensors (and
         # blocks of rows, whose threshold cannot be recomputed): every rank observes every tensor
         return None
@@ -191,7 +200,7 @@ class TrimStat(GlobalStat):
         """A per-tensor trim reads the stored inputs task by task; a global one where the kernels count |τ|
         straight from them (a CPU), unless a statistic shares the split of its second read (keep_split)."""
         if self._topk is None:
-            return self.passes == 1
+            return self.passes == 1 or self.in_merge_read
         return kernels.ENABLED and self.device.type == "cpu" and not self.keep_split
 
     def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
@@ -254,7 +263,7 @@ class TrimStat(GlobalStat):
             self._removed = torch.tensor(self._topk.removed_l1, dtype=torch.float64)
             self._total = torch.tensor(self._topk.total_l1, dtype=torch.float64)
             self._kept = torch.tensor(self._topk.kept, dtype=torch.float64)
-            self._n = self._topk.n
+            self._n = torch.tensor([float(self._topk.n)], dtype=torch.float64)
 
     def split(self, deltas: torch.Tensor) -> TrimSplit:
         """Where the entries of ``deltas`` stand against the global thresholds' bins while pass 2 runs
@@ -302,14 +311,14 @@ class TrimStat(GlobalStat):
         return [float(r / t) if t > 0 else 0.0 for r, t in zip(self._removed.tolist(), self._total.tolist())]
 
     def summary(self) -> dict[str, Any]:
-        n = self._n
+        n = int(self._n[0])
         thr = self.thresholds
         return {
             "density": self.density,
             "mask_scope": self.scope,
             "entries_per_task": n,
             "threshold": None if thr is None else [float(x) for x in thr.tolist()],
-            "kept_fraction": [float(k / n) if n else 1.0 for k in self._kept.tolist()] if self.passes else [1.0] * self.num_tasks,
+            "kept_fraction": [float(k / n) if n else 1.0 for k in self._kept.tolist()] if self.density < 1.0 else [1.0] * self.num_tasks,
             "sigma": self.sigma,
         }
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from helpers import fine_tune, global_ties_reads, toy_family, toy_tensors, write_model, write_recipe
 from neuromerge_cli.checkpoints import Checkpoint
 from neuromerge_cli.cli import app
-from neuromerge_cli import engine, kernels
+from neuromerge_cli import dryrun, engine, kernels
 from neuromerge_cli.dryrun import STORED_FACTOR, WORKSPACE_FACTOR, describe
 from neuromerge_cli.engine import PREFETCH, MergeOptions, prepare, run_merge
 from neuromerge_cli.errors import MergeError
@@ -69,7 +69,8 @@ def test_plan_figures_from_headers(family, tmp_path: Path, no_weight_reads: None
 def test_memory_estimate_of_row_blocks_and_of_a_pass_over_stored_inputs(family, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Hand-worked with blocks of 32 entries: embed.weight (20×8) in blocks of 4 rows is the largest
-    piece (32 values); per-tensor trim thresholds take a pass over whole stored tensors."""
+    piece (32 values); per-tensor trim thresholds are found in the merge read, which then reads whole
+    stored tensors (and merges them in blocks)."""
     monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 32)
     base, tasks = family
     ta = describe(prepare(load_recipe(write_recipe(tmp_path / "a.yaml", base, tasks, "task_arithmetic")),
@@ -80,11 +81,16 @@ def test_memory_estimate_of_row_blocks_and_of_a_pass_over_stored_inputs(family, 
     assert ta["in_flight_bytes"] == block + (PREFETCH + 1) * block
     ties = describe(prepare(load_recipe(write_recipe(tmp_path / "t.yaml", base, tasks, "ties", {"mask_scope": "tensor"})),
                             read_weights=False), "cpu", tmp_path / "out")["memory"]
-    whole = {n: s[0] for n, s in _sizes().items() if n != "position_ids"}  # the pass reads merged tensors only
-    reads = sorted(whole.values(), reverse=True)
-    assert (ties["phase"], ties["largest_tensor"], ties["largest_rows"], ties["stored_inputs"]) == ("statistics read 1", "embed.weight", None, True)
-    assert ties["working_bytes"] == 20 * 8 * 4 * STORED_FACTOR
+    reads = sorted((s[0] for s in _sizes().values()), reverse=True)  # whole tensors, copied ones too
+    assert 20 * 8 * 4 * STORED_FACTOR < (T + 1) * 32 * 4 * WORKSPACE_FACTOR  # the blocks' merge needs more
+    assert (ties["phase"], ties["largest_tensor"], ties["largest_rows"], ties["stored_inputs"]) == ("merge read", "embed.weight", (0, 4), False)
+    assert ties["working_bytes"] == (T + 1) * 32 * 4 * WORKSPACE_FACTOR
     assert ties["in_flight_bytes"] == reads[0] + sum(reads[:PREFETCH + 1])
+    monkeypatch.setattr(dryrun, "WORKSPACE_FACTOR", 1)  # observing a whole tensor needs more than merging a block
+    ties = describe(prepare(load_recipe(write_recipe(tmp_path / "t.yaml", base, tasks, "ties", {"mask_scope": "tensor"})),
+                            read_weights=False), "cpu", tmp_path / "out")["memory"]
+    assert (ties["phase"], ties["largest_tensor"], ties["largest_rows"], ties["stored_inputs"]) == ("merge read", "embed.weight", None, True)
+    assert ties["working_bytes"] == 20 * 8 * 4 * STORED_FACTOR
 
 
 def test_plan_matches_what_a_run_reads(family, tmp_path: Path) -> None:

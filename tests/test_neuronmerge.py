@@ -131,9 +131,10 @@ def test_neuromerging_for_the_other_tensors_equals_it_alone_on_them(family: dict
         torch.testing.assert_close(out[name], other[name], rtol=0, atol=1e-6)
 
 
-def test_ties_scopes_are_general_neurons_and_other_tensors(family: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("scope", ["global", "tensor"])  # a per-tensor trim is found in the merge read
+def test_ties_scopes_are_general_neurons_and_other_tensors(family: dict, tmp_path: Path, scope: str) -> None:
     """general_method=ties trims over the general neurons only; other_method=ties over the rest only."""
-    ties = {"density": 0.3}
+    ties = {"density": 0.3, "mask_scope": scope}
     out = merge(family, tmp_path / "nm", "neuronmerge", {"groups": family["groups"], "general_method": "ties",
                                                          "general_params": ties, "other_method": "ties",
                                                          "other_params": ties})
@@ -238,7 +239,7 @@ def test_context_follows_the_parameters(family: dict) -> None:
 
 @pytest.mark.parametrize("method, params", [
     ("task_arithmetic", {"lambda": 0.7}), ("linear", {}), ("dare_linear", {"density": 0.6, "seed": 2}),
-    ("dare_ties", {"density": 0.6, "seed": 2}),
+    ("dare_ties", {"density": 0.6, "seed": 2}), ("ties", {"density": 0.4, "mask_scope": "tensor"}),
 ])
 def test_merging_every_neuron_with_one_per_tensor_method_is_that_method(family: dict, tmp_path: Path, method: str,
                                                                        params: dict) -> None:

@@ -62,6 +62,16 @@ class ScopedStat(GlobalStat):
     def joins(self) -> int:
         return self.inner.joins
 
+    @property  # type: ignore[override]
+    def in_merge_read(self) -> bool:
+        return self.inner.in_merge_read
+
+    def partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        return self.inner.partials(pass_index)
+
+    def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
+        return self.inner.late_partials(pass_index)
+
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         part = self.view(name, deltas)
         if part is not None:

@@ -18,7 +18,8 @@ class Ties(Method):
     params = (density(0.2), LAMBDA, MASK_SCOPE, MERGE_FN)
 
     def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
-        trim = TrimStat(params["density"], params["mask_scope"], num_tasks, device)
+        # a per-tensor trim is found in the merge read: nothing needs σ_t before merging
+        trim = TrimStat(params["density"], params["mask_scope"], num_tasks, device, in_merge_read=True)
         if params["merge_fn"] not in ("elect_mean", "elect_sum"):
             return [trim]
         if params["mask_scope"] == "global":
