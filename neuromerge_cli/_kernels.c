@@ -33,6 +33,7 @@ enum { KIND_F32 = 0, KIND_BF16 = 1 }; /* how a tensor's entries are stored */
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
+typedef uint16_t vhalf2 __attribute__((vector_size(LANES * 4))); /* a vfloat's bits as 16-bit halves */
 typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
 /* Entries whose float32 lane sums are added into float64 at a time: short enough that a lane's sum
@@ -55,7 +56,9 @@ INLINE vfloat vector_load(const void *p, int64_t i, int kind) {
     } else {
         vhalf h;
         memcpy(&h, (const uint16_t *)p + i, sizeof h);
-        vuint u = __builtin_convertvector(h, vuint) << 16;
+        /* each bfloat16 as the high half of its float32, the low half 0 (interleaved with zeros: gcc 12
+         * makes two narrow widenings and an insert of __builtin_convertvector(h, vuint) << 16) */
+        vhalf2 u = __builtin_shufflevector(h, (vhalf){0}, 8, 0, 8, 1, 8, 2, 8, 3, 8, 4, 8, 5, 8, 6, 8, 7);
         memcpy(&f, &u, sizeof f);
     }
     return f;
@@ -424,26 +427,31 @@ MERGE(KIND_BF16, KIND_BF16, merge_bf16_bf16)
 typedef void (*merge_fn)(const void *, const void *const *, int, int64_t, const merge_params *, void *, merge_sums *);
 static const merge_fn MERGE_KERNELS[2][2] = {{merge_f32_f32, merge_f32_bf16}, {merge_bf16_f32, merge_bf16_bf16}};
 
-typedef float vfloat4 __attribute__((vector_size(16)));
 typedef double vdouble4 __attribute__((vector_size(32))); /* two of these hold a vfloat in float64 */
+typedef double vdouble8 __attribute__((vector_size(64)));
 
+/* Conversions between a vfloat and float64 go through a whole vdouble8: gcc 12 then makes one wide
+ * conversion per half, but two narrow ones and a shuffle for each half converted on its own. */
 INLINE vdouble4 half_as_double(vfloat v, int half) { /* lanes [4 half, 4 half + 4) of v in float64 */
-    vfloat4 h;
-    memcpy(&h, (const char *)&v + half * sizeof h, sizeof h);
-    return __builtin_convertvector(h, vdouble4);
+    vdouble8 d = __builtin_convertvector(v, vdouble8);
+    vdouble4 h;
+    memcpy(&h, (const char *)&d + half * sizeof h, sizeof h);
+    return h;
 }
 
 INLINE vfloat halves_as_float(vdouble4 lo, vdouble4 hi) { /* each rounded to nearest */
-    vfloat4 l = __builtin_convertvector(lo, vfloat4), h = __builtin_convertvector(hi, vfloat4);
-    vfloat f;
-    memcpy(&f, &l, sizeof l);
-    memcpy((char *)&f + sizeof l, &h, sizeof h);
-    return f;
+    vdouble8 d;
+    memcpy(&d, &lo, sizeof lo);
+    memcpy((char *)&d + sizeof lo, &hi, sizeof hi);
+    return __builtin_convertvector(d, vfloat);
 }
 
 INLINE void add_as_double(vdouble4 *acc, vfloat v) {
-    acc[0] += half_as_double(v, 0);
-    acc[1] += half_as_double(v, 1);
+    vdouble4 d[2];
+    vdouble8 w = __builtin_convertvector(v, vdouble8);
+    memcpy(d, &w, sizeof w);
+    acc[0] += d[0];
+    acc[1] += d[1];
 }
 
 /* |tau| of LANES entries from i on (a scalar for one): |x - base| in float32, |x| when base is NULL */
