@@ -326,6 +326,8 @@ INLINE void merge_vector(int kind, int out_kind, const void *base, int num_tasks
                         r->ties[r->tie_count] = i + k;
                     r->tie_count++;
                 }
+        if (!out) /* the signs only (a majority sign's sweep): no values, no delta */
+            return;
         s = s + (one - vector_abs(s)) * c->majority;
         vfloat magnitude = zero, count = zero;
         for (int t = 0; t < num_tasks; t++) {

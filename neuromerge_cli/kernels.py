@@ -153,7 +153,7 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
     ``weights`` (elect.merge_values, elections falling back to ``majority`` where a sum is 0),
     delta = ψ · ``scale``. Also the task vectors' norms, ‖delta‖, and
     what elections and ``conflicts`` (elect.sign_conflict_rate) need; ``ties``: keep the tie positions;
-    not ``write``: the sums only (``out`` is empty)."""
+    not ``write``: the sums only (``out`` is empty; an election stops at its signs: ‖delta‖ is 0)."""
     assert _kernels is not None
     base, tasks = tensors[0], tensors[1:]
     w = weights.to(torch.float32).contiguous()
