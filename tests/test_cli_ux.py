@@ -42,7 +42,9 @@ def test_every_command_has_an_example() -> None:
         assert example.startswith(f"neuromerge {name}"), (name, example)
 
 
-def test_shell_completion_script() -> None:
+def test_shell_completion_script(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the shell is named, not detected from the parent processes (none is a shell under some launchers)
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     result = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="neuromerge")
     assert result.exit_code == 0, result.output
     assert "complete" in result.stdout and "_NEUROMERGE_COMPLETE" in result.stdout
