@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml setup.py neuromerge_cli/_kernels.c
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+# The suite runs twice: with the fused CPU kernels, then on the torch path they replace
+# (NEUROMERGE_KERNELS=0), which is also the path a GPU runs.
 test: setup
 	$(BIN)/python -m pytest
+	NEUROMERGE_KERNELS=0 $(BIN)/python -m pytest
 
 $(VENV)/.demo-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[dev,demo]"

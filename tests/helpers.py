@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
+
+from neuromerge_cli import kernels
+
+# A test of where the fused C kernels take over: skipped when they are off (NEUROMERGE_KERNELS=0, the
+# torch path that a GPU runs, which `make test` also runs the suite on).
+needs_kernels = pytest.mark.skipif(not kernels.ENABLED, reason="the fused kernels are off (NEUROMERGE_KERNELS=0)")
 
 
 def write_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None,

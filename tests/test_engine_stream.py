@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import neuro_reference
-from helpers import toy_family, write_model, write_recipe
+from helpers import needs_kernels, toy_family, write_model, write_recipe
 from reference import reference_merge
 
 from neuromerge_cli import engine
@@ -284,6 +284,7 @@ def test_mended_blocks_reach_every_copy_of_a_tied_weight(tmp_path: Path, monkeyp
     ({"density": 0.3, "mask_scope": "tensor", "merge_fn": "sum", "lambda1": 0.2}, None, None),
 ])
 @pytest.mark.parametrize("family", ["toy", "cancelling"])
+@needs_kernels
 def test_fused_neuromerging_gives_the_bytes_of_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              params: dict, weights: list | None,
                                                              out_dtype: str | None, family: str) -> None:
@@ -359,6 +360,7 @@ def test_neuromerging_merges_tensors_without_rows_or_columns(tmp_path: Path, mon
     ("dare_linear", {"density": 0.4}, [0.5, 1.25, 1.0], None),
 ])
 @pytest.mark.parametrize("family", ["toy", "cancelling"])
+@needs_kernels
 def test_fused_merges_give_the_bytes_of_the_torch_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        method: str, params: dict, weights: list | None,
                                                        out_dtype: str | None, family: str) -> None:

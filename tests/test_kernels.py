@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import needs_kernels
 from neuromerge_cli import kernels, stats
 from neuromerge_cli.kernels import MERGE_FUNCTIONS
 from neuromerge_cli.methods.common import apply_drop
@@ -39,6 +40,7 @@ def f64_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", SIZES)
+@needs_kernels
 def test_task_vectors_and_norms_match_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                                      n: int) -> None:
     tensors = inputs(n, dtype)
@@ -145,6 +147,7 @@ def test_merge_rounds_to_nearest_even_and_keeps_nan() -> None:
 
 
 @pytest.mark.parametrize("case", ["float16", "mixed", "strided", "shapes", "too many tasks"])
+@needs_kernels
 def test_applies_only_to_what_the_kernels_take(case: str) -> None:
     tensors = inputs(64, torch.bfloat16)
     if case == "float16":
@@ -222,6 +225,7 @@ def histogram_inputs(stored: bool, dtype: torch.dtype, n: int = 4096 + 5, seed: 
 
 @pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
 @pytest.mark.parametrize("threads", [1, 4])
+@needs_kernels
 def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch: pytest.MonkeyPatch, stored: bool,
                                                                      dtype: torch.dtype, threads: int) -> None:
     monkeypatch.setattr(kernels, "threads", lambda: threads)
@@ -241,6 +245,7 @@ def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch
 
 @pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
 @pytest.mark.parametrize("threads", [1, 4])
+@needs_kernels
 def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below(
         monkeypatch: pytest.MonkeyPatch, stored: bool, dtype: torch.dtype, threads: int) -> None:
     monkeypatch.setattr(kernels, "threads", lambda: threads)
@@ -350,6 +355,7 @@ def test_neuron_kernels_split_rows_over_threads_with_the_same_results(monkeypatc
     torch.testing.assert_close(split_l1, l1, rtol=1e-12, atol=0)
 
 
+@needs_kernels
 def test_neuron_kernels_apply_to_rows_of_at_most_16_tasks() -> None:
     assert kernels.neuron_applies(neuron_inputs(4, 8, torch.bfloat16, 16), CPU)
     assert not kernels.neuron_applies(neuron_inputs(4, 8, torch.bfloat16, 17), CPU)

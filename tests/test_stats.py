@@ -11,6 +11,7 @@ from neuromerge_cli.engine import schedule
 from neuromerge_cli.stats import (GlobalStat, MajoritySignStat, TrimStat, abs_difference, float_task_vectors,
                                   task_vectors_and_norms)
 from neuromerge_cli.topk import SELECT_SAMPLE
+from helpers import needs_kernels
 from reference import kept_k
 
 SHAPES = [(6, 5), (11,), (2, 3, 4), ()]
@@ -240,6 +241,7 @@ def test_majority_in_the_trims_second_read_equals_the_separate_pass(kind: str, n
         assert separate.total == expected
 
 
+@needs_kernels
 def test_majority_reads_the_model_again_where_the_kernels_sum_the_signs(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU with the fused kernels the plain third read is the default: the kernel sums the elected
     signs from the stored inputs, the same total as the torch computation from the task vectors."""
