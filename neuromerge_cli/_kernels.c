@@ -645,21 +645,25 @@ INLINE void neuron_loop_of(neuron_loop *c, const void *base, const void *const *
     c->trim = thresholds != NULL;
 }
 
+/* Task t's value of tau_t = d (trimmed); |d| and d^2 (before the trim) added to sum_abs and sum_sq unless NULL */
+INLINE vfloat task_value(const neuron_loop *c, int t, vfloat d, vfloat *sum_abs, vfloat *sum_sq) {
+    const vfloat zero = {0};
+    if (sum_abs) {
+        *sum_abs += vector_abs(d);
+        *sum_sq += d * d;
+    }
+    return c->trim ? as_float((vuint)(vector_abs(d) >= c->thresholds[t])) * d + zero : d;
+}
+
 /* x[0..T-1] = the (trimmed) task values of LANES entries of a row from i on (the first ``valid`` of them
  * read, the others 0), x[T] = w0; their |tau_t| and tau_t^2 (before the trim) added to sum_abs and sum_sq
  * unless those are NULL */
 INLINE void neuron_values(int kind, const neuron_loop *c, int num_tasks, int64_t i, int valid, vfloat *x,
                           vfloat *sum_abs, vfloat *sum_sq) {
-    const vfloat zero = {0};
     vfloat b = padded_load(c->base, i, kind, valid);
-    for (int t = 0; t < num_tasks; t++) {
-        vfloat d = padded_load(c->tasks[t], i, kind, valid) - b;
-        if (sum_abs) {
-            sum_abs[t] += vector_abs(d);
-            sum_sq[t] += d * d;
-        }
-        x[t] = c->trim ? as_float((vuint)(vector_abs(d) >= c->thresholds[t])) * d + zero : d;
-    }
+    for (int t = 0; t < num_tasks; t++)
+        x[t] = task_value(c, t, padded_load(c->tasks[t], i, kind, valid) - b, sum_abs ? sum_abs + t : NULL,
+                          sum_sq ? sum_sq + t : NULL);
     x[num_tasks] = b;
 }
 
@@ -676,6 +680,76 @@ INLINE void gram_vector(int kind, const neuron_loop *c, int num_tasks, int64_t i
         for (int s = 0, k = 0; s < q; s++)
             for (int t = s; t < q; t++, k++)
                 acc[k] += v[s] * v[t];
+    }
+}
+
+/* With more than 6 rows in Q (T > 5), the accumulators do not fit in registers: a row's values are converted to
+ * float64 GRAM_VECTORS vectors at a time (a buffer in L1), then the accumulators are swept GRAM_GROUP at a
+ * time over the buffer, in registers. Each accumulator adds its products in gram_vector's order (vector by
+ * vector, the low half first): the same sums. */
+#define GRAM_VECTORS 16
+#define GRAM_GROUP 6
+
+/* acc[g] += buf[s] * buf[t + g] for g < m, over the ``count`` buffered vectors, both halves of each in turn */
+INLINE void gram_run(vdouble4 (*buf)[GRAM_VECTORS][2], int count, int s, int t, int m, vdouble4 *acc) {
+    vdouble4 a[GRAM_GROUP];
+    for (int g = 0; g < m; g++)
+        a[g] = acc[g];
+    for (int v = 0; v < count; v++)
+        for (int half = 0; half < 2; half++) {
+            vdouble4 xs = buf[s][v][half];
+            for (int g = 0; g < m; g++)
+                a[g] += xs * buf[t + g][v][half];
+        }
+    for (int g = 0; g < m; g++)
+        acc[g] = a[g];
+}
+
+/* gram_run with m a constant (its accumulators in registers) */
+INLINE void gram_group(vdouble4 (*buf)[GRAM_VECTORS][2], int count, int s, int t, int m, vdouble4 *acc) {
+    switch (m) {
+    case 1: gram_run(buf, count, s, t, 1, acc); break;
+    case 2: gram_run(buf, count, s, t, 2, acc); break;
+    case 3: gram_run(buf, count, s, t, 3, acc); break;
+    case 4: gram_run(buf, count, s, t, 4, acc); break;
+    case 5: gram_run(buf, count, s, t, 5, acc); break;
+    default: gram_run(buf, count, s, t, GRAM_GROUP, acc);
+    }
+}
+
+/* The vectors of a row from i to end (neuron_gram_of's chunk) added into acc through the float64 buffer. */
+INLINE void gram_buffered(int kind, const neuron_loop *c, int num_tasks, int64_t i, int64_t end, vdouble4 *acc,
+                          vfloat *sum_abs, vfloat *sum_sq) {
+    const int q = num_tasks + 1;
+    vdouble4 buf[NEURON_MAX_TASKS + 1][GRAM_VECTORS][2];
+    while (i < end) {
+        int64_t left = (end - i + LANES - 1) / LANES;
+        int count = left < GRAM_VECTORS ? (int)left : GRAM_VECTORS;
+        for (int s = 0; s < q; s++) { /* row by row: one task's sums stay in registers */
+            vfloat abs_sum = s < num_tasks ? sum_abs[s] : (vfloat){0}, sq_sum = s < num_tasks ? sum_sq[s] : (vfloat){0};
+            for (int v = 0; v < count; v++) {
+                int64_t at = i + (int64_t)v * LANES;
+                int whole = at + LANES <= end; /* else padding lanes hold 0: they add nothing */
+                vfloat b = whole ? padded_load(c->base, at, kind, LANES) : padded_load(c->base, at, kind, (int)(end - at));
+                vfloat x = b;
+                if (s < num_tasks) {
+                    vfloat d = (whole ? padded_load(c->tasks[s], at, kind, LANES)
+                                      : padded_load(c->tasks[s], at, kind, (int)(end - at))) - b;
+                    x = task_value(c, s, d, &abs_sum, &sq_sum);
+                }
+                vdouble8 w = __builtin_convertvector(x, vdouble8);
+                buf[s][v][0] = __builtin_shufflevector(w, w, 0, 1, 2, 3);
+                buf[s][v][1] = __builtin_shufflevector(w, w, 4, 5, 6, 7);
+            }
+            if (s < num_tasks) {
+                sum_abs[s] = abs_sum;
+                sum_sq[s] = sq_sum;
+            }
+        }
+        i += (int64_t)count * LANES;
+        for (int s = 0, k = 0; s < q; k += q - s, s++)
+            for (int t = s; t < q; t += GRAM_GROUP)
+                gram_group(buf, count, s, t, q - t < GRAM_GROUP ? q - t : GRAM_GROUP, acc + k + (t - s));
     }
 }
 
@@ -696,10 +770,14 @@ INLINE void neuron_gram_of(int kind, const void *base, const void *const *tasks,
             int64_t hi = lo + CHUNK < width ? lo + CHUNK : width, i = row + lo, end = row + hi;
             for (int t = 0; t < num_tasks; t++)
                 sum_abs[t] = sum_sq[t] = (vfloat){0};
-            for (; i + LANES <= end; i += LANES)
-                gram_vector(kind, &c, num_tasks, i, LANES, acc, sum_abs, sum_sq);
-            if (i < end)
-                gram_vector(kind, &c, num_tasks, i, (int)(end - i), acc, sum_abs, sum_sq);
+            if (q > 6) {
+                gram_buffered(kind, &c, num_tasks, i, end, acc, sum_abs, sum_sq);
+            } else {
+                for (; i + LANES <= end; i += LANES)
+                    gram_vector(kind, &c, num_tasks, i, LANES, acc, sum_abs, sum_sq);
+                if (i < end)
+                    gram_vector(kind, &c, num_tasks, i, (int)(end - i), acc, sum_abs, sum_sq);
+            }
             for (int t = 0; t < num_tasks; t++) {
                 l1[t] += (double)lane_total(sum_abs[t]);
                 l2sq[t] += (double)lane_total(sum_sq[t]);
@@ -765,12 +843,14 @@ INLINE void neuron_output_of(int kind, int out_kind, const void *base, const voi
     }
 }
 
-/* Compiled for each storage kind with 2-4 tasks as constants (the accumulators then stay in registers). */
+/* Compiled for each storage kind with 2-5 tasks as constants (the accumulators then stay in registers, or
+ * mostly: at T = 5 twice as fast as with T a variable; more tasks go through gram_buffered). */
 #define NEURON_TASKS(CALL)                                                                                         \
     switch (num_tasks) {                                                                                           \
     case 2: { const int T = 2; CALL; break; }                                                                      \
     case 3: { const int T = 3; CALL; break; }                                                                      \
     case 4: { const int T = 4; CALL; break; }                                                                      \
+    case 5: { const int T = 5; CALL; break; }                                                                      \
     default: { const int T = num_tasks; CALL; }                                                                    \
     }
 #define NEURON_GRAM(KIND, NAME)                                                                                    \
