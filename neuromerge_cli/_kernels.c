@@ -645,25 +645,21 @@ INLINE void neuron_loop_of(neuron_loop *c, const void *base, const void *const *
     c->trim = thresholds != NULL;
 }
 
-/* Task t's value of tau_t = d (trimmed); |d| and d^2 (before the trim) added to sum_abs and sum_sq unless NULL */
-INLINE vfloat task_value(const neuron_loop *c, int t, vfloat d, vfloat *sum_abs, vfloat *sum_sq) {
-    const vfloat zero = {0};
-    if (sum_abs) {
-        *sum_abs += vector_abs(d);
-        *sum_sq += d * d;
-    }
-    return c->trim ? as_float((vuint)(vector_abs(d) >= c->thresholds[t])) * d + zero : d;
-}
-
 /* x[0..T-1] = the (trimmed) task values of LANES entries of a row from i on (the first ``valid`` of them
  * read, the others 0), x[T] = w0; their |tau_t| and tau_t^2 (before the trim) added to sum_abs and sum_sq
  * unless those are NULL */
 INLINE void neuron_values(int kind, const neuron_loop *c, int num_tasks, int64_t i, int valid, vfloat *x,
                           vfloat *sum_abs, vfloat *sum_sq) {
+    const vfloat zero = {0};
     vfloat b = padded_load(c->base, i, kind, valid);
-    for (int t = 0; t < num_tasks; t++)
-        x[t] = task_value(c, t, padded_load(c->tasks[t], i, kind, valid) - b, sum_abs ? sum_abs + t : NULL,
-                          sum_sq ? sum_sq + t : NULL);
+    for (int t = 0; t < num_tasks; t++) {
+        vfloat d = padded_load(c->tasks[t], i, kind, valid) - b;
+        if (sum_abs) {
+            sum_abs[t] += vector_abs(d);
+            sum_sq[t] += d * d;
+        }
+        x[t] = c->trim ? as_float((vuint)(vector_abs(d) >= c->thresholds[t])) * d + zero : d;
+    }
     x[num_tasks] = b;
 }
 
@@ -721,29 +717,21 @@ INLINE void gram_group(vdouble4 (*buf)[GRAM_VECTORS][2], int count, int s, int t
 INLINE void gram_buffered(int kind, const neuron_loop *c, int num_tasks, int64_t i, int64_t end, vdouble4 *acc,
                           vfloat *sum_abs, vfloat *sum_sq) {
     const int q = num_tasks + 1;
+    vfloat x[NEURON_MAX_TASKS + 1];
     vdouble4 buf[NEURON_MAX_TASKS + 1][GRAM_VECTORS][2];
     while (i < end) {
         int64_t left = (end - i + LANES - 1) / LANES;
         int count = left < GRAM_VECTORS ? (int)left : GRAM_VECTORS;
-        for (int s = 0; s < q; s++) { /* row by row: one task's sums stay in registers */
-            vfloat abs_sum = s < num_tasks ? sum_abs[s] : (vfloat){0}, sq_sum = s < num_tasks ? sum_sq[s] : (vfloat){0};
-            for (int v = 0; v < count; v++) {
-                int64_t at = i + (int64_t)v * LANES;
-                int whole = at + LANES <= end; /* else padding lanes hold 0: they add nothing */
-                vfloat b = whole ? padded_load(c->base, at, kind, LANES) : padded_load(c->base, at, kind, (int)(end - at));
-                vfloat x = b;
-                if (s < num_tasks) {
-                    vfloat d = (whole ? padded_load(c->tasks[s], at, kind, LANES)
-                                      : padded_load(c->tasks[s], at, kind, (int)(end - at))) - b;
-                    x = task_value(c, s, d, &abs_sum, &sq_sum);
-                }
-                vdouble8 w = __builtin_convertvector(x, vdouble8);
+        for (int v = 0; v < count; v++) {
+            int64_t at = i + (int64_t)v * LANES;
+            if (at + LANES <= end)
+                neuron_values(kind, c, num_tasks, at, LANES, x, sum_abs, sum_sq);
+            else /* padding lanes hold 0: they add nothing */
+                neuron_values(kind, c, num_tasks, at, (int)(end - at), x, sum_abs, sum_sq);
+            for (int s = 0; s < q; s++) {
+                vdouble8 w = __builtin_convertvector(x[s], vdouble8);
                 buf[s][v][0] = __builtin_shufflevector(w, w, 0, 1, 2, 3);
                 buf[s][v][1] = __builtin_shufflevector(w, w, 4, 5, 6, 7);
-            }
-            if (s < num_tasks) {
-                sum_abs[s] = abs_sum;
-                sum_sq[s] = sq_sum;
             }
         }
         i += (int64_t)count * LANES;

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .engine import PREFETCH, PREFETCH_BYTES, Piece, Prepared, pick_device, pieces, schedule
+from .engine import PREFETCH, PREFETCH_BYTES, Piece, Prepared, pick_device, pieces, reads_whole, schedule
 from .memory import HEAP_SLACK
 from .plan import Plan
 from .units import format_bytes
@@ -42,10 +42,9 @@ def memory_estimate(prepared: Prepared) -> dict[str, Any]:
     reads = [(f"statistics read {g + 1}", merged, all(s.rowwise for s, _ in active),
               any(s.stored_inputs for s, _ in active), None) for g, active in enumerate(schedule(stats))]
     unique = [t.name for t in plan.tensors if t.alias_of is None]
-    observed = [s for s in stats if s.in_merge_read]  # read whole when they need whole tensors (engine._run)
     rowwise = method.rowwise(recipe.params)
-    reads.append(("merge read", unique, rowwise and all(s.rowwise for s in observed),
-                  any(s.stored_inputs for s in observed), rowwise))
+    reads.append(("merge read", unique, rowwise and not reads_whole(rowwise, stats),
+                  any(s.stored_inputs for s in stats if s.in_merge_read), rowwise))
     best: dict[str, Any] = {}
     for phase, names, read_rowwise, stored, merge_rowwise in reads:
         work = pieces(plan, names, read_rowwise)

@@ -138,6 +138,12 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
     return out
 
 
+def reads_whole(rowwise: bool, stats: list[GlobalStat]) -> bool:
+    """Whether the merge read takes whole tensors and merges them in blocks of rows (``row_blocks``): a
+    method that merges rows (``rowwise``) with a statistic of the merge read that needs whole tensors."""
+    return rowwise and not all(s.rowwise for s in stats if s.in_merge_read)
+
+
 def row_blocks(plan: Plan, piece: Piece, tensors: list[torch.Tensor]) -> list[tuple[Piece, list[torch.Tensor]]]:
     """The inputs ``tensors`` of a whole tensor ``piece`` as the blocks of rows ``pieces`` cuts it into (views)."""
     return [(part, tensors if part.rows is None else [x[part.rows[0]:part.rows[1]] for x in tensors])
@@ -545,7 +551,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
         try:
             rowwise = method.rowwise(recipe.params)
             observed = [(s, 0) for s in stats if s.in_merge_read]
-            whole = rowwise and not all(s.rowwise for s, _ in observed)  # read whole, merged in blocks of rows
+            whole = reads_whole(rowwise, stats)
             work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise and not whole) + \
                 [Piece(n) for n in mine if by_name[n].role == "copy"]
             meter = PassProgress(options.progress, "merge", prepared, mine)
