@@ -28,8 +28,8 @@ from .recipe import Recipe
 from .stats import GlobalStat, TensorMajorityStat, float_task_vectors, task_vectors_and_norms, trimmed
 from .sums import row_norms
 from .distributed import World, shutdown, world_from_env
-from .writer import (AsyncWriter, ShardWriter, check_free_space, check_output_location, deferred_signals, shared_folder,
-                     signals_as_exceptions)
+from .signals import deferred_signals, signals_as_exceptions
+from .writer import AsyncWriter, ShardWriter, check_free_space, check_output_location, shared_folder
 
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 PREFETCH = 2

@@ -15,7 +15,7 @@ import warnings
 from typing import Any, Callable, Iterator, TextIO
 
 from .units import format_bytes, format_duration
-from .writer import deferred_signals
+from .signals import deferred_signals
 
 Clock = Callable[[], float]
 SUMMARY_KEYS = ("method", "parameters", "device", "global", "tasks", "totals", "timings", "peak_memory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,21 @@ def test_shell_completion_script(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="neuromerge")
     assert result.exit_code == 0, result.output
     assert "complete" in result.stdout and "_NEUROMERGE_COMPLETE" in result.stdout
+
+
+@pytest.mark.parametrize("args, env, shows", [
+    (["--help"], {}, "Usage: neuromerge"),
+    (["run", "--help"], {}, "Usage: neuromerge run"),
+    ([], {"_NEUROMERGE_COMPLETE": "complete_bash", "COMP_WORDS": "neuromerge r", "COMP_CWORD": "1"}, "run"),
+])
+def test_help_and_completion_load_no_torch(args: list[str], env: dict[str, str], shows: str) -> None:
+    # importing torch takes over a second: help and every TAB of shell completion would wait for it
+    code = ("import sys\nfrom neuromerge_cli.cli import app\ntry:\n    app(sys.argv[1:], prog_name='neuromerge')\n"
+            "except SystemExit:\n    pass\nsys.stderr.write(f'torch loaded: {\"torch\" in sys.modules}')")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **env})
+    assert result.stderr.endswith("torch loaded: False"), result.stderr
+    assert shows in result.stdout
 
 
 def test_quiet_prints_nothing(family, tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ from neuromerge_cli.cli import app
 from neuromerge_cli.engine import MergeOptions, prepare, run_merge
 from neuromerge_cli.errors import Interrupted
 from neuromerge_cli.recipe import load_recipe
-from neuromerge_cli.writer import AsyncWriter, atomic_folder, signals_as_exceptions
+from neuromerge_cli.signals import signals_as_exceptions
+from neuromerge_cli.writer import AsyncWriter, atomic_folder
 
 MANY = 2000  # tensors: enough per-tensor work that a merge lasts well beyond the moment we signal it
 
