@@ -16,6 +16,7 @@ from helpers import toy_family, toy_tensors, write_recipe
 from method_harness import family, merge_in_memory
 from neuromerge_cli.cli import app
 from neuromerge_cli.methods import get_method
+from neuromerge_cli.methods import subspaces
 from neuromerge_cli.methods.subspaces import neuron_merge, orthogonal_merge
 
 FNS = ("elect_mean", "elect_sum", "mean", "sum")
@@ -232,3 +233,24 @@ def test_scale_variants_share_one_merge_pass(tmp_path: Path) -> None:
         assert_close({n: merged[n].double() - base[n].double() for n in want}, want)
     assert reports[1]["global"]["lambda2"] == 2.0 and reports[1]["global"]["lambda2_auto"] is False
     assert reports[2]["global"]["lambda_point"] == 0.25 and reports[2]["global"]["lambda2_auto"] is True
+
+
+def test_per_row_work_runs_on_one_cpu_thread_with_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2048, 9, 40, dtype=torch.float64, generator=g)  # T = 8: (2048, 9, 9) Gram matrices
+    gram = q @ q.transpose(1, 2)
+    weights = torch.ones(8, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threaded = subspaces._row_coefficients(gram, weights, "elect_mean")  # torch's ops split over 2 threads
+        seen: list[int] = []
+        eigh = torch.linalg.eigh
+        monkeypatch.setattr(torch.linalg, "eigh", lambda m: (seen.append(torch.get_num_threads()), eigh(m))[1])
+        serial = subspaces.row_coefficients(gram, weights, "elect_mean")
+        assert seen == [1 if subspaces._OPENMP else 2] and torch.get_num_threads() == 2  # set back after
+    finally:
+        torch.set_num_threads(before)
+    for a, b in [(threaded.a, serial.a), (threaded.z, serial.z), (threaded.chunk.y, serial.chunk.y),
+                 (threaded.chunk.rank, serial.chunk.rank), (threaded.parallel_energy, serial.parallel_energy)]:
+        assert torch.equal(a, b)
