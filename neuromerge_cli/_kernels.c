@@ -27,7 +27,7 @@
 #define VECTOR_CLONES
 #endif
 
-enum { KIND_F32 = 0, KIND_BF16 = 1 }; /* how a tensor's entries are stored */
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 }; /* how a tensor's entries are stored */
 
 #define LANES 8
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
@@ -36,13 +36,72 @@ typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
 typedef uint16_t vhalf2 __attribute__((vector_size(LANES * 4))); /* a vfloat's bits as 16-bit halves */
 typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
+
 /* Entries whose float32 lane sums are added into float64 at a time: short enough that a lane's sum
  * of CHUNK / LANES values stays accurate, long enough that the float64 additions cost nothing. */
 #define CHUNK 4096
 
+/* float16 <-> float32 in integer and float32 operations only (gcc 12 converts _Float16 vectors one lane at a
+ * time, and F16C cannot be named in code compiled for every target), written once for scalars and vectors. */
+
+/* The float32 bits of a float16 (its bits widened to 32): exact; subnormals through an integer conversion, so
+ * that a flush-to-zero mode cannot touch them. */
+#define HALF_TO_FLOAT_BITS(T, F, h) ({                                                                          \
+    T em_ = (h) & 0x7fffu, sign_ = ((h) & 0x8000u) << 16;                                                      \
+    T normal_ = (em_ << 13) + 0x38000000u;               /* exponent rebased from 15 to 127 */                  \
+    T special_ = (em_ << 13) | 0x7f800000u;              /* inf and NaN (payload kept) */                       \
+    F sub_ = CONVERT(em_, F) * 0x1p-24f;                 /* subnormal: m * 2^-24, a normal float32 */            \
+    T sub_bits_;                                                                                               \
+    memcpy(&sub_bits_, &sub_, sizeof sub_bits_);                                                               \
+    T r_ = SELECT(em_ >= 0x7c00u, special_, SELECT(em_ < 0x0400u, sub_bits_, normal_));                        \
+    r_ | sign_; })
+
+/* The float16 bits (in the low 16) of a float32 given as bits ``x`` and value ``f``: rounded to nearest even,
+ * overflow to inf, NaN to 0x7e00 with its sign, as torch's conversion (after F. Giesen's float_to_half_fast3_rtne) */
+#define FLOAT_BITS_TO_HALF(T, F, x, f) ({                                                                        \
+    T sign_ = (x) & 0x80000000u, a_ = (x) ^ sign_;                                                             \
+    T big_ = SELECT(a_ > 0x7f800000u, (T){0} + 0x7e00u, (T){0} + 0x7c00u);  /* >= 65536: inf; NaN */          \
+    F a_f_;                                                                                                    \
+    memcpy(&a_f_, &a_, sizeof a_f_);                                                                           \
+    F magic_f_ = a_f_ + 0.5f;                            /* below 2^-14: the float add rounds to the subnormal */\
+    T small_;                                                                                                  \
+    memcpy(&small_, &magic_f_, sizeof small_);                                                                 \
+    small_ -= 0x3f000000u;                                                                                     \
+    T normal_ = (a_ + 0xc8000fffu + ((a_ >> 13) & 1u)) >> 13;  /* rebased exponent, + 0xfff + odd: RNE */       \
+    SELECT(a_ >= 0x47800000u, big_, SELECT(a_ < 0x38800000u, small_, normal_)) | (sign_ >> 16); })
+
+#define CONVERT(x, F) ((F)(x))
+#define SELECT(c, a, b) ((c) ? (a) : (b))
+INLINE uint32_t half_bits_to_float_bits_1(uint32_t h) { return HALF_TO_FLOAT_BITS(uint32_t, float, h); }
+INLINE uint32_t float_bits_to_half_bits_1(uint32_t x, float f) {
+    (void)f;
+    return FLOAT_BITS_TO_HALF(uint32_t, float, x, f);
+}
+#undef CONVERT
+#undef SELECT
+#define CONVERT(x, F) __builtin_convertvector(x, F)
+#define SELECT(c, a, b) vselect((vuint)(c), a, b)
+INLINE vuint vselect(vuint mask, vuint a, vuint b) { return (a & mask) | (b & ~mask); }
+INLINE vuint half_bits_to_float_bits_8(vuint h) { return HALF_TO_FLOAT_BITS(vuint, vfloat, h); }
+INLINE vuint float_bits_to_half_bits_8(vuint x, vfloat f) {
+    (void)f;
+    return FLOAT_BITS_TO_HALF(vuint, vfloat, x, f);
+}
+#undef CONVERT
+#undef SELECT
+#define half_bits_to_float_bits(h) _Generic((h), vuint: half_bits_to_float_bits_8, default: half_bits_to_float_bits_1)(h)
+#define float_bits_to_half_bits(x, f) \
+    _Generic((x), vuint: float_bits_to_half_bits_8, default: float_bits_to_half_bits_1)(x, f)
+
 INLINE float scalar_load(const void *p, int64_t i, int kind) {
     if (kind == KIND_F32)
         return ((const float *)p)[i];
+    if (kind == KIND_F16) {
+        float f;
+        uint32_t u = half_bits_to_float_bits(((const uint16_t *)p)[i]);
+        memcpy(&f, &u, 4);
+        return f;
+    }
     uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
     float f;
     memcpy(&f, &u, 4);
@@ -53,6 +112,11 @@ INLINE vfloat vector_load(const void *p, int64_t i, int kind) {
     vfloat f;
     if (kind == KIND_F32) {
         memcpy(&f, (const float *)p + i, sizeof f);
+    } else if (kind == KIND_F16) {
+        vhalf h;
+        memcpy(&h, (const uint16_t *)p + i, sizeof h);
+        vuint u = half_bits_to_float_bits(__builtin_convertvector(h, vuint));
+        memcpy(&f, &u, sizeof f);
     } else {
         vhalf h;
         memcpy(&h, (const uint16_t *)p + i, sizeof h);
@@ -101,6 +165,13 @@ INLINE void vector_store(void *p, int64_t i, int kind, vfloat f) {
         memcpy((float *)p + i, &f, sizeof f);
         return;
     }
+    if (kind == KIND_F16) {
+        vuint u;
+        memcpy(&u, &f, sizeof u);
+        vhalf h = __builtin_convertvector(float_bits_to_half_bits(u, f), vhalf);
+        memcpy((uint16_t *)p + i, &h, sizeof h);
+        return;
+    }
     vuint u, nan = (vuint)(f != f);
     memcpy(&u, &f, sizeof u);
     u = (u + ((u >> 16) & 1) + 0x7fffu) >> 16;
@@ -110,10 +181,17 @@ INLINE void vector_store(void *p, int64_t i, int kind, vfloat f) {
 }
 
 INLINE void scalar_store(void *p, int64_t i, int kind, float f) {
-    if (kind == KIND_F32)
+    if (kind == KIND_F32) {
         ((float *)p)[i] = f;
-    else
-        ((uint16_t *)p)[i] = scalar_bf16(f);
+        return;
+    }
+    if (kind == KIND_F16) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        ((uint16_t *)p)[i] = (uint16_t)float_bits_to_half_bits(u, f);
+        return;
+    }
+    ((uint16_t *)p)[i] = scalar_bf16(f);
 }
 
 /* out[t * stride + i] = x_t[i] - base[i] (or its absolute value) in float32, base_out[i] = base[i] in float32,
@@ -172,6 +250,15 @@ VECTOR_CLONES static void task_vectors_bf16(const void *base, const void *const 
                                             int absolute) {
     task_vectors_of(KIND_BF16, base, tasks, num_tasks, n, out, stride, base_out, l1, l2sq, absolute);
 }
+
+VECTOR_CLONES static void task_vectors_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                                           float *out, int64_t stride, float *base_out, double *l1, double *l2sq,
+                                           int absolute) {
+    task_vectors_of(KIND_F16, base, tasks, num_tasks, n, out, stride, base_out, l1, l2sq, absolute);
+}
+typedef void (*task_vectors_fn)(const void *, const void *const *, int, int64_t, float *, int64_t, float *, double *,
+                                double *, int);
+static const task_vectors_fn TASK_VECTORS_KERNELS[3] = {task_vectors_f32, task_vectors_bf16, task_vectors_f16};
 
 #define MAX_TASKS 256
 
@@ -425,9 +512,16 @@ MERGE(KIND_F32, KIND_F32, merge_f32_f32)
 MERGE(KIND_F32, KIND_BF16, merge_f32_bf16)
 MERGE(KIND_BF16, KIND_F32, merge_bf16_f32)
 MERGE(KIND_BF16, KIND_BF16, merge_bf16_bf16)
+MERGE(KIND_F32, KIND_F16, merge_f32_f16)
+MERGE(KIND_BF16, KIND_F16, merge_bf16_f16)
+MERGE(KIND_F16, KIND_F32, merge_f16_f32)
+MERGE(KIND_F16, KIND_BF16, merge_f16_bf16)
+MERGE(KIND_F16, KIND_F16, merge_f16_f16)
 
 typedef void (*merge_fn)(const void *, const void *const *, int, int64_t, const merge_params *, void *, merge_sums *);
-static const merge_fn MERGE_KERNELS[2][2] = {{merge_f32_f32, merge_f32_bf16}, {merge_bf16_f32, merge_bf16_bf16}};
+static const merge_fn MERGE_KERNELS[3][3] = {{merge_f32_f32, merge_f32_bf16, merge_f32_f16},
+                                             {merge_bf16_f32, merge_bf16_bf16, merge_bf16_f16},
+                                             {merge_f16_f32, merge_f16_bf16, merge_f16_f16}};
 
 typedef double vdouble4 __attribute__((vector_size(32))); /* two of these hold a vfloat in float64 */
 typedef double vdouble8 __attribute__((vector_size(64)));
@@ -528,9 +622,13 @@ SCAN(KIND_F32, 0, 1, sums_f32)
 SCAN(KIND_BF16, 0, 1, sums_bf16)
 SCAN(KIND_F32, 1, 1, count_and_sums_f32)
 SCAN(KIND_BF16, 1, 1, count_and_sums_bf16)
+SCAN(KIND_F16, 1, 0, count_f16)
+SCAN(KIND_F16, 0, 1, sums_f16)
+SCAN(KIND_F16, 1, 1, count_and_sums_f16)
 typedef void (*scan_fn)(const void *, const void *, int64_t, float, int64_t *, int64_t *, double *, double *);
-static const scan_fn SCAN_KERNELS[3][2] = { /* [what - 1][kind]: what = 1 count, 2 sums, 3 both */
-    {count_f32, count_bf16}, {sums_f32, sums_bf16}, {count_and_sums_f32, count_and_sums_bf16}};
+static const scan_fn SCAN_KERNELS[3][3] = { /* [what - 1][kind]: what = 1 count, 2 sums, 3 both */
+    {count_f32, count_bf16, count_f16}, {sums_f32, sums_bf16, sums_f16},
+    {count_and_sums_f32, count_and_sums_bf16, count_and_sums_f16}};
 
 /* For each task t, over n entries of |tau_t| (vector_magnitude): counts[t * 65536 + (bits(|tau_t|) >> 16)] += 1
  * and l1[t] += sum |tau_t| (float64), both added to what they hold (NaN lands in its own bin and makes l1 NaN).
@@ -608,6 +706,16 @@ VECTOR_CLONES static void magnitude_histogram_f32(const void *base, const void *
 VECTOR_CLONES static void magnitude_histogram_bf16(const void *base, const void *const *tasks, int num_tasks,
                                                    int64_t n, int64_t *counts, double *l1) {
     magnitude_histogram_of(KIND_BF16, base, tasks, num_tasks, n, counts, l1);
+}
+
+VECTOR_CLONES static void magnitude_histogram_f16(const void *base, const void *const *tasks, int num_tasks,
+                                                  int64_t n, int64_t *counts, double *l1) {
+    magnitude_histogram_of(KIND_F16, base, tasks, num_tasks, n, counts, l1);
+}
+
+VECTOR_CLONES static void magnitude_fine_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                                             const int64_t *bins, int64_t *fine, double *below) {
+    magnitude_fine_of(KIND_F16, base, tasks, num_tasks, n, bins, fine, below);
 }
 
 VECTOR_CLONES static void magnitude_fine_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
@@ -848,6 +956,7 @@ INLINE void neuron_output_of(int kind, int out_kind, const void *base, const voi
     }
 NEURON_GRAM(KIND_F32, neuron_gram_f32)
 NEURON_GRAM(KIND_BF16, neuron_gram_bf16)
+NEURON_GRAM(KIND_F16, neuron_gram_f16)
 #define NEURON_OUTPUT(KIND, OUT_KIND, NAME)                                                                        \
     VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t rows,        \
                                    int64_t width, const float *thresholds, const double *z, const float *coefficient, \
@@ -859,14 +968,21 @@ NEURON_OUTPUT(KIND_F32, KIND_F32, neuron_output_f32_f32)
 NEURON_OUTPUT(KIND_F32, KIND_BF16, neuron_output_f32_bf16)
 NEURON_OUTPUT(KIND_BF16, KIND_F32, neuron_output_bf16_f32)
 NEURON_OUTPUT(KIND_BF16, KIND_BF16, neuron_output_bf16_bf16)
+NEURON_OUTPUT(KIND_F32, KIND_F16, neuron_output_f32_f16)
+NEURON_OUTPUT(KIND_BF16, KIND_F16, neuron_output_bf16_f16)
+NEURON_OUTPUT(KIND_F16, KIND_F32, neuron_output_f16_f32)
+NEURON_OUTPUT(KIND_F16, KIND_BF16, neuron_output_f16_bf16)
+NEURON_OUTPUT(KIND_F16, KIND_F16, neuron_output_f16_f16)
 
 typedef void (*neuron_gram_fn)(const void *, const void *const *, int, int64_t, int64_t, const float *, double *,
                                double *, double *);
-static const neuron_gram_fn NEURON_GRAM_KERNELS[2] = {neuron_gram_f32, neuron_gram_bf16};
+static const neuron_gram_fn NEURON_GRAM_KERNELS[3] = {neuron_gram_f32, neuron_gram_bf16, neuron_gram_f16};
 typedef void (*neuron_output_fn)(const void *, const void *const *, int, int64_t, int64_t, const float *,
                                  const double *, const float *, float, float, void *, double *);
-static const neuron_output_fn NEURON_OUTPUT_KERNELS[2][2] = {
-    {neuron_output_f32_f32, neuron_output_f32_bf16}, {neuron_output_bf16_f32, neuron_output_bf16_bf16}};
+static const neuron_output_fn NEURON_OUTPUT_KERNELS[3][3] = {
+    {neuron_output_f32_f32, neuron_output_f32_bf16, neuron_output_f32_f16},
+    {neuron_output_bf16_f32, neuron_output_bf16_bf16, neuron_output_bf16_f16},
+    {neuron_output_f16_f32, neuron_output_f16_bf16, neuron_output_f16_f16}};
 
 static int read_pointers(PyObject *tuple, const void **out, Py_ssize_t *count) {
     *count = PyTuple_GET_SIZE(tuple);
@@ -883,7 +999,7 @@ static int read_pointers(PyObject *tuple, const void **out, Py_ssize_t *count) {
 }
 
 static int check_kind(int kind) {
-    if (kind == KIND_F32 || kind == KIND_BF16)
+    if (kind == KIND_F32 || kind == KIND_BF16 || kind == KIND_F16)
         return 0;
     PyErr_SetString(PyExc_ValueError, "unknown storage kind");
     return -1;
@@ -970,7 +1086,7 @@ typedef struct {
     double l1[MAX_PARTS][MAX_TASKS], l2sq[MAX_PARTS][MAX_TASKS];
 } merge_job;
 
-static const int64_t KIND_BYTES[2] = {4, 2};
+static const int64_t KIND_BYTES[3] = {4, 2, 2};
 
 static void merge_part(void *ctx, int part, int64_t lo, int64_t hi) {
     merge_job *j = (merge_job *)ctx;
@@ -1065,7 +1181,7 @@ static void task_vectors_part(void *ctx, int part, int64_t lo, int64_t hi) {
     int64_t in = KIND_BYTES[j->kind];
     for (int t = 0; t < j->num_tasks; t++)
         tasks[t] = (const char *)j->tasks[t] + lo * in;
-    (j->kind == KIND_F32 ? task_vectors_f32 : task_vectors_bf16)(
+    TASK_VECTORS_KERNELS[j->kind](
         (const char *)j->base + lo * in, tasks, j->num_tasks, hi - lo, j->out ? j->out + lo : NULL, j->n,
         j->base_out ? j->base_out + lo : NULL, j->l1[part], j->l2sq[part], j->absolute);
 }
@@ -1269,10 +1385,11 @@ static void histogram_part(void *ctx, int part, int64_t lo, int64_t hi) {
         tasks[t] = (const char *)j->tasks[t] + lo * in;
     const void *base = j->base ? (const char *)j->base + lo * in : NULL;
     if (j->fine)
-        (j->kind == KIND_F32 ? magnitude_fine_f32 : magnitude_fine_bf16)(base, tasks, j->num_tasks, hi - lo, j->bins,
+        (j->kind == KIND_F32 ? magnitude_fine_f32 : j->kind == KIND_BF16 ? magnitude_fine_bf16 : magnitude_fine_f16)(base, tasks, j->num_tasks, hi - lo, j->bins,
                                                                          counts, j->sums[part]);
     else
-        (j->kind == KIND_F32 ? magnitude_histogram_f32 : magnitude_histogram_bf16)(base, tasks, j->num_tasks, hi - lo,
+        (j->kind == KIND_F32 ? magnitude_histogram_f32 : j->kind == KIND_BF16 ? magnitude_histogram_bf16
+                                                                              : magnitude_histogram_f16)(base, tasks, j->num_tasks, hi - lo,
                                                                                    counts, j->sums[part]);
 }
 
@@ -1476,4 +1593,6 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU kernels (see kernels.py).", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    return PyModule_Create(&module);
+}

@@ -5,7 +5,7 @@ operations in the same order: the same task vectors, merged weights and counts, 
 sums differ in their last digits: another summation order; NeuroMerging's float64 Gram matrices and
 orthogonal sums too, which could move a float32 result by one unit in the last place, though no
 benchmark or test output differs). DARE's masks are numpy's PCG64 draws. Callers keep the torch operations for
-what a kernel does not take (CUDA, float16 inputs, non-contiguous views) and for installs where the
+what a kernel does not take (CUDA, float64, non-contiguous views) and for installs where the
 extension could not be built. NEUROMERGE_KERNELS=0 turns the kernels off, e.g. to compare the paths.
 """
 
@@ -22,7 +22,8 @@ except ImportError:  # built without a C compiler: the torch operations do the w
     _kernels = None
 
 ENABLED = _kernels is not None and os.environ.get("NEUROMERGE_KERNELS", "1") != "0"
-KINDS = {torch.float32: 0, torch.bfloat16: 1}
+# storage dtypes the kernels read and write
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_TASKS = 256  # _kernels.c's MAX_TASKS
 
 

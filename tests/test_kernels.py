@@ -38,7 +38,7 @@ def f64_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return d.abs().sum(1), d.square().sum(1).sqrt()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("n", SIZES)
 @needs_kernels
 def test_task_vectors_and_norms_match_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
@@ -55,7 +55,7 @@ def test_task_vectors_and_norms_match_the_torch_path(monkeypatch: pytest.MonkeyP
     assert torch.equal(base, want_base) and torch.equal(deltas, want_deltas)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_abs_difference_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     base, x = inputs(4096 + 3, dtype, num_tasks=1)
     got = stats.abs_difference(x.reshape(-1, 1), base.reshape(-1, 1))
@@ -103,7 +103,9 @@ def torch_merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: st
 
 
 @pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                              (torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
+                                              (torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                              (torch.float16, torch.float16), (torch.float16, torch.float32),
+                                              (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("merge_fn", MERGE_FUNCTIONS)
 def test_merge_gives_the_bytes_of_the_torch_path(dtype: torch.dtype, out_dtype: torch.dtype, n: int,
@@ -146,12 +148,12 @@ def test_merge_rounds_to_nearest_even_and_keeps_nan() -> None:
     assert torch.equal(out[keep], want[keep])
 
 
-@pytest.mark.parametrize("case", ["float16", "mixed", "strided", "shapes", "too many tasks"])
+@pytest.mark.parametrize("case", ["float64", "mixed", "strided", "shapes", "too many tasks"])
 @needs_kernels
 def test_applies_only_to_what_the_kernels_take(case: str) -> None:
     tensors = inputs(64, torch.bfloat16)
-    if case == "float16":
-        tensors = [t.half() for t in tensors]
+    if case == "float64":
+        tensors = [t.double() for t in tensors]
     elif case == "mixed":
         tensors[1] = tensors[1].float()
     elif case == "strided":
@@ -189,7 +191,7 @@ def test_capped_sums_match_float64(monkeypatch: pytest.MonkeyPatch, n: int) -> N
     assert all(v != v for v in kernels.capped_sums(x, 1.5))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("n", [0, 13, 4096 * 2 + 5, 3 * (1 << 18) + 4101])
 def test_scans_of_stored_inputs_read_their_magnitudes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                                       n: int) -> None:
@@ -223,7 +225,8 @@ def histogram_inputs(stored: bool, dtype: torch.dtype, n: int = 4096 + 5, seed: 
     return base, rows, torch.stack([r.float() - base.float() for r in rows])
 
 
-@pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16),
+                                           (True, torch.float16)])
 @pytest.mark.parametrize("threads", [1, 4])
 @needs_kernels
 def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch: pytest.MonkeyPatch, stored: bool,
@@ -243,7 +246,8 @@ def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch
     assert l1[1] != l1[1] and l1[2] == pytest.approx(1 + float(values[2].double().abs().sum()), rel=1e-13)
 
 
-@pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16),
+                                           (True, torch.float16)])
 @pytest.mark.parametrize("threads", [1, 4])
 @needs_kernels
 def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below(
@@ -283,7 +287,7 @@ def reference_q(rows: list[torch.Tensor], thresholds: torch.Tensor | None) -> to
 NEURON_SHAPES = [(1, 1), (5, 7), (3, 8), (17, 13), (2, 4096 + 9), (0, 8)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("num_tasks", [1, 3, 5, 8, 16])  # past 5 tasks: through the float64 buffer, in groups
 @pytest.mark.parametrize("shape", NEURON_SHAPES)
 @pytest.mark.parametrize("trim", [False, True])
@@ -321,7 +325,9 @@ def reference_neuron_output(rows: list[torch.Tensor], thresholds: torch.Tensor |
 
 
 @pytest.mark.parametrize("dtype, out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                              (torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
+                                              (torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                              (torch.float16, torch.float16), (torch.float16, torch.float32),
+                                              (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("num_tasks", [1, 3, 5, 8])
 @pytest.mark.parametrize("shape", NEURON_SHAPES)
 def test_neuron_output_gives_the_bytes_of_the_torch_operations(dtype: torch.dtype, out_dtype: torch.dtype,
@@ -411,3 +417,29 @@ def test_dare_keep_draws_what_numpy_pcg64_draws(monkeypatch: pytest.MonkeyPatch,
         want = torch.from_numpy(np.less(raw.view("<u4")[:length], bound))
         state = np.random.PCG64(seed).state["state"]
         assert torch.equal(kernels.dare_keep(state["state"], state["inc"], length, bound), want)
+
+
+@needs_kernels
+def test_float16_loads_are_exact_for_every_bit_pattern() -> None:
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    out = kernels.merge([torch.zeros_like(x), x], torch.ones(1), "sum", torch.float32).out  # 0 + (x − 0)
+    want = x.float()
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan) and torch.equal(out[~nan], want[~nan])
+
+
+@needs_kernels
+def test_float16_stores_round_like_torch() -> None:
+    finite = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+    step = finite[1:] - finite[:-1]
+    mid = finite[:-1] + step / 2  # exactly halfway: ties to even
+    values = torch.cat([finite, mid, torch.nextafter(mid, torch.full_like(mid, -1.0)),
+                        torch.nextafter(mid, torch.full_like(mid, 2.0**20)),
+                        torch.tensor([65504.0, 65519.99, 65520.0, 1e6, 2.0**-25, 2.0**-26, 1e-40, 2.0**-149,
+                                      float("inf"), float("nan")])])
+    values = torch.cat([values, -values[values != 0]])  # (0 + (−0 − 0) is +0: no −0 input)
+    out = kernels.merge([torch.zeros_like(values), values], torch.ones(1), "sum", torch.float16).out
+    want = values.to(torch.float16)
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
