@@ -56,9 +56,9 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
     T r_ = SELECT(em_ >= 0x7c00u, special_, SELECT(em_ < 0x0400u, sub_bits_, normal_));                        \
     r_ | sign_; })
 
-/* The float16 bits (in the low 16) of a float32 given as bits ``x`` and value ``f``: rounded to nearest even,
+/* The float16 bits (in the low 16) of a float32 given as its bits ``x``: rounded to nearest even,
  * overflow to inf, NaN to 0x7e00 with its sign, as torch's conversion (after F. Giesen's float_to_half_fast3_rtne) */
-#define FLOAT_BITS_TO_HALF(T, F, x, f) ({                                                                        \
+#define FLOAT_BITS_TO_HALF(T, F, x) ({                                                                        \
     T sign_ = (x) & 0x80000000u, a_ = (x) ^ sign_;                                                             \
     T big_ = SELECT(a_ > 0x7f800000u, (T){0} + 0x7e00u, (T){0} + 0x7c00u);  /* >= 65536: inf; NaN */          \
     F a_f_;                                                                                                    \
@@ -73,25 +73,18 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 #define CONVERT(x, F) ((F)(x))
 #define SELECT(c, a, b) ((c) ? (a) : (b))
 INLINE uint32_t half_bits_to_float_bits_1(uint32_t h) { return HALF_TO_FLOAT_BITS(uint32_t, float, h); }
-INLINE uint32_t float_bits_to_half_bits_1(uint32_t x, float f) {
-    (void)f;
-    return FLOAT_BITS_TO_HALF(uint32_t, float, x, f);
-}
+INLINE uint32_t float_bits_to_half_bits_1(uint32_t x) { return FLOAT_BITS_TO_HALF(uint32_t, float, x); }
 #undef CONVERT
 #undef SELECT
 #define CONVERT(x, F) __builtin_convertvector(x, F)
 #define SELECT(c, a, b) vselect((vuint)(c), a, b)
 INLINE vuint vselect(vuint mask, vuint a, vuint b) { return (a & mask) | (b & ~mask); }
 INLINE vuint half_bits_to_float_bits_8(vuint h) { return HALF_TO_FLOAT_BITS(vuint, vfloat, h); }
-INLINE vuint float_bits_to_half_bits_8(vuint x, vfloat f) {
-    (void)f;
-    return FLOAT_BITS_TO_HALF(vuint, vfloat, x, f);
-}
+INLINE vuint float_bits_to_half_bits_8(vuint x) { return FLOAT_BITS_TO_HALF(vuint, vfloat, x); }
 #undef CONVERT
 #undef SELECT
 #define half_bits_to_float_bits(h) _Generic((h), vuint: half_bits_to_float_bits_8, default: half_bits_to_float_bits_1)(h)
-#define float_bits_to_half_bits(x, f) \
-    _Generic((x), vuint: float_bits_to_half_bits_8, default: float_bits_to_half_bits_1)(x, f)
+#define float_bits_to_half_bits(x) _Generic((x), vuint: float_bits_to_half_bits_8, default: float_bits_to_half_bits_1)(x)
 
 INLINE float scalar_load(const void *p, int64_t i, int kind) {
     if (kind == KIND_F32)
@@ -168,7 +161,7 @@ INLINE void vector_store(void *p, int64_t i, int kind, vfloat f) {
     if (kind == KIND_F16) {
         vuint u;
         memcpy(&u, &f, sizeof u);
-        vhalf h = __builtin_convertvector(float_bits_to_half_bits(u, f), vhalf);
+        vhalf h = __builtin_convertvector(float_bits_to_half_bits(u), vhalf);
         memcpy((uint16_t *)p + i, &h, sizeof h);
         return;
     }
@@ -188,7 +181,7 @@ INLINE void scalar_store(void *p, int64_t i, int kind, float f) {
     if (kind == KIND_F16) {
         uint32_t u;
         memcpy(&u, &f, 4);
-        ((uint16_t *)p)[i] = (uint16_t)float_bits_to_half_bits(u, f);
+        ((uint16_t *)p)[i] = (uint16_t)float_bits_to_half_bits(u);
         return;
     }
     ((uint16_t *)p)[i] = scalar_bf16(f);
