@@ -36,7 +36,6 @@ typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
 typedef uint16_t vhalf2 __attribute__((vector_size(LANES * 4))); /* a vfloat's bits as 16-bit halves */
 typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
-
 /* Entries whose float32 lane sums are added into float64 at a time: short enough that a lane's sum
  * of CHUNK / LANES values stays accurate, long enough that the float64 additions cost nothing. */
 #define CHUNK 4096
@@ -721,6 +720,14 @@ VECTOR_CLONES static void magnitude_fine_bf16(const void *base, const void *cons
     magnitude_fine_of(KIND_BF16, base, tasks, num_tasks, n, bins, fine, below);
 }
 
+typedef void (*magnitude_histogram_fn)(const void *, const void *const *, int, int64_t, int64_t *, double *);
+typedef void (*magnitude_fine_fn)(const void *, const void *const *, int, int64_t, const int64_t *, int64_t *,
+                                  double *);
+static const magnitude_histogram_fn MAGNITUDE_HISTOGRAM_KERNELS[3] = {
+    magnitude_histogram_f32, magnitude_histogram_bf16, magnitude_histogram_f16};
+static const magnitude_fine_fn MAGNITUDE_FINE_KERNELS[3] = {magnitude_fine_f32, magnitude_fine_bf16,
+                                                            magnitude_fine_f16};
+
 /* NeuroMerging's neurons (methods/subspaces.py): rows of ``width`` entries, Q = [tau_1; ...; tau_T; w0] per row,
  * tau_t = x_t - w0 in float32, trimmed as in merge_of; the float64 work four lanes at a time. Its float64 sums
  * come in another order than torch's BLAS, so a float32 result rounded from one could differ by one unit in
@@ -1378,12 +1385,9 @@ static void histogram_part(void *ctx, int part, int64_t lo, int64_t hi) {
         tasks[t] = (const char *)j->tasks[t] + lo * in;
     const void *base = j->base ? (const char *)j->base + lo * in : NULL;
     if (j->fine)
-        (j->kind == KIND_F32 ? magnitude_fine_f32 : j->kind == KIND_BF16 ? magnitude_fine_bf16 : magnitude_fine_f16)(base, tasks, j->num_tasks, hi - lo, j->bins,
-                                                                         counts, j->sums[part]);
+        MAGNITUDE_FINE_KERNELS[j->kind](base, tasks, j->num_tasks, hi - lo, j->bins, counts, j->sums[part]);
     else
-        (j->kind == KIND_F32 ? magnitude_histogram_f32 : j->kind == KIND_BF16 ? magnitude_histogram_bf16
-                                                                              : magnitude_histogram_f16)(base, tasks, j->num_tasks, hi - lo,
-                                                                                   counts, j->sums[part]);
+        MAGNITUDE_HISTOGRAM_KERNELS[j->kind](base, tasks, j->num_tasks, hi - lo, counts, j->sums[part]);
 }
 
 /* magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads) with bins 0: the coarse count (sums: l1);
@@ -1586,6 +1590,4 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU kernels (see kernels.py).", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) {
-    return PyModule_Create(&module);
-}
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
