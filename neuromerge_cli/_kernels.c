@@ -32,6 +32,7 @@ enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 }; /* how a tensor's entries ar
 #define LANES 8
 typedef float vfloat __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vuint __attribute__((vector_size(LANES * 4)));
+typedef int32_t vint __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vhalf __attribute__((vector_size(LANES * 2)));
 typedef uint16_t vhalf2 __attribute__((vector_size(LANES * 4))); /* a vfloat's bits as 16-bit halves */
 typedef uint8_t vbyte __attribute__((vector_size(LANES)));
@@ -44,16 +45,17 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
  * time, and F16C cannot be named in code compiled for every target), written once for scalars and vectors. */
 
 /* The float32 bits of a float16 (its bits widened to 32): exact; subnormals through an integer conversion, so
- * that a flush-to-zero mode cannot touch them. */
-#define HALF_TO_FLOAT_BITS(T, F, h) ({                                                                          \
-    T em_ = (h) & 0x7fffu, sign_ = ((h) & 0x8000u) << 16;                                                      \
-    T normal_ = (em_ << 13) + 0x38000000u;               /* exponent rebased from 15 to 127 */                  \
-    T special_ = (em_ << 13) | 0x7f800000u;              /* inf and NaN (payload kept) */                       \
+ * that a flush-to-zero mode cannot touch them. The magnitude is signed (S) so that vector compares and the
+ * int -> float conversion are single instructions. */
+#define HALF_TO_FLOAT_BITS(T, S, F, h) ({                                                                       \
+    S em_ = (S)((h) & 0x7fffu);                                                                                \
+    T sign_ = ((h) ^ (T)em_) << 16;                                                                            \
+    S normal_ = (em_ << 13) + 0x38000000;                /* exponent rebased from 15 to 127 */                  \
+    normal_ += SELECT(em_ > 0x7bff, (S){0} + 0x38000000, (S){0}); /* inf and NaN: exponent 255, payload kept */ \
     F sub_ = CONVERT(em_, F) * 0x1p-24f;                 /* subnormal: m * 2^-24, a normal float32 */            \
-    T sub_bits_;                                                                                               \
+    S sub_bits_;                                                                                               \
     memcpy(&sub_bits_, &sub_, sizeof sub_bits_);                                                               \
-    T r_ = SELECT(em_ >= 0x7c00u, special_, SELECT(em_ < 0x0400u, sub_bits_, normal_));                        \
-    r_ | sign_; })
+    (T)SELECT(em_ < 0x0400, sub_bits_, normal_) | sign_; })
 
 /* The float16 bits (in the low 16) of a float32 given as its bits ``x``: rounded to nearest even,
  * overflow to inf, NaN to 0x7e00 with its sign, as torch's conversion (after F. Giesen's float_to_half_fast3_rtne) */
@@ -71,14 +73,14 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
 #define CONVERT(x, F) ((F)(x))
 #define SELECT(c, a, b) ((c) ? (a) : (b))
-INLINE uint32_t half_bits_to_float_bits_1(uint32_t h) { return HALF_TO_FLOAT_BITS(uint32_t, float, h); }
+INLINE uint32_t half_bits_to_float_bits_1(uint32_t h) { return HALF_TO_FLOAT_BITS(uint32_t, int32_t, float, h); }
 INLINE uint32_t float_bits_to_half_bits_1(uint32_t x) { return FLOAT_BITS_TO_HALF(uint32_t, float, x); }
 #undef CONVERT
 #undef SELECT
 #define CONVERT(x, F) __builtin_convertvector(x, F)
-#define SELECT(c, a, b) vselect((vuint)(c), a, b)
+#define SELECT(c, a, b) ((__typeof__(a))vselect((vuint)(c), (vuint)(a), (vuint)(b)))
 INLINE vuint vselect(vuint mask, vuint a, vuint b) { return (a & mask) | (b & ~mask); }
-INLINE vuint half_bits_to_float_bits_8(vuint h) { return HALF_TO_FLOAT_BITS(vuint, vfloat, h); }
+INLINE vuint half_bits_to_float_bits_8(vuint h) { return HALF_TO_FLOAT_BITS(vuint, vint, vfloat, h); }
 INLINE vuint float_bits_to_half_bits_8(vuint x) { return FLOAT_BITS_TO_HALF(vuint, vfloat, x); }
 #undef CONVERT
 #undef SELECT
