@@ -23,8 +23,10 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define F16C_CONVERSIONS 1
 #else
 #define VECTOR_CLONES
+#define F16C_CONVERSIONS 0
 #endif
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 }; /* how a tensor's entries are stored */
@@ -41,8 +43,9 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
  * of CHUNK / LANES values stays accurate, long enough that the float64 additions cost nothing. */
 #define CHUNK 4096
 
-/* float16 <-> float32 in integer and float32 operations only (gcc 12 converts _Float16 vectors one lane at a
- * time, and F16C cannot be named in code compiled for every target), written once for scalars and vectors. */
+/* float16 <-> float32 in integer and float32 operations only, written once for scalars and vectors: for the
+ * scalar tails and for CPUs without F16C (gcc 12 converts _Float16 vectors one lane at a time, and F16C cannot
+ * be named in code compiled for every target; the x86-64-v3 clones use it below). */
 
 /* The float32 bits of a float16 (its bits widened to 32): exact; subnormals through an integer conversion, so
  * that a flush-to-zero mode cannot touch them. The magnitude is signed (S) so that vector compares and the
@@ -87,6 +90,21 @@ INLINE vuint float_bits_to_half_bits_8(vuint x) { return FLOAT_BITS_TO_HALF(vuin
 #define half_bits_to_float_bits(h) _Generic((h), vuint: half_bits_to_float_bits_8, default: half_bits_to_float_bits_1)(h)
 #define float_bits_to_half_bits(x) _Generic((x), vuint: float_bits_to_half_bits_8, default: float_bits_to_half_bits_1)(x)
 
+/* On CPUs where the x86-64-v3 clones run, 8 float16 <-> float32 conversions are one F16C instruction each.
+ * The helpers are compiled for that target and inlined into its clones; the default clones never call them
+ * (use_f16c is 0 wherever those run). Same values as the integer conversions (F16C loads are exact, stores
+ * round to nearest even), but for the payload of a NaN. */
+static int has_f16c, use_f16c; /* the CPU runs the x86-64-v3 clones; the kernels use F16C (float16_instructions) */
+#if F16C_CONVERSIONS
+#include <immintrin.h>
+__attribute__((target("arch=x86-64-v3"))) static inline void f16c_load(const uint16_t *p, float *out) {
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+}
+__attribute__((target("arch=x86-64-v3"))) static inline void f16c_store(uint16_t *p, const float *x) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(_mm256_loadu_ps(x), _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
 INLINE float scalar_load(const void *p, int64_t i, int kind) {
     if (kind == KIND_F32)
         return ((const float *)p)[i];
@@ -107,6 +125,12 @@ INLINE vfloat vector_load(const void *p, int64_t i, int kind) {
     if (kind == KIND_F32) {
         memcpy(&f, (const float *)p + i, sizeof f);
     } else if (kind == KIND_F16) {
+#if F16C_CONVERSIONS
+        if (use_f16c) {
+            f16c_load((const uint16_t *)p + i, (float *)&f);
+            return f;
+        }
+#endif
         vhalf h;
         memcpy(&h, (const uint16_t *)p + i, sizeof h);
         vuint u = half_bits_to_float_bits(__builtin_convertvector(h, vuint));
@@ -160,6 +184,12 @@ INLINE void vector_store(void *p, int64_t i, int kind, vfloat f) {
         return;
     }
     if (kind == KIND_F16) {
+#if F16C_CONVERSIONS
+        if (use_f16c) {
+            f16c_store((uint16_t *)p + i, (const float *)&f);
+            return;
+        }
+#endif
         vuint u;
         memcpy(&u, &f, sizeof u);
         vhalf h = __builtin_convertvector(float_bits_to_half_bits(u), vhalf);
@@ -1569,6 +1599,17 @@ static PyObject *neuron_output(PyObject *self, PyObject *args) {
     return Py_BuildValue("ddd", sums[0], sums[1], sums[2]);
 }
 
+/* float16_instructions(on): float16 conversions with F16C where the CPU has it (on = 1) or in integer operations
+ * (on = 0, as on CPUs without it); returns whether F16C is used now. Not while a kernel runs. */
+static PyObject *float16_instructions(PyObject *self, PyObject *args) {
+    (void)self;
+    int on;
+    if (!PyArg_ParseTuple(args, "p", &on))
+        return NULL;
+    use_f16c = on && has_f16c;
+    return PyBool_FromLong(use_f16c);
+}
+
 static PyMethodDef methods[] = {
     {"task_vectors", task_vectors, METH_VARARGS,
      "task_vectors(kind, base, tasks, n, out, base_out, l1, l2sq, absolute, threads): see kernels.py"},
@@ -1577,6 +1618,7 @@ static PyMethodDef methods[] = {
      "out, l1, l2sq, ties, threads): see kernels.py"},
     {"scan", scan, METH_VARARGS,
      "scan(kind, base, x, n, value, what, threads) -> (below, equal, total, capped): see kernels.py"},
+    {"float16_instructions", float16_instructions, METH_VARARGS, "float16_instructions(on): see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
      "magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads): see kernels.py"},
     {"neuron_gram", neuron_gram, METH_VARARGS,
@@ -1592,4 +1634,10 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU kernels (see kernels.py).", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+#if F16C_CONVERSIONS
+    __builtin_cpu_init();
+    use_f16c = has_f16c = __builtin_cpu_supports("x86-64-v3") != 0;
+#endif
+    return PyModule_Create(&module);
+}

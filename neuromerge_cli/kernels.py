@@ -27,6 +27,13 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_TASKS = 256  # _kernels.c's MAX_TASKS
 
 
+def float16_instructions(on: bool) -> bool:
+    """Convert float16 with the CPU's F16C instructions (``on``: the default where the CPU runs x86-64-v3
+    code) or with integer operations (as elsewhere): the same values, but for the payload of a NaN. Returns
+    whether F16C is used now. For comparing the two; never while a kernel runs."""
+    return _kernels is not None and _kernels.float16_instructions(on)
+
+
 def threads() -> int:
     """Threads a kernel may split its work over: torch's intra-op threads (``torch.set_num_threads``)."""
     return torch.get_num_threads()

@@ -27,6 +27,16 @@ def inputs(n: int, dtype: torch.dtype, num_tasks: int = 3, seed: int = 0) -> lis
     return [base.to(dtype)] + [(base + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(num_tasks)]
 
 
+@pytest.fixture(params=["f16c", "integer"])
+def float16_conversion(request: pytest.FixtureRequest):
+    """Runs a test with float16 converted by F16C (where the CPU has it) and by integer operations."""
+    wanted = request.param == "f16c"
+    if kernels.float16_instructions(wanted) != wanted:
+        pytest.skip("the CPU has no F16C (or the extension is not built)")
+    yield
+    kernels.float16_instructions(True)
+
+
 def torch_path(monkeypatch: pytest.MonkeyPatch, fn, *args):
     with monkeypatch.context() as m:
         m.setattr(kernels, "ENABLED", False)
@@ -41,6 +51,7 @@ def f64_norms(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("n", SIZES)
 @needs_kernels
+@pytest.mark.usefixtures("float16_conversion")
 def test_task_vectors_and_norms_match_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                                      n: int) -> None:
     tensors = inputs(n, dtype)
@@ -56,6 +67,7 @@ def test_task_vectors_and_norms_match_the_torch_path(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.usefixtures("float16_conversion")
 def test_abs_difference_matches_the_torch_path(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
     base, x = inputs(4096 + 3, dtype, num_tasks=1)
     got = stats.abs_difference(x.reshape(-1, 1), base.reshape(-1, 1))
@@ -108,6 +120,7 @@ def torch_merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: st
                                               (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("merge_fn", MERGE_FUNCTIONS)
+@pytest.mark.usefixtures("float16_conversion")
 def test_merge_gives_the_bytes_of_the_torch_path(dtype: torch.dtype, out_dtype: torch.dtype, n: int,
                                                  merge_fn: str) -> None:
     tensors = cancelling_inputs(n, dtype, seed=n)
@@ -193,6 +206,7 @@ def test_capped_sums_match_float64(monkeypatch: pytest.MonkeyPatch, n: int) -> N
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("n", [0, 13, 4096 * 2 + 5, 3 * (1 << 18) + 4101])
+@pytest.mark.usefixtures("float16_conversion")
 def test_scans_of_stored_inputs_read_their_magnitudes(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                                       n: int) -> None:
     """count_around, capped_sums and count_and_sums of stored inputs [base, x] see |x − base| in float32."""
@@ -229,6 +243,7 @@ def histogram_inputs(stored: bool, dtype: torch.dtype, n: int = 4096 + 5, seed: 
                                            (True, torch.float16)])
 @pytest.mark.parametrize("threads", [1, 4])
 @needs_kernels
+@pytest.mark.usefixtures("float16_conversion")
 def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch: pytest.MonkeyPatch, stored: bool,
                                                                      dtype: torch.dtype, threads: int) -> None:
     monkeypatch.setattr(kernels, "threads", lambda: threads)
@@ -250,6 +265,7 @@ def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch
                                            (True, torch.float16)])
 @pytest.mark.parametrize("threads", [1, 4])
 @needs_kernels
+@pytest.mark.usefixtures("float16_conversion")
 def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below(
         monkeypatch: pytest.MonkeyPatch, stored: bool, dtype: torch.dtype, threads: int) -> None:
     monkeypatch.setattr(kernels, "threads", lambda: threads)
@@ -291,6 +307,7 @@ NEURON_SHAPES = [(1, 1), (5, 7), (3, 8), (17, 13), (2, 4096 + 9), (0, 8)]
 @pytest.mark.parametrize("num_tasks", [1, 3, 5, 8, 16])  # past 5 tasks: through the float64 buffer, in groups
 @pytest.mark.parametrize("shape", NEURON_SHAPES)
 @pytest.mark.parametrize("trim", [False, True])
+@pytest.mark.usefixtures("float16_conversion")
 def test_neuron_gram_is_q_qt_per_row(dtype: torch.dtype, num_tasks: int, shape: tuple[int, int], trim: bool) -> None:
     rows = neuron_inputs(*shape, dtype, num_tasks)
     thresholds = torch.linspace(0.002, 0.012, num_tasks) if trim else None
@@ -330,6 +347,7 @@ def reference_neuron_output(rows: list[torch.Tensor], thresholds: torch.Tensor |
                                               (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("num_tasks", [1, 3, 5, 8])
 @pytest.mark.parametrize("shape", NEURON_SHAPES)
+@pytest.mark.usefixtures("float16_conversion")
 def test_neuron_output_gives_the_bytes_of_the_torch_operations(dtype: torch.dtype, out_dtype: torch.dtype,
                                                                num_tasks: int, shape: tuple[int, int]) -> None:
     rows = neuron_inputs(*shape, dtype, num_tasks, seed=1)
@@ -420,6 +438,7 @@ def test_dare_keep_draws_what_numpy_pcg64_draws(monkeypatch: pytest.MonkeyPatch,
 
 
 @needs_kernels
+@pytest.mark.usefixtures("float16_conversion")
 def test_float16_loads_are_exact_for_every_bit_pattern() -> None:
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
     out = kernels.merge([torch.zeros_like(x), x], torch.ones(1), "sum", torch.float32).out  # 0 + (x − 0)
@@ -429,6 +448,7 @@ def test_float16_loads_are_exact_for_every_bit_pattern() -> None:
 
 
 @needs_kernels
+@pytest.mark.usefixtures("float16_conversion")
 def test_float16_stores_round_like_torch() -> None:
     finite = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
     step = finite[1:] - finite[:-1]
