@@ -2,7 +2,8 @@
 
     python scripts/bench_engine.py --size 0.5b --tasks 3 --scratch /tmp/nmbench [--repeat 2]
 
-Builds (once, reused when present) a base and T fine-tuned Llama-shaped checkpoints in bfloat16,
+Builds (once, reused when present) a base and T fine-tuned Llama-shaped checkpoints in bfloat16 (or
+float16: --dtype),
 sharded safetensors with an index and a transformers LlamaConfig, under --scratch (never in the
 repository). Then, with the inputs in the page cache (one warm-up read first, ``sync`` before every
 timed run so that no earlier write-back is pending):
@@ -64,7 +65,7 @@ class Shape:
     def largest(self) -> int:
         return max(_numel(s) for _, s in self.tensors())
 
-    def config(self) -> dict:
+    def config(self, dtype: str) -> dict:
         from transformers import LlamaConfig
 
         cfg = LlamaConfig(hidden_size=self.hidden, intermediate_size=self.intermediate,
@@ -72,7 +73,7 @@ class Shape:
                           num_key_value_heads=self.heads, vocab_size=self.vocab,
                           max_position_embeddings=2048, tie_word_embeddings=False).to_dict()
         cfg["architectures"] = ["LlamaForCausalLM"]
-        cfg["torch_dtype"] = "bfloat16"
+        cfg["torch_dtype"] = dtype
         return cfg
 
 
@@ -91,9 +92,11 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def build_family(folder: Path, shape: Shape, tasks: int, shard_bytes: int) -> list[Path]:
-    """Base + ``tasks`` fine-tuned checkpoints (bf16, sharded); reused when already complete."""
+def build_family(folder: Path, shape: Shape, tasks: int, shard_bytes: int, dtype: str) -> list[Path]:
+    """Base + ``tasks`` fine-tuned checkpoints (``dtype``, sharded); reused when already complete."""
     from safetensors.torch import save_file
+
+    stored = getattr(torch, dtype)
 
     models = [folder / "base"] + [folder / f"task{t}" for t in range(tasks)]
     if all((m / "model.safetensors.index.json").exists() for m in models):
@@ -109,19 +112,19 @@ def build_family(folder: Path, shape: Shape, tasks: int, shard_bytes: int) -> li
         size += nbytes
     for m in models:
         m.mkdir(parents=True, exist_ok=True)
-        (m / "config.json").write_text(json.dumps(shape.config(), indent=2))
+        (m / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
     weight_map: dict[str, str] = {}
     for g, group in enumerate(groups):
         file = f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors"
         gen = torch.Generator().manual_seed(g)
         base = {}
         for name, s in group:
-            base[name] = (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).bfloat16()
+            base[name] = (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=gen) * 0.02).to(stored)
             weight_map[name] = file
         save_file(base, str(models[0] / file), metadata={"format": "pt"})
         for t, m in enumerate(models[1:]):
             gen = torch.Generator().manual_seed(1000 * (t + 1) + g)
-            tuned = {name: (w.float() + torch.randn(w.shape, generator=gen) * 0.002).bfloat16()
+            tuned = {name: (w.float() + torch.randn(w.shape, generator=gen) * 0.002).to(stored)
                      for name, w in base.items()}
             save_file(tuned, str(m / file), metadata={"format": "pt"})
             del tuned
@@ -192,9 +195,9 @@ def neuromerge_methods() -> set[str]:
     return set(METHODS)
 
 
-def recipes(models: list[Path]) -> dict[str, dict]:
+def recipes(models: list[Path], dtype: str) -> dict[str, dict]:
     base, tasks = str(models[0]), [{"model": str(m)} for m in models[1:]]
-    common = {"base_model": base, "models": tasks, "dtype": "bfloat16"}
+    common = {"base_model": base, "models": tasks, "dtype": dtype}
     return {
         "task_arithmetic": {**common, "method": "task_arithmetic"},
         "ties (tensor trim)": {**common, "method": "ties", "parameters": {"density": 0.2, "mask_scope": "tensor"}},
@@ -204,9 +207,9 @@ def recipes(models: list[Path]) -> dict[str, dict]:
     }
 
 
-def mergekit_configs(models: list[Path]) -> dict[str, dict]:
+def mergekit_configs(models: list[Path], dtype: str) -> dict[str, dict]:
     def cfg(method: str, params: dict) -> dict:
-        return {"merge_method": method, "base_model": str(models[0]), "dtype": "bfloat16",
+        return {"merge_method": method, "base_model": str(models[0]), "dtype": dtype,
                 "models": [{"model": str(m), "parameters": {"weight": 1.0, **params}} for m in models[1:]]}
 
     return {
@@ -242,6 +245,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--tasks", type=int, default=3)
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="of the checkpoints")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/nmbench"))
     ap.add_argument("--shard-size", type=int, default=1 << 30, help="input shard size in bytes")
     ap.add_argument("--repeat", type=int, default=1, help="runs per command; the best is reported")
@@ -256,11 +260,11 @@ def main() -> None:
         ap.error("--scratch must be outside the repository")
 
     shape = SIZES[args.size]
-    work = args.scratch / f"{args.size}-T{args.tasks}"
+    work = args.scratch / (f"{args.size}-T{args.tasks}" + ("" if args.dtype == "bfloat16" else f"-{args.dtype}"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"{args.size}: {shape.params / 1e9:.3f}B parameters, largest tensor {shape.largest:,}; T={args.tasks}",
           file=sys.stderr)
-    models = build_family(work / "models", shape, args.tasks, args.shard_size)
+    models = build_family(work / "models", shape, args.tasks, args.shard_size, args.dtype)
     files = input_files(models)
     bytes_in = sum(f.stat().st_size for f in files)
     bytes_out = shape.params * 2
@@ -272,7 +276,7 @@ def main() -> None:
 
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     have = neuromerge_methods()
-    rows = {k: v for k, v in recipes(models).items() if (not wanted or k in wanted)}
+    rows = {k: v for k, v in recipes(models, args.dtype).items() if (not wanted or k in wanted)}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     import yaml
 
@@ -302,7 +306,7 @@ def main() -> None:
         exe = ensure_mergekit(venv)
         mergekit_version = f"mergekit {package_version(venv, 'mergekit')}, torch {package_version(venv, 'torch')}"
         done: dict[str, tuple[float, int]] = {}
-        for label, cfg in mergekit_configs(models).items():
+        for label, cfg in mergekit_configs(models, args.dtype).items():
             if label not in results:
                 continue
             key = json.dumps(cfg, sort_keys=True)
@@ -320,7 +324,7 @@ def main() -> None:
             results[label]["mergekit_s"], results[label]["mergekit_rss"] = done[key]
 
     budget = 1.5 * (args.tasks + 1) * shape.largest * 4 + 0.5e9
-    print(f"\n{args.size} ({shape.params / 1e9:.2f}B parameters, T={args.tasks}, bf16): "
+    print(f"\n{args.size} ({shape.params / 1e9:.2f}B parameters, T={args.tasks}, {args.dtype}): "
           f"{bytes_in / 1e9:.2f} GB in, {bytes_out / 1e9:.2f} GB out; floor {floor:.2f} s "
           f"(read {read_s:.2f} s + write {write_s:.2f} s, page cache; + fsync {sync_s:.2f} s: durable floor "
           f"{floor + sync_s:.2f} s); interpreter + imports {startup:.2f} s; "
