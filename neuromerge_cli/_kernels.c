@@ -21,6 +21,11 @@
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
+/* gcc 11 cannot dispatch on an ISA level, and its clones take one ISA each: its generic x86-64 code does the
+ * fused multiply-adds through libm, slower than the torch path, so the build stops (the torch path is used) */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 12 && defined(__x86_64__)
+#error "neuromerge's kernels need gcc >= 12 on x86-64 (CC=gcc-12 pip install ...); without them torch does the work"
+#endif
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #define F16C_CONVERSIONS 1

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .engine import PREFETCH, PREFETCH_BYTES, Piece, Prepared, pick_device, pieces, reads_whole, schedule
 from .memory import HEAP_SLACK
 from .plan import Plan
@@ -105,6 +106,7 @@ def describe(prepared: Prepared, device: str, output: Path, push: str | None = N
         "base": recipe.base_model,
         "models": [m.model for m in recipe.models],
         "device": str(pick_device(device)),
+        "cpu_sweeps": kernels.cpu_sweeps() if pick_device(device).type == "cpu" else None,
         "output": str(output),
         "push": push,
         "tensors": len(plan.tensors),
@@ -132,7 +134,8 @@ def plan_lines(d: dict[str, Any]) -> list[str]:
     roles = d["roles"]
     ties = d["tie_candidates"]
     lines = [
-        f"dry run: {d['method']} over {len(d['models'])} model(s) of {d['base']} on {d['device']} (no weight read)",
+        f"dry run: {d['method']} over {len(d['models'])} model(s) of {d['base']} on {d['device']}"
+        + (f" with {d['cpu_sweeps']}" if d["cpu_sweeps"] else "") + " (no weight read)",
         f"tensors: {d['tensors']} ({roles['neuron']} neuron, {roles['point']} point, {roles['copy']} copied)"
         + (f"; {len(ties)} group(s) of possibly tied weights ({', '.join('='.join(g) for g in ties)}), "
            "merged once if their bytes are equal, checked when the merge runs" if ties else ""),

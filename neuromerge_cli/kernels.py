@@ -18,13 +18,23 @@ import torch
 
 try:
     from . import _kernels
-except ImportError:  # built without a C compiler: the torch operations do the work
+except ImportError:  # built without a C compiler (or gcc < 12 on x86-64): the torch operations do the work
     _kernels = None
 
 ENABLED = _kernels is not None and os.environ.get("NEUROMERGE_KERNELS", "1") != "0"
 # storage dtypes the kernels read and write
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_TASKS = 256  # _kernels.c's MAX_TASKS
+
+
+def cpu_sweeps() -> str:
+    """What does a merge's sweeps on a CPU, in words (the report and the dry run say it)."""
+    if ENABLED:
+        return "C kernels"
+    if _kernels is not None:
+        return "torch operations, as NEUROMERGE_KERNELS=0 asks"
+    return ("torch operations: the C kernels are not built (they need a C compiler, gcc >= 12 on x86-64; "
+            "reinstalled with one, CPU merges run 2-5x faster)")
 
 
 def float16_instructions(on: bool) -> bool:

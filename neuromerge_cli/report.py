@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, kernels
 from .checkpoints import META_PATTERNS
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ def build_report(prepared: "Prepared", method_report: dict[str, Any], tensors: d
         "parameters": recipe.params,
         "inputs": {"base": prepared.base.source.describe(), "models": models},
         "device": device,
+        "cpu_sweeps": kernels.cpu_sweeps() if device.startswith("cpu") else None,
         "global": method_report,
         "tasks": tasks,
         "totals": {
@@ -100,6 +101,8 @@ def summary_lines(report: dict[str, Any], top: int = 5) -> list[str]:
         f"method {report['method']}: {totals['merged_parameters']:,} of {totals['parameters']:,} parameters merged "
         f"from {len(report['inputs']['models'])} models on {report['device']}",
     ]
+    if report.get("cpu_sweeps") not in (None, "C kernels"):
+        lines.append(f"  CPU sweeps: {report['cpu_sweeps']}")
     for row in report["tasks"]:
         parts = [f"{k}={row[k]:.4g}" for k in ("sigma", "threshold", "kept_fraction") if k in row]
         if parts:

@@ -140,7 +140,8 @@ def test_cli_dry_run(family, tmp_path: Path, no_weight_reads: None) -> None:
     result = CliRunner().invoke(app, ["run", str(recipe), "--dry-run"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("dry run: ties over 3 model(s)") and "(no weight read)" in lines[0]
+    assert lines[0].startswith("dry run: ties over 3 model(s)")
+    assert lines[0].endswith(f" on cpu with {kernels.cpu_sweeps()} (no weight read)")
     assert lines[1] == "tensors: 7 (4 neuron, 2 point, 1 copied)"
     assert lines[2] == f"passes: {global_ties_reads()} statistics read(s) + 1 merge read of the base and every model"
     assert lines[3].startswith("read: ") and lines[4].startswith("write: ")

@@ -463,3 +463,12 @@ def test_float16_stores_round_like_torch() -> None:
     nan = want.isnan()
     assert torch.equal(out.isnan(), nan)
     assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def test_cpu_sweeps_say_what_does_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    assert kernels.cpu_sweeps() == "C kernels"
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    assert kernels.cpu_sweeps() == "torch operations, as NEUROMERGE_KERNELS=0 asks"
+    monkeypatch.setattr(kernels, "_kernels", None)
+    assert kernels.cpu_sweeps().startswith("torch operations: the C kernels are not built")

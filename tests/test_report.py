@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from helpers import global_ties_reads, hub_cache, load_output, merge, toy_family
+from neuromerge_cli import kernels
 from neuromerge_cli.report import summary_lines
 from reference import Vectors, kth_largest_threshold, load_folder, trim
 
@@ -112,5 +113,9 @@ def test_model_card_and_summary(hub_merge: tuple) -> None:
     assert pinned["base_model"] == f"org/base@{COMMITS[0]}" and pinned["method"] == recipe["method"]
     lines = summary_lines(report)
     assert lines[0].startswith("method ties:") and "from 2 models on cpu" in lines[0]
+    assert report["cpu_sweeps"] == kernels.cpu_sweeps()
+    assert any("CPU sweeps: torch operations" in line for line in lines) == (not kernels.ENABLED)
+    unbuilt = {**report, "cpu_sweeps": "torch operations: the C kernels are not built (...)"}
+    assert "  CPU sweeps: torch operations: the C kernels are not built (...)" in summary_lines(unbuilt)
     assert any(line.strip().startswith("org/ft-a: sigma=") for line in lines)
     assert "most sign conflict" in "\n".join(lines)
