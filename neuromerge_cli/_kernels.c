@@ -1640,9 +1640,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CP
                                     methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
+    int full_speed = 1; /* FULL_SPEED 0: the default clones would run (x86-64 without AVX2/FMA), slower than torch */
 #if F16C_CONVERSIONS
     __builtin_cpu_init();
-    use_f16c = has_f16c = __builtin_cpu_supports("x86-64-v3") != 0;
+    use_f16c = has_f16c = full_speed = __builtin_cpu_supports("x86-64-v3") != 0;
 #endif
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "FULL_SPEED", full_speed) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

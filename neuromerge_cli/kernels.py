@@ -21,7 +21,21 @@ try:
 except ImportError:  # built without a C compiler (or gcc < 12 on x86-64): the torch operations do the work
     _kernels = None
 
-ENABLED = _kernels is not None and os.environ.get("NEUROMERGE_KERNELS", "1") != "0"
+
+
+def _off_because() -> str | None:
+    """Why the torch operations do the CPU sweeps, or None where the kernels do."""
+    if _kernels is None:
+        return ("the C kernels are not built (they need a C compiler, gcc >= 12 on x86-64; reinstalled with one, "
+                "CPU merges run 2-5x faster)")
+    if not _kernels.FULL_SPEED:  # their generic x86-64 code does each fused multiply-add through libm
+        return "this CPU has no AVX2/FMA (x86-64-v3), without which the C kernels are slower than torch"
+    if os.environ.get("NEUROMERGE_KERNELS", "1") == "0":
+        return "as NEUROMERGE_KERNELS=0 asks"
+    return None
+
+
+ENABLED = _off_because() is None
 # storage dtypes the kernels read and write
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MAX_TASKS = 256  # _kernels.c's MAX_TASKS
@@ -31,10 +45,7 @@ def cpu_sweeps() -> str:
     """What does a merge's sweeps on a CPU, in words (the report and the dry run say it)."""
     if ENABLED:
         return "C kernels"
-    if _kernels is not None:
-        return "torch operations, as NEUROMERGE_KERNELS=0 asks"
-    return ("torch operations: the C kernels are not built (they need a C compiler, gcc >= 12 on x86-64; "
-            "reinstalled with one, CPU merges run 2-5x faster)")
+    return f"torch operations: {_off_because() or 'the C kernels are switched off'}"
 
 
 def float16_instructions(on: bool) -> bool:

@@ -465,10 +465,18 @@ def test_float16_stores_round_like_torch() -> None:
     assert torch.equal(out[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+@needs_kernels
 def test_cpu_sweeps_say_what_does_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "ENABLED", True)
     assert kernels.cpu_sweeps() == "C kernels"
     monkeypatch.setattr(kernels, "ENABLED", False)
-    assert kernels.cpu_sweeps() == "torch operations, as NEUROMERGE_KERNELS=0 asks"
+    monkeypatch.setenv("NEUROMERGE_KERNELS", "0")
+    assert kernels.cpu_sweeps() == "torch operations: as NEUROMERGE_KERNELS=0 asks"
+
+    class OldCpu:
+        FULL_SPEED = 0
+
+    monkeypatch.setattr(kernels, "_kernels", OldCpu)
+    assert kernels.cpu_sweeps() == ("torch operations: this CPU has no AVX2/FMA (x86-64-v3), without which the "
+                                    "C kernels are slower than torch")
     monkeypatch.setattr(kernels, "_kernels", None)
     assert kernels.cpu_sweeps().startswith("torch operations: the C kernels are not built")
