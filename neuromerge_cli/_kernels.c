@@ -21,17 +21,24 @@
 #endif
 #define INLINE static inline __attribute__((always_inline))
 
-/* gcc 11 cannot dispatch on an ISA level, and its clones take one ISA each: its generic x86-64 code does the
- * fused multiply-adds through libm, slower than the torch path, so the build stops (the torch path is used) */
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 12 && defined(__x86_64__)
-#error "neuromerge's kernels need gcc >= 12 on x86-64 (CC=gcc-12 pip install ...); without them torch does the work"
-#endif
+/* On x86-64 the kernels are compiled for x86-64-v3 (AVX2, FMA, F16C) and run only where the CPU has it
+ * (FULL_SPEED): generic x86-64 code would do each fused multiply-add through libm, slower than the torch
+ * path. The Python glue stays generic, so the module loads anywhere. Elsewhere (aarch64: FMA is baseline)
+ * the kernels are generic code. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define F16C_CONVERSIONS 1
+#define X86_64_V3 1
+#define KERNEL_TARGET __attribute__((target("arch=x86-64-v3")))
 #else
-#define VECTOR_CLONES
-#define F16C_CONVERSIONS 0
+#define X86_64_V3 0
+#define KERNEL_TARGET
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#define GENERIC_IS_SLOW 1 /* kernels not compiled for x86-64-v3 there: slower than torch */
+#else
+#define GENERIC_IS_SLOW 0
+#endif
+#ifndef __has_builtin
+#define __has_builtin(x) 0
 #endif
 
 enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16 = 2 }; /* how a tensor's entries are stored */
@@ -95,17 +102,16 @@ INLINE vuint float_bits_to_half_bits_8(vuint x) { return FLOAT_BITS_TO_HALF(vuin
 #define half_bits_to_float_bits(h) _Generic((h), vuint: half_bits_to_float_bits_8, default: half_bits_to_float_bits_1)(h)
 #define float_bits_to_half_bits(x) _Generic((x), vuint: float_bits_to_half_bits_8, default: float_bits_to_half_bits_1)(x)
 
-/* On CPUs where the x86-64-v3 clones run, 8 float16 <-> float32 conversions are one F16C instruction each.
- * The helpers are compiled for that target and inlined into its clones; the default clones never call them
- * (use_f16c is 0 wherever those run). Same values as the integer conversions (F16C loads are exact, stores
- * round to nearest even), but for the payload of a NaN. */
-static int has_f16c, use_f16c; /* the CPU runs the x86-64-v3 clones; the kernels use F16C (float16_instructions) */
-#if F16C_CONVERSIONS
+/* In the x86-64-v3 kernels, 8 float16 <-> float32 conversions are one F16C instruction each (inlined helpers).
+ * Same values as the integer conversions (F16C loads are exact, stores round to nearest even), but for the
+ * payload of a NaN; float16_instructions switches between the two to test both. */
+static int use_f16c = X86_64_V3;
+#if X86_64_V3
 #include <immintrin.h>
-__attribute__((target("arch=x86-64-v3"))) static inline void f16c_load(const uint16_t *p, float *out) {
+KERNEL_TARGET static inline void f16c_load(const uint16_t *p, float *out) {
     _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
 }
-__attribute__((target("arch=x86-64-v3"))) static inline void f16c_store(uint16_t *p, const float *x) {
+KERNEL_TARGET static inline void f16c_store(uint16_t *p, const float *x) {
     _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(_mm256_loadu_ps(x), _MM_FROUND_TO_NEAREST_INT));
 }
 #endif
@@ -130,7 +136,7 @@ INLINE vfloat vector_load(const void *p, int64_t i, int kind) {
     if (kind == KIND_F32) {
         memcpy(&f, (const float *)p + i, sizeof f);
     } else if (kind == KIND_F16) {
-#if F16C_CONVERSIONS
+#if X86_64_V3
         if (use_f16c) {
             f16c_load((const uint16_t *)p + i, (float *)&f);
             return f;
@@ -144,8 +150,13 @@ INLINE vfloat vector_load(const void *p, int64_t i, int kind) {
         vhalf h;
         memcpy(&h, (const uint16_t *)p + i, sizeof h);
         /* each bfloat16 as the high half of its float32, the low half 0 (interleaved with zeros: gcc 12
-         * makes two narrow widenings and an insert of __builtin_convertvector(h, vuint) << 16) */
+         * makes two narrow widenings and an insert of __builtin_convertvector(h, vuint) << 16; gcc 11 has
+         * no __builtin_shufflevector) */
+#if __has_builtin(__builtin_shufflevector)
         vhalf2 u = __builtin_shufflevector(h, (vhalf){0}, 8, 0, 8, 1, 8, 2, 8, 3, 8, 4, 8, 5, 8, 6, 8, 7);
+#else
+        vuint u = __builtin_convertvector(h, vuint) << 16;
+#endif
         memcpy(&f, &u, sizeof f);
     }
     return f;
@@ -189,7 +200,7 @@ INLINE void vector_store(void *p, int64_t i, int kind, vfloat f) {
         return;
     }
     if (kind == KIND_F16) {
-#if F16C_CONVERSIONS
+#if X86_64_V3
         if (use_f16c) {
             f16c_store((uint16_t *)p + i, (const float *)&f);
             return;
@@ -268,19 +279,19 @@ INLINE void task_vectors_of(
     }
 }
 
-VECTOR_CLONES static void task_vectors_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+KERNEL_TARGET static void task_vectors_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                            float *out, int64_t stride, float *base_out, double *l1, double *l2sq,
                                            int absolute) {
     task_vectors_of(KIND_F32, base, tasks, num_tasks, n, out, stride, base_out, l1, l2sq, absolute);
 }
 
-VECTOR_CLONES static void task_vectors_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+KERNEL_TARGET static void task_vectors_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                             float *out, int64_t stride, float *base_out, double *l1, double *l2sq,
                                             int absolute) {
     task_vectors_of(KIND_BF16, base, tasks, num_tasks, n, out, stride, base_out, l1, l2sq, absolute);
 }
 
-VECTOR_CLONES static void task_vectors_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+KERNEL_TARGET static void task_vectors_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                            float *out, int64_t stride, float *base_out, double *l1, double *l2sq,
                                            int absolute) {
     task_vectors_of(KIND_F16, base, tasks, num_tasks, n, out, stride, base_out, l1, l2sq, absolute);
@@ -529,7 +540,7 @@ INLINE void merge_of(int kind, int out_kind, const void *base, const void *const
     default: merge_of(KIND, OUT_KIND, base, tasks, num_tasks, n, p, out, r, DROP);                                \
     }
 #define MERGE(KIND, OUT_KIND, NAME)                                                                                \
-    VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t n,           \
+    KERNEL_TARGET static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t n,           \
                                    const merge_params *p, void *out, merge_sums *r) {                              \
         if (p->drops) {                                                                                           \
             MERGE_TASKS(KIND, OUT_KIND, 1)                                                                         \
@@ -641,7 +652,7 @@ INLINE void scan_of(int kind, const void *base, const void *x, int64_t n, float 
 }
 
 #define SCAN(KIND, COUNTING, SUMMING, NAME)                                                                        \
-    VECTOR_CLONES static void NAME(const void *base, const void *x, int64_t n, float value, int64_t *below,        \
+    KERNEL_TARGET static void NAME(const void *base, const void *x, int64_t n, float value, int64_t *below,        \
                                    int64_t *equal, double *total, double *capped) {                                \
         scan_of(KIND, base, x, n, value, COUNTING, SUMMING, below, equal, total, capped);                          \
     }
@@ -727,32 +738,32 @@ INLINE void magnitude_fine_of(int kind, const void *base, const void *const *tas
     }
 }
 
-VECTOR_CLONES static void magnitude_histogram_f32(const void *base, const void *const *tasks, int num_tasks,
+KERNEL_TARGET static void magnitude_histogram_f32(const void *base, const void *const *tasks, int num_tasks,
                                                   int64_t n, int64_t *counts, double *l1) {
     magnitude_histogram_of(KIND_F32, base, tasks, num_tasks, n, counts, l1);
 }
 
-VECTOR_CLONES static void magnitude_histogram_bf16(const void *base, const void *const *tasks, int num_tasks,
+KERNEL_TARGET static void magnitude_histogram_bf16(const void *base, const void *const *tasks, int num_tasks,
                                                    int64_t n, int64_t *counts, double *l1) {
     magnitude_histogram_of(KIND_BF16, base, tasks, num_tasks, n, counts, l1);
 }
 
-VECTOR_CLONES static void magnitude_histogram_f16(const void *base, const void *const *tasks, int num_tasks,
+KERNEL_TARGET static void magnitude_histogram_f16(const void *base, const void *const *tasks, int num_tasks,
                                                   int64_t n, int64_t *counts, double *l1) {
     magnitude_histogram_of(KIND_F16, base, tasks, num_tasks, n, counts, l1);
 }
 
-VECTOR_CLONES static void magnitude_fine_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+KERNEL_TARGET static void magnitude_fine_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                              const int64_t *bins, int64_t *fine, double *below) {
     magnitude_fine_of(KIND_F16, base, tasks, num_tasks, n, bins, fine, below);
 }
 
-VECTOR_CLONES static void magnitude_fine_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+KERNEL_TARGET static void magnitude_fine_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                              const int64_t *bins, int64_t *fine, double *below) {
     magnitude_fine_of(KIND_F32, base, tasks, num_tasks, n, bins, fine, below);
 }
 
-VECTOR_CLONES static void magnitude_fine_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+KERNEL_TARGET static void magnitude_fine_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                               const int64_t *bins, int64_t *fine, double *below) {
     magnitude_fine_of(KIND_BF16, base, tasks, num_tasks, n, bins, fine, below);
 }
@@ -875,8 +886,12 @@ INLINE void gram_buffered(int kind, const neuron_loop *c, int num_tasks, int64_t
                 neuron_values(kind, c, num_tasks, at, (int)(end - at), x, sum_abs, sum_sq);
             for (int s = 0; s < q; s++) {
                 vdouble8 w = __builtin_convertvector(x[s], vdouble8);
+#if __has_builtin(__builtin_shufflevector)
                 buf[s][v][0] = __builtin_shufflevector(w, w, 0, 1, 2, 3);
                 buf[s][v][1] = __builtin_shufflevector(w, w, 4, 5, 6, 7);
+#else
+                memcpy(buf[s][v], &w, sizeof w); /* both halves (gcc 11: slower, with a store and reloads) */
+#endif
             }
         }
         i += (int64_t)count * LANES;
@@ -987,7 +1002,7 @@ INLINE void neuron_output_of(int kind, int out_kind, const void *base, const voi
     default: { const int T = num_tasks; CALL; }                                                                    \
     }
 #define NEURON_GRAM(KIND, NAME)                                                                                    \
-    VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t rows,        \
+    KERNEL_TARGET static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t rows,        \
                                    int64_t width, const float *thresholds, double *gram, double *l1, double *l2sq) { \
         NEURON_TASKS(neuron_gram_of(KIND, base, tasks, T, rows, width, thresholds, gram, l1, l2sq))                \
     }
@@ -995,7 +1010,7 @@ NEURON_GRAM(KIND_F32, neuron_gram_f32)
 NEURON_GRAM(KIND_BF16, neuron_gram_bf16)
 NEURON_GRAM(KIND_F16, neuron_gram_f16)
 #define NEURON_OUTPUT(KIND, OUT_KIND, NAME)                                                                        \
-    VECTOR_CLONES static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t rows,        \
+    KERNEL_TARGET static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t rows,        \
                                    int64_t width, const float *thresholds, const double *z, const float *coefficient, \
                                    float lambda1, float lambda2, void *out, double *sums) {                        \
         NEURON_TASKS(neuron_output_of(KIND, OUT_KIND, base, tasks, T, rows, width, thresholds, z, coefficient,     \
@@ -1604,14 +1619,14 @@ static PyObject *neuron_output(PyObject *self, PyObject *args) {
     return Py_BuildValue("ddd", sums[0], sums[1], sums[2]);
 }
 
-/* float16_instructions(on): float16 conversions with F16C where the CPU has it (on = 1) or in integer operations
- * (on = 0, as on CPUs without it); returns whether F16C is used now. Not while a kernel runs. */
+/* float16_instructions(on): float16 conversions with F16C where the kernels are x86-64-v3 code (on = 1) or in
+ * integer operations (on = 0, as elsewhere); returns whether F16C is used now. Not while a kernel runs. */
 static PyObject *float16_instructions(PyObject *self, PyObject *args) {
     (void)self;
     int on;
     if (!PyArg_ParseTuple(args, "p", &on))
         return NULL;
-    use_f16c = on && has_f16c;
+    use_f16c = on && X86_64_V3;
     return PyBool_FromLong(use_f16c);
 }
 
@@ -1639,14 +1654,24 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU kernels (see kernels.py).", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) {
-    int full_speed = 1; /* FULL_SPEED 0: the default clones would run (x86-64 without AVX2/FMA), slower than torch */
-#if F16C_CONVERSIONS
+static int full_speed(void) {
+#if X86_64_V3
     __builtin_cpu_init();
-    use_f16c = has_f16c = full_speed = __builtin_cpu_supports("x86-64-v3") != 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("movbe") &&
+           __builtin_cpu_supports("popcnt"); /* x86-64-v3 (gcc 11 does not name ISA levels) */
+#else
+    return !GENERIC_IS_SLOW;
 #endif
+}
+
+/* Where the kernels cannot run (or would run slower than torch), the module has FULL_SPEED = 0 and no kernel. */
+PyMODINIT_FUNC PyInit__kernels(void) {
+    int fast = full_speed();
+    if (!fast)
+        module.m_methods = NULL;
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "FULL_SPEED", full_speed) < 0) {
+    if (m && PyModule_AddIntConstant(m, "FULL_SPEED", fast) < 0) {
         Py_DECREF(m);
         return NULL;
     }

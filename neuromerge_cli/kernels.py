@@ -18,7 +18,7 @@ import torch
 
 try:
     from . import _kernels
-except ImportError:  # built without a C compiler (or gcc < 12 on x86-64): the torch operations do the work
+except ImportError:  # built without a C compiler: the torch operations do the work
     _kernels = None
 
 
@@ -26,10 +26,9 @@ except ImportError:  # built without a C compiler (or gcc < 12 on x86-64): the t
 def _off_because() -> str | None:
     """Why the torch operations do the CPU sweeps, or None where the kernels do."""
     if _kernels is None:
-        return ("the C kernels are not built (they need a C compiler, gcc >= 12 on x86-64; reinstalled with one, "
-                "CPU merges run 2-5x faster)")
-    if not _kernels.FULL_SPEED:  # their generic x86-64 code does each fused multiply-add through libm
-        return "this CPU has no AVX2/FMA (x86-64-v3), without which the C kernels are slower than torch"
+        return "the C kernels are not built (no C compiler at install; reinstalled with one, CPU merges run 2-5x faster)"
+    if not _kernels.FULL_SPEED:  # compiled for x86-64-v3 (generic x86-64 code is slower than torch)
+        return "this CPU has no AVX2/FMA (x86-64-v3), which the C kernels need to beat torch"
     if os.environ.get("NEUROMERGE_KERNELS", "1") == "0":
         return "as NEUROMERGE_KERNELS=0 asks"
     return None
@@ -49,10 +48,10 @@ def cpu_sweeps() -> str:
 
 
 def float16_instructions(on: bool) -> bool:
-    """Convert float16 with the CPU's F16C instructions (``on``: the default where the CPU runs x86-64-v3
-    code) or with integer operations (as elsewhere): the same values, but for the payload of a NaN. Returns
-    whether F16C is used now. For comparing the two; never while a kernel runs."""
-    return _kernels is not None and _kernels.float16_instructions(on)
+    """Convert float16 with F16C instructions (``on``: the default of the kernels compiled for x86-64-v3)
+    or with integer operations (as kernels compiled for other CPUs do): the same values, but for the payload
+    of a NaN. Returns whether F16C is used now. For comparing the two; never while a kernel runs."""
+    return _kernels is not None and bool(_kernels.FULL_SPEED) and _kernels.float16_instructions(on)
 
 
 def threads() -> int:

@@ -476,7 +476,7 @@ def test_cpu_sweeps_say_what_does_the_work(monkeypatch: pytest.MonkeyPatch) -> N
         FULL_SPEED = 0
 
     monkeypatch.setattr(kernels, "_kernels", OldCpu)
-    assert kernels.cpu_sweeps() == ("torch operations: this CPU has no AVX2/FMA (x86-64-v3), without which the "
-                                    "C kernels are slower than torch")
+    assert kernels.cpu_sweeps() == ("torch operations: this CPU has no AVX2/FMA (x86-64-v3), which the C kernels "
+                                    "need to beat torch")
     monkeypatch.setattr(kernels, "_kernels", None)
     assert kernels.cpu_sweeps().startswith("torch operations: the C kernels are not built")
