@@ -5,8 +5,9 @@ operations in the same order: the same task vectors, merged weights and counts, 
 sums differ in their last digits: another summation order; NeuroMerging's float64 Gram matrices and
 orthogonal sums too, which could move a float32 result by one unit in the last place, though no
 benchmark or test output differs). DARE's masks are numpy's PCG64 draws. Callers keep the torch operations for
-what a kernel does not take (CUDA, float64, non-contiguous views) and for installs where the
-extension could not be built. NEUROMERGE_KERNELS=0 turns the kernels off, e.g. to compare the paths.
+what a kernel does not take (CUDA, float64, non-contiguous views), for installs where the
+extension could not be built and on x86-64 CPUs without x86-64-v3 (AVX2, FMA), for which it is not
+compiled. NEUROMERGE_KERNELS=0 turns the kernels off, e.g. to compare the paths.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ try:
     from . import _kernels
 except ImportError:  # built without a C compiler: the torch operations do the work
     _kernels = None
-
 
 
 def _off_because() -> str | None:
