@@ -409,6 +409,8 @@ typedef struct {
  * valid = LANES, a constant, for every whole vector, so the padding's tests leave the loop). */
 INLINE void merge_vector(int kind, int out_kind, const void *base, int num_tasks, int64_t i, int valid,
                          const merge_loop *c, void *out, merge_sums *r, int dropping, merge_lanes *acc) {
+    if (num_tasks < 1) /* check_inputs takes 1 to MAX_TASKS: x[0] is always set (gcc cannot see it) */
+        __builtin_unreachable();
     vfloat x[MAX_TASKS];
     const vfloat zero = {0}, one = zero + 1.0f, tiny = zero + 1e-30f;
     vfloat b = padded_load(base, i, kind, valid), psi;
