@@ -32,11 +32,6 @@
 #define X86_64_V3 0
 #define KERNEL_TARGET
 #endif
-#if defined(__x86_64__) || defined(_M_X64)
-#define GENERIC_IS_SLOW 1 /* kernels not compiled for x86-64-v3 there: slower than torch */
-#else
-#define GENERIC_IS_SLOW 0
-#endif
 #ifndef __has_builtin
 #define __has_builtin(x) 0
 #endif
@@ -56,8 +51,8 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 #define CHUNK 4096
 
 /* float16 <-> float32 in integer and float32 operations only, written once for scalars and vectors: for the
- * scalar tails and for CPUs without F16C (gcc 12 converts _Float16 vectors one lane at a time, and F16C cannot
- * be named in code compiled for every target; the x86-64-v3 clones use it below). */
+ * scalar tails, for kernels not compiled for x86-64-v3 (gcc converts _Float16 vectors one lane at a time), and
+ * to test against F16C (float16_instructions). */
 
 /* The float32 bits of a float16 (its bits widened to 32): exact; subnormals through an integer conversion, so
  * that a flush-to-zero mode cannot touch them. The magnitude is signed (S) so that vector compares and the
@@ -755,11 +750,6 @@ KERNEL_TARGET static void magnitude_histogram_f16(const void *base, const void *
     magnitude_histogram_of(KIND_F16, base, tasks, num_tasks, n, counts, l1);
 }
 
-KERNEL_TARGET static void magnitude_fine_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                                             const int64_t *bins, int64_t *fine, double *below) {
-    magnitude_fine_of(KIND_F16, base, tasks, num_tasks, n, bins, fine, below);
-}
-
 KERNEL_TARGET static void magnitude_fine_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                              const int64_t *bins, int64_t *fine, double *below) {
     magnitude_fine_of(KIND_F32, base, tasks, num_tasks, n, bins, fine, below);
@@ -768,6 +758,11 @@ KERNEL_TARGET static void magnitude_fine_f32(const void *base, const void *const
 KERNEL_TARGET static void magnitude_fine_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
                                               const int64_t *bins, int64_t *fine, double *below) {
     magnitude_fine_of(KIND_BF16, base, tasks, num_tasks, n, bins, fine, below);
+}
+
+KERNEL_TARGET static void magnitude_fine_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                                             const int64_t *bins, int64_t *fine, double *below) {
+    magnitude_fine_of(KIND_F16, base, tasks, num_tasks, n, bins, fine, below);
 }
 
 typedef void (*magnitude_histogram_fn)(const void *, const void *const *, int, int64_t, int64_t *, double *);
@@ -1662,8 +1657,10 @@ static int full_speed(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
            __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("movbe") &&
            __builtin_cpu_supports("popcnt"); /* x86-64-v3 (gcc 11 does not name ISA levels) */
+#elif defined(__x86_64__) || defined(_M_X64)
+    return 0; /* kernels not compiled for x86-64-v3: slower than torch */
 #else
-    return !GENERIC_IS_SLOW;
+    return 1;
 #endif
 }
 

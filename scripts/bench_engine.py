@@ -3,9 +3,8 @@
     python scripts/bench_engine.py --size 0.5b --tasks 3 --scratch /tmp/nmbench [--repeat 2]
 
 Builds (once, reused when present) a base and T fine-tuned Llama-shaped checkpoints in bfloat16 (or
-float16: --dtype),
-sharded safetensors with an index and a transformers LlamaConfig, under --scratch (never in the
-repository). Then, with the inputs in the page cache (one warm-up read first, ``sync`` before every
+float16: --dtype), sharded safetensors with an index and a transformers LlamaConfig, under --scratch
+(never in the repository). Then, with the inputs in the page cache (one warm-up read first, ``sync`` before every
 timed run so that no earlier write-back is pending):
 
 - the I/O floor: read every input byte once, then write one file of the output's size;
@@ -97,7 +96,6 @@ def build_family(folder: Path, shape: Shape, tasks: int, shard_bytes: int, dtype
     from safetensors.torch import save_file
 
     stored = getattr(torch, dtype)
-
     models = [folder / "base"] + [folder / f"task{t}" for t in range(tasks)]
     if all((m / "model.safetensors.index.json").exists() for m in models):
         return models
