@@ -329,6 +329,18 @@ INLINE int any_lane(vuint mask) { /* whether a comparison's lane is true (memcmp
     return any != 0;
 }
 
+/* bit k set where lane k of a comparison's result is true (all ones) */
+#if X86_64_V3
+KERNEL_TARGET static inline unsigned lane_bits(vint mask) { return (unsigned)_mm256_movemask_ps((__m256)mask); }
+#else
+INLINE unsigned lane_bits(vint mask) {
+    unsigned bits = 0;
+    for (int k = 0; k < LANES; k++)
+        bits |= (unsigned)(mask[k] < 0) << k;
+    return bits;
+}
+#endif
+
 INLINE vfloat vector_sign(vfloat x) { /* torch.sign: 0 for ±0 and NaN */
     return as_float((vuint)(x > 0)) - as_float((vuint)(x < 0));
 }
@@ -400,6 +412,16 @@ typedef struct {
     vuint conflicts;
 } merge_lanes;
 
+/* An election's sum: v_t = x_t w_t (stored back into x), summed in task order from 0 (elect.merge_values) */
+INLINE vfloat weighted_total(vfloat *x, const vfloat *weights, int num_tasks) {
+    vfloat total = {0};
+    for (int t = 0; t < num_tasks; t++) {
+        x[t] = x[t] * weights[t];
+        total = total + x[t];
+    }
+    return total;
+}
+
 /* The LANES entries from i on, of which the first ``valid`` exist (merge_of's loop body: called with
  * valid = LANES, a constant, for every whole vector, so the padding's tests leave the loop). */
 INLINE void merge_vector(int kind, int out_kind, const void *base, int num_tasks, int64_t i, int valid,
@@ -434,12 +456,9 @@ INLINE void merge_vector(int kind, int out_kind, const void *base, int num_tasks
         if (c->fn == FN_MEAN)
             psi = psi / c->divisor;
     } else {
-        vfloat total = zero, mass = zero;
-        for (int t = 0; t < num_tasks; t++) {
-            x[t] = x[t] * c->weights[t];
-            total = total + x[t];
+        vfloat total = weighted_total(x, c->weights, num_tasks), mass = zero;
+        for (int t = 0; t < num_tasks; t++)
             mass = mass + vector_abs(x[t]);
-        }
         vfloat s = vector_sign(total);
         vuint tie = (vuint)(s == 0) & (vuint)(mass > 0);
         acc->signs += s; /* padding lanes: 0 */
@@ -559,6 +578,102 @@ typedef void (*merge_fn)(const void *, const void *const *, int, int64_t, const 
 static const merge_fn MERGE_KERNELS[3][3] = {{merge_f32_f32, merge_f32_bf16, merge_f32_f16},
                                              {merge_bf16_f32, merge_bf16_bf16, merge_bf16_f16},
                                              {merge_f16_f32, merge_f16_bf16, merge_f16_f16}};
+
+/* Where open_signs_of writes: the positions of coordinates with two or more undecided entries, and the changes
+ * filed for those with one, each as (task << 16 | low bits) << 3 | (change + 4) */
+typedef struct {
+    int64_t *positions, *filed, open_count, filed_count;
+} open_lists;
+
+/* tau = x - base of LANES entries from i on (``valid`` of them), and the bits of |tau| (no sign bit: signed
+ * shifts and compares of them will do) */
+INLINE vfloat task_entry(int kind, const void *x, int64_t i, int valid, vfloat base, vint *bits) {
+    vfloat d = padded_load(x, i, kind, valid) - base, m = vector_abs(d);
+    memcpy(bits, &m, sizeof *bits);
+    return d;
+}
+
+/* One vector of open_signs_of (valid entries from i on, as merge_vector): the signs added to *signs (lanes) */
+INLINE void open_signs_vector(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t i,
+                              int valid, const vfloat *weights, const vint *bins, vfloat *signs, open_lists *out) {
+    if (num_tasks < 1) /* as in merge_vector */
+        __builtin_unreachable();
+    const vfloat zero = {0};
+    vfloat x[MAX_TASKS], b = padded_load(base, i, kind, valid);
+    vint bits, undecided = {0}; /* per lane: minus the count of entries in their bin */
+    for (int t = 0; t < num_tasks; t++) {
+        vfloat d = task_entry(kind, tasks[t], i, valid, b, &bits);
+        undecided += (vint)(bits >> 16 == bins[t]);
+        x[t] = as_float((vuint)(bits >> 16 > bins[t])) * d + zero; /* merge_vector's trim, entries in the bin out */
+    }
+    vfloat s = vector_sign(weighted_total(x, weights, num_tasks));
+    vint many = (vint)(undecided < -1);
+    *signs += blend((vuint)many, zero, s);
+    unsigned lanes = lane_bits(undecided) & ((1u << valid) - 1); /* the lanes with an undecided entry */
+    if (!lanes) /* most vectors */
+        return;
+    vint which = {0}; /* the key (task << 16 | low bits) of a lane's entry in its bin */
+    for (int t = 0; t < num_tasks; t++) {
+        vfloat d = task_entry(kind, tasks[t], i, valid, b, &bits);
+        vint in_bin = (vint)(bits >> 16 == bins[t]);
+        which = (in_bin & ((bits & 0xffff) | (t << 16))) | (~in_bin & which);
+        x[t] = as_float((vuint)(bits >> 16 >= bins[t])) * d + zero; /* the entries in the bin kept */
+    }
+    vfloat s_kept = vector_sign(weighted_total(x, weights, num_tasks));
+    for (; lanes; lanes &= lanes - 1) { /* written at the end of each list, kept where they count (no branches) */
+        int k = __builtin_ctz(lanes);
+        out->positions[out->open_count] = i + k;
+        out->open_count += many[k] != 0;
+        out->filed[out->filed_count] = (int64_t)which[k] << 3 | (int64_t)(s_kept[k] - s[k] + 4);
+        out->filed_count += !many[k] && s_kept[k] != s[k];
+    }
+}
+
+/* A global trim's elected signs while only the high 16 bits of its thresholds are known (bins[t]; the trim's
+ * second read finds the low ones: stats.MajoritySignStat). An entry whose |tau_t| has higher high bits than
+ * bins[t] is kept whatever the low ones, one with lower high bits is trimmed, one in its task's bin (equal high
+ * bits) is undecided: kept iff its low bits reach the threshold's. Over n coordinates, with merge_vector's
+ * elected sign sign(sum_t w_t x_t) (the same x_t: tau_t or +0), those with no undecided entry or one add the
+ * sign with it trimmed to *sign_total, and those with one file the change its keeping makes (out->filed);
+ * the positions of those with more go to out->positions. */
+INLINE void open_signs_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
+                          const float *weights, const int64_t *bins, int64_t *sign_total, open_lists *out) {
+    const vfloat zero = {0};
+    vfloat w[MAX_TASKS];
+    vint bin[MAX_TASKS];
+    for (int t = 0; t < num_tasks; t++) {
+        w[t] = zero + weights[t];
+        bin[t] = (vint){0} + (int32_t)bins[t];
+    }
+    *sign_total = out->open_count = out->filed_count = 0;
+    for (int64_t lo = 0; lo < n; lo += CHUNK) { /* |lane sums| <= CHUNK / LANES: exact in float32 */
+        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n, i = lo;
+        vfloat signs = zero;
+        for (; i + LANES <= hi; i += LANES)
+            open_signs_vector(kind, base, tasks, num_tasks, i, LANES, w, bin, &signs, out);
+        if (i < hi)
+            open_signs_vector(kind, base, tasks, num_tasks, i, (int)(hi - i), w, bin, &signs, out);
+        *sign_total += (int64_t)lane_total(signs);
+    }
+}
+
+#define OPEN_SIGNS(KIND, NAME)                                                                                     \
+    KERNEL_TARGET static void NAME(const void *base, const void *const *tasks, int num_tasks, int64_t n,           \
+                                   const float *weights, const int64_t *bins, int64_t *sign_total,                \
+                                   open_lists *out) {                                                              \
+        switch (KIND == KIND_BF16 ? num_tasks : 0) { /* as MERGE_TASKS */                                          \
+        case 2: open_signs_of(KIND, base, tasks, 2, n, weights, bins, sign_total, out); break;                    \
+        case 3: open_signs_of(KIND, base, tasks, 3, n, weights, bins, sign_total, out); break;                    \
+        case 4: open_signs_of(KIND, base, tasks, 4, n, weights, bins, sign_total, out); break;                    \
+        default: open_signs_of(KIND, base, tasks, num_tasks, n, weights, bins, sign_total, out);                  \
+        }                                                                                                          \
+    }
+OPEN_SIGNS(KIND_F32, open_signs_f32)
+OPEN_SIGNS(KIND_BF16, open_signs_bf16)
+OPEN_SIGNS(KIND_F16, open_signs_f16)
+typedef void (*open_signs_fn)(const void *, const void *const *, int, int64_t, const float *, const int64_t *,
+                              int64_t *, open_lists *);
+static const open_signs_fn OPEN_SIGNS_KERNELS[3] = {open_signs_f32, open_signs_bf16, open_signs_f16};
 
 typedef double vdouble4 __attribute__((vector_size(32))); /* two of these hold a vfloat in float64 */
 typedef double vdouble8 __attribute__((vector_size(64)));
@@ -1356,6 +1471,68 @@ static PyObject *dare_keep(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* open_signs over threads: each part writes its lists from its own start on; taken in order afterwards */
+typedef struct {
+    int kind, num_tasks;
+    const void *base, *tasks[MAX_TASKS];
+    const float *weights;
+    const int64_t *bins;
+    int64_t *positions, *filed, sign_total[MAX_PARTS];
+    open_lists lists[MAX_PARTS];
+} open_signs_job;
+
+static void open_signs_part(void *ctx, int part, int64_t lo, int64_t hi) {
+    open_signs_job *j = (open_signs_job *)ctx;
+    const void *tasks[MAX_TASKS];
+    int64_t in = KIND_BYTES[j->kind];
+    for (int t = 0; t < j->num_tasks; t++)
+        tasks[t] = (const char *)j->tasks[t] + lo * in;
+    j->lists[part] = (open_lists){j->positions + lo, j->filed + lo, 0, 0};
+    OPEN_SIGNS_KERNELS[j->kind]((const char *)j->base + lo * in, tasks, j->num_tasks, hi - lo, j->weights, j->bins,
+                                &j->sign_total[part], &j->lists[part]);
+}
+
+/* open_signs(kind, base, tasks, n, weights, bins, flips, positions, filed, threads) -> (sign_total, open_count):
+ * the filed changes added to flips (float64, num_tasks << 16); pointers as integers, positions and filed with
+ * room for n */
+static PyObject *open_signs(PyObject *self, PyObject *args) {
+    (void)self;
+    int kind, threads;
+    unsigned long long base, weights, bins, flips, positions, filed;
+    PyObject *task_list;
+    Py_ssize_t n, num_tasks;
+    if (!PyArg_ParseTuple(args, "iKO!nKKKKKi", &kind, &base, &PyTuple_Type, &task_list, &n, &weights, &bins, &flips,
+                          &positions, &filed, &threads))
+        return NULL;
+    const void *tasks[MAX_TASKS];
+    if (check_inputs("open_signs", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
+        return NULL;
+    open_signs_job *j = PyMem_RawCalloc(1, sizeof(open_signs_job));
+    if (!j)
+        return PyErr_NoMemory();
+    *j = (open_signs_job){.kind = kind, .num_tasks = (int)num_tasks, .base = (const void *)base,
+                          .weights = (const float *)weights, .bins = (const int64_t *)bins,
+                          .positions = (int64_t *)positions, .filed = (int64_t *)filed};
+    memcpy(j->tasks, tasks, (size_t)num_tasks * sizeof(void *));
+    int64_t sign_total = 0, open_count = 0;
+    double *flip = (double *)flips;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t bounds[MAX_PARTS + 1];
+    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, open_signs_part, j, bounds);
+    for (int k = 0; k < parts; k++) { /* in order: the positions stay ascending */
+        const open_lists *l = &j->lists[k];
+        for (int64_t i = 0; i < l->open_count; i++)
+            j->positions[open_count + i] = l->positions[i] + bounds[k];
+        for (int64_t i = 0; i < l->filed_count; i++)
+            flip[l->filed[i] >> 3] += (double)((l->filed[i] & 7) - 4);
+        sign_total += j->sign_total[k];
+        open_count += l->open_count;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(j);
+    return Py_BuildValue("LL", (long long)sign_total, (long long)open_count);
+}
+
 /* scan (count_around, capped_sums, or both at once) over threads: each part's counts or sums, added in order */
 typedef struct {
     int kind, what;       /* what: 1 counts, 2 sums, 3 both */
@@ -1636,6 +1813,9 @@ static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(kind, base, x, n, value, what, threads) -> (below, equal, total, capped): see kernels.py"},
     {"float16_instructions", float16_instructions, METH_VARARGS, "float16_instructions(on): see kernels.py"},
+    {"open_signs", open_signs, METH_VARARGS,
+     "open_signs(kind, base, tasks, n, weights, bins, flips, positions, filed, threads) -> (sign_total, open_count): "
+     "see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
      "magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads): see kernels.py"},
     {"neuron_gram", neuron_gram, METH_VARARGS,

@@ -280,6 +280,11 @@ class TrimStat(GlobalStat):
         return self._topk is not None
 
     @property
+    def bins(self) -> torch.Tensor | None:
+        """Global trim: the high 16 bits of each task's threshold (T,), known after the first pass; else None."""
+        return None if self._topk is None else self._topk.bins
+
+    @property
     def thresholds(self) -> torch.Tensor | None:
         """Global per-task thresholds (T,), or None when trimming is per tensor or off."""
         return None if self._topk is None else self._topk.thresholds
@@ -324,6 +329,7 @@ class TrimStat(GlobalStat):
 
 
 STASH_ROWS = 1 << 20  # distinct entries the folded majority may hold for ambiguous coordinates
+GATHERED_COLUMNS = 1 << 16  # open coordinates gathered from the kernels before their bookkeeping
 
 
 class Tally:
@@ -367,25 +373,25 @@ class MajoritySignStat(GlobalStat):
     interaction, tallied by the pair's tasks and low bits (few distinct ones: in-bin entries share
     their high bits). Coordinates with three or more (about the cube of the in-bin share) are held
     as their task values, trimmed ones zeroed and equal rows merged, and settled at the end. Past
-    STASH_ROWS distinct pairs or rows, a third read computes the sign plainly.
+    STASH_ROWS distinct pairs or rows, a third read computes the sign plainly. On a CPU with the kernels,
+    one sweep of the stored inputs settles the coordinates with at most one undecided entry
+    (kernels.open_signs) and only the others' task vectors are made, for the bookkeeping above.
     """
 
     key = "majority"
 
-    def __init__(self, trim: TrimStat, fold: bool | None = None) -> None:
-        """``fold=False``: always a read of its own after the trim's (the plain computation); None: the
-        plain read where the fused kernels will do it (on a CPU: a third read that sums the elected signs
-        in one sweep per block costs less than folding, whose bookkeeping is eager torch), else fold."""
+    def __init__(self, trim: TrimStat, fold: bool = True) -> None:
+        """``fold=False``: always a read of its own after the trim's (the plain computation)."""
         self.after = trim
         self._trim = trim
         self.rowwise = trim.rowwise
         self.passes = 1
-        if fold is None:
-            fold = not (kernels.ENABLED and trim.device.type == "cpu")
         self.folded = fold and trim.thresholds_pending
-        self.stored_inputs = not self.folded  # the plain read: kernels.merge where it applies
+        on_kernels = kernels.ENABLED and trim.device.type == "cpu"
+        # the plain read, and the folded one where the kernels sort the coordinates out: from the stored inputs
+        self.stored_inputs = on_kernels or not self.folded
         self.joins = 1 if self.folded else 0
-        trim.keep_split = self.folded
+        trim.keep_split = self.folded and not on_kernels  # else the torch split of the trim's read is shared
         num_tasks = trim.num_tasks
         self._sum = torch.zeros(1, dtype=torch.float64)  # a sum of signs: exact in float64
         self._late = torch.zeros(1, dtype=torch.float64)  # the held coordinates' part, per process
@@ -395,6 +401,8 @@ class MajoritySignStat(GlobalStat):
         self._pairs = Tally()  # (task pair, low bits of both) → Σ interaction, of 2-undecided coordinates
         self._rows = Tally()  # τ bits (T,) of coordinates with 3 or more undecided entries → count
         self._weights: torch.Tensor | None = None
+        self._gathered: list[torch.Tensor] = []  # task vectors (T, m) of coordinates kernels.open_signs left open
+        self._gathered_weights = torch.ones(num_tasks)
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         if self.folded and pass_index == 0:
@@ -406,9 +414,26 @@ class MajoritySignStat(GlobalStat):
 
     def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
                        ) -> torch.Tensor | None:
-        """The plain read: the elected signs summed by the fused kernel where it applies (the same signs,
-        bit for bit), else as ``observe``."""
+        """The elected signs summed by the fused kernels where they apply (the same signs, bit for bit), else
+        as ``observe``: in the plain read by kernels.merge; folded, the decided coordinates by
+        kernels.open_signs (at most one undecided entry) and the task vectors of the others made for
+        ``_observe_folded``."""
         device = self._trim.device
+        if self.folded and pass_index == 0:
+            if not kernels.applies(tensors, device):
+                self._observe_made(pass_index, name, tensors, weights, device)
+            elif not self._overflow.item():
+                bins = self._trim.bins
+                assert bins is not None
+                decided, columns = kernels.open_signs(tensors, weights, bins, self._flips)
+                self._sum += float(decided)
+                if columns.numel():  # gathered over chunks: the bookkeeping's torch calls cost per call
+                    picked = [t.reshape(-1)[columns] for t in tensors]
+                    self._gathered.append(float_task_vectors(picked, device)[1])
+                    self._gathered_weights = weights
+                    if sum(x.shape[1] for x in self._gathered) >= GATHERED_COLUMNS:
+                        self._fold_gathered()
+            return None
         if kernels.applies(tensors, device):
             thresholds = self._trim.thresholds_of(name)
             sums = kernels.merge(tensors, weights.cpu(), "elect_sum", tensors[0].dtype, thresholds=thresholds,
@@ -416,6 +441,12 @@ class MajoritySignStat(GlobalStat):
             self._sum += float(sums.sign_total)
             return sums.l1
         return self._observe_made(pass_index, name, tensors, weights, device)
+
+    def _fold_gathered(self) -> None:
+        """The gathered columns' bookkeeping (``_observe_folded``), before the pass's sums are read."""
+        if self._gathered and not self._overflow.item():
+            self._observe_folded(torch.cat(self._gathered, dim=1), self._gathered_weights)
+        self._gathered = []
 
     def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         split = self._trim.split(deltas)
@@ -471,12 +502,12 @@ class MajoritySignStat(GlobalStat):
     def _file(self, task: torch.Tensor, low: torch.Tensor, change: torch.Tensor) -> None:
         """Add ``change`` (per coordinate) under each entry's task and low bits: it counts once the
         threshold's low bits are at most the entry's."""
-        some = change != 0
-        self._flips += torch.bincount((task * LOW_BINS + low)[some], weights=change[some].double(),
-                                      minlength=self._flips.numel())
+        some = change != 0  # index_add_: no pass over all T · 2^16 bins per chunk (sums of integers: exact)
+        self._flips.index_add_(0, (task * LOW_BINS + low)[some].long(), change[some].double())
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         if self.folded and pass_index == 0:
+            self._fold_gathered()
             return [self._sum, self._flips, self._overflow]
         return [self._sum]
 
@@ -486,6 +517,7 @@ class MajoritySignStat(GlobalStat):
     def end_pass(self, pass_index: int) -> None:
         if not (self.folded and pass_index == 0):
             return
+        self._fold_gathered()
         if self._overflow.item():  # on any process: the plain pass follows
             self.passes = 2
             self._sum.zero_()

@@ -70,12 +70,8 @@ def toy_family(root: Path, num_tasks: int = 3, dtype: torch.dtype = torch.float3
     return root / "base", tasks
 
 
-def global_ties_reads() -> int:
-    """Statistics reads of a global-trim TIES merge on the CPU: two for the exact thresholds, and a third
-    for the majority sign where the fused kernels sum it (without them it rides on the second)."""
-    from neuromerge_cli import kernels
-
-    return 3 if kernels.ENABLED else 2
+# Statistics reads of a global-trim TIES merge: two for the exact thresholds; the majority sign rides on the second
+GLOBAL_TIES_READS = 2
 
 
 def write_recipe(path: Path, base: Path, tasks: list[Path], method: str, parameters: dict | None = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from helpers import global_ties_reads, toy_family, write_recipe
+from helpers import GLOBAL_TIES_READS, toy_family, write_recipe
 from neuromerge_cli import __version__
 from neuromerge_cli.cli import app
 
@@ -79,7 +79,7 @@ def test_plain_progress_lines_when_not_a_terminal(family, tmp_path: Path) -> Non
     lines = result.stderr.splitlines()
     starts = [line for line in lines if line.endswith("to read")]
     ends = [line for line in lines if ": done, " in line]
-    reads = global_ties_reads()
+    reads = GLOBAL_TIES_READS
     assert [s.split(":")[0] for s in starts] == [e.split(":")[0] for e in ends] == [
         *(f"statistics pass {g}/{reads}" for g in range(1, reads + 1)), "merge"]
     assert "\x1b" not in result.stderr and "\r" not in result.stderr  # no terminal control in logs
@@ -107,7 +107,7 @@ def test_json_log_is_json_only(family, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stderr.splitlines()]  # every line parses
     kinds = [e["event"] for e in events]
-    assert kinds.count("pass_start") == kinds.count("pass_end") == global_ties_reads() + 1  # and the merge
+    assert kinds.count("pass_start") == kinds.count("pass_end") == GLOBAL_TIES_READS + 1  # and the merge
     assert kinds[-1] == "summary"
     summary = events[-1]
     assert summary["output"] == str(tmp_path / "out") and summary["method"] == "ties"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import fine_tune, global_ties_reads, toy_family, toy_tensors, write_model, write_recipe
+from helpers import GLOBAL_TIES_READS, fine_tune, toy_family, toy_tensors, write_model, write_recipe
 from neuromerge_cli.checkpoints import Checkpoint
 from neuromerge_cli.cli import app
 from neuromerge_cli import dryrun, engine, kernels
@@ -50,7 +50,7 @@ def test_plan_figures_from_headers(family, tmp_path: Path, no_weight_reads: None
     sizes = _sizes(torch.bfloat16)
     floats = {n: s for n, s in sizes.items() if n != "position_ids"}
     assert plan["tensors"] == 7 and plan["roles"] == {"neuron": 4, "point": 2, "copy": 1}
-    reads = global_ties_reads()  # the exact global threshold, and the majority sign
+    reads = GLOBAL_TIES_READS  # the exact global threshold, the majority sign in the second
     assert plan["statistics_reads"] == reads and plan["reads"] == reads + 1
     assert plan["bytes_read_statistics"] == reads * sum(s[0] for s in floats.values())
     assert plan["bytes_read_merge"] == sum(s[0] for s in sizes.values())
@@ -143,7 +143,7 @@ def test_cli_dry_run(family, tmp_path: Path, no_weight_reads: None) -> None:
     assert lines[0].startswith("dry run: ties over 3 model(s)")
     assert lines[0].endswith(f" on cpu with {kernels.cpu_sweeps()} (no weight read)")
     assert lines[1] == "tensors: 7 (4 neuron, 2 point, 1 copied)"
-    assert lines[2] == f"passes: {global_ties_reads()} statistics read(s) + 1 merge read of the base and every model"
+    assert lines[2] == f"passes: {GLOBAL_TIES_READS} statistics read(s) + 1 merge read of the base and every model"
     assert lines[3].startswith("read: ") and lines[4].startswith("write: ")
     # where the kernels count |τ| straight from the stored inputs, the statistics reads hold no task vectors
     peak_phase = "merge read" if kernels.ENABLED else "statistics read 1"
@@ -154,7 +154,7 @@ def test_cli_dry_run(family, tmp_path: Path, no_weight_reads: None) -> None:
     assert result.exit_code == 0, result.output
     events = [json.loads(x) for x in result.stderr.splitlines()]
     assert [e["event"] for e in events] == ["plan"]
-    assert events[0]["reads"] == global_ties_reads() + 1 and events[0]["memory"]["prefetch"] == PREFETCH
+    assert events[0]["reads"] == GLOBAL_TIES_READS + 1 and events[0]["memory"]["prefetch"] == PREFETCH
 
 
 def test_cli_dry_run_refuses_an_existing_output(family, tmp_path: Path) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import global_ties_reads, load_output, merge, recipe_dict, toy_family, toy_tensors, write_model
-from neuromerge_cli import kernels
+from helpers import GLOBAL_TIES_READS, load_output, merge, recipe_dict, toy_family, toy_tensors, write_model
 from neuromerge_cli.engine import PREFETCH, TensorLoader, pick_device, prepare, schedule
 from neuromerge_cli.errors import MergeError
 from neuromerge_cli.methods import get_method
@@ -16,14 +15,10 @@ from neuromerge_cli.recipe import parse_recipe
 from reference import load_folder, reference_merge
 
 
-def test_schedule_runs_dependent_statistics_after_their_prerequisite(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_schedule_runs_dependent_statistics_after_their_prerequisite() -> None:
     ties = get_method("ties")
     trim, majority = ties.global_stats(ties.parse_params({}), 2, torch.device("cpu"))
-    if kernels.ENABLED:  # on a CPU with the fused kernels the majority sign takes a read of its own ...
-        assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1)], [(majority, 0)]]
-    monkeypatch.setattr(kernels, "ENABLED", False)
-    trim, majority = ties.global_stats(ties.parse_params({}), 2, torch.device("cpu"))
-    # ... else it joins the trim's second read (it needs only the trim's bins there) ...
+    # the majority sign joins the trim's second read (it needs only the trim's bins there) ...
     assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)]]
     majority.passes = 2  # ... and may ask for a plain pass of its own after it
     assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)], [(majority, 1)]]
@@ -42,7 +37,7 @@ def test_schedule_runs_dependent_statistics_after_their_prerequisite(monkeypatch
 def test_statistics_reads(tmp_path: Path, params: dict, reads: int | None) -> None:
     base, tasks = toy_family(tmp_path, 2)
     report = merge(recipe_dict(base, tasks, "ties", params), tmp_path / "out")
-    assert report["timings"]["statistics_reads"] == (global_ties_reads() if reads is None else reads)
+    assert report["timings"]["statistics_reads"] == (GLOBAL_TIES_READS if reads is None else reads)
 
 
 def test_read_ahead_is_bounded(tmp_path: Path) -> None:

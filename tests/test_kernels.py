@@ -291,6 +291,49 @@ def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below(
         assert below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("num_tasks", [1, 3, 6])
+@pytest.mark.parametrize("threads", [1, 4])
+@needs_kernels
+@pytest.mark.usefixtures("float16_conversion")
+def test_open_signs_settle_coordinates_with_at_most_one_undecided_entry(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, num_tasks: int, threads: int) -> None:
+    """Reference from the definition: per coordinate, entries above their task's bin kept, below it +0,
+    sign(Σ_t w_t x_t) added in task order; with one entry in its bin the signs with it trimmed and kept."""
+    monkeypatch.setattr(kernels, "threads", lambda: threads)
+    n = 3 * (1 << 18) + 4101  # parts with 4 threads, and a tail
+    tensors = cancelling_inputs(n, dtype, seed=num_tasks)[:num_tasks + 1]  # exact cancellations: sums of 0
+    tensors += inputs(n, dtype, num_tasks - 4, seed=1)[1:] if num_tasks > 4 else []
+    tensors[1][11] = float("nan")
+    weights = torch.tensor([1.0, 0.5, 2.0, -0.3, 1.7, 1.0])[:num_tasks]
+    deltas = torch.stack([t.float() for t in tensors[1:]]) - tensors[0].float()
+    bits = deltas.view(torch.int32) & 0x7FFFFFFF
+    high = bits >> 16
+    bins = torch.stack([high[t][high[t] > 0].median() for t in range(num_tasks)]).long()  # bins full of entries
+    flips = torch.full((num_tasks << 16,), 0.5, dtype=torch.float64)  # added to
+    total, positions = kernels.open_signs(tensors, weights, bins, flips)
+
+    def signs(keep: torch.Tensor) -> torch.Tensor:
+        x = torch.where(keep, deltas, 0.0)
+        summed = torch.zeros(n)
+        for t in range(num_tasks):
+            summed = summed + x[t] * weights[t]
+        return torch.sign(summed)
+
+    undecided = high == bins[:, None]
+    count = undecided.sum(0)
+    trimmed, kept = signs(high > bins[:, None]), signs(high >= bins[:, None])
+    assert total == int(trimmed[count <= 1].sum())
+    assert torch.equal(positions, (count > 1).nonzero().squeeze(1))
+    one = count == 1
+    task = undecided.long().argmax(0)[one]
+    key = task * 65536 + (bits[:, one].gather(0, task[None])[0] & 0xFFFF).long()
+    want = torch.zeros(num_tasks << 16, dtype=torch.float64).index_add_(0, key, (kept - trimmed)[one].double()) + 0.5
+    assert torch.equal(flips, want)
+    assert one.sum() > 1000 and (kept != trimmed)[one].sum() > 100 and (trimmed == 0).sum() > 1000
+    assert num_tasks == 1 or positions.numel() > 10
+
+
 def neuron_inputs(out: int, width: int, dtype: torch.dtype, num_tasks: int, seed: int = 0) -> list[torch.Tensor]:
     return [x.reshape(out, width) for x in inputs(out * width, dtype, num_tasks, seed)]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from helpers import global_ties_reads, toy_family, toy_tensors, write_recipe
+from helpers import GLOBAL_TIES_READS, toy_family, toy_tensors, write_recipe
 from neuromerge_cli.engine import MergeOptions, prepare, run_merge
 from neuromerge_cli.progress import JsonLog, QuietJsonLog, RichLog, RunLog, TextLog, make_log, warnings_to
 from neuromerge_cli.recipe import load_recipe
@@ -36,7 +36,7 @@ def test_engine_reports_every_pass_with_bytes(tmp_path: Path) -> None:
     everything = sum(t.numel() * t.element_size() for t in toy.values()) * (num_tasks + 1)
     n_float = sum(1 for t in toy.values() if t.is_floating_point())
     phases = list(dict.fromkeys(c[0] for c in calls))
-    reads = global_ties_reads()  # global TIES: the exact threshold, the majority sign; then the merge read
+    reads = GLOBAL_TIES_READS  # global TIES: the exact threshold, the majority sign; then the merge read
     assert phases == [*(f"statistics pass {g}/{reads}" for g in range(1, reads + 1)), "merge"]
     for phase in phases:
         seen = [c[1:] for c in calls if c[0] == phase]

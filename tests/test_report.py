@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import global_ties_reads, hub_cache, load_output, merge, toy_family
+from helpers import GLOBAL_TIES_READS, hub_cache, load_output, merge, toy_family
 from neuromerge_cli import kernels
 from neuromerge_cli.report import summary_lines
 from reference import Vectors, kth_largest_threshold, load_folder, trim
@@ -94,7 +94,7 @@ def test_timings_memory_and_totals(hub_merge: tuple) -> None:
     timings = report["timings"]
     for key in ("resolve_s", "index_and_plan_s", "statistics_s", "merge_s"):
         assert timings[key] >= 0
-    assert timings["statistics_reads"] == global_ties_reads()
+    assert timings["statistics_reads"] == GLOBAL_TIES_READS
     assert report["peak_memory"]["rss_bytes"] > 10 * 2**20
     totals = report["totals"]
     assert totals["tensors"] == 7 and totals["shards"] == 1 and totals["tied"] == {}

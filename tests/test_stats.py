@@ -241,27 +241,75 @@ def test_majority_in_the_trims_second_read_equals_the_separate_pass(kind: str, n
         assert separate.total == expected
 
 
+def stored_chunks(kind: str, seed: int) -> list[list[torch.Tensor]]:
+    """Stored inputs [θ0, θ_1..θ_3] in bfloat16: differences of nearby weights (many entries in a threshold
+    bin, exact cancellations), or a handful of values over θ0 = 0 (several undecided entries per coordinate)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in [(64, 33), (257,), (4099,), (1,)]:
+        if kind == "few":
+            values = torch.randint(-2, 3, (3, *shape), generator=g).float() * 0.25
+            out.append([torch.zeros(shape, dtype=torch.bfloat16)] + [v.bfloat16() for v in values])
+            continue
+        base = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+        tasks = [(base.float() + 0.001 * torch.randn(shape, generator=g)).bfloat16() for _ in range(3)]
+        tasks[1].view(-1)[::4] = (2 * base.view(-1)[::4].float() - tasks[0].view(-1)[::4].float()).bfloat16()
+        out.append([base, *tasks])
+    return out
+
+
+def run_stored(stats: list[GlobalStat], stored: list[list[torch.Tensor]], weights: torch.Tensor) -> int:
+    """run_scheduled over stored inputs, each statistic fed as the engine's observe_piece feeds it."""
+    g = 0
+    while g < len(passes := schedule(stats)):
+        for tensors in stored:
+            for stat, p in passes[g]:
+                if stat.stored_inputs:
+                    stat.observe_stored(p, "t", tensors, weights)
+                else:
+                    stat.observe(p, "t", float_task_vectors(tensors, torch.device("cpu"))[1], weights)
+        for stat, p in passes[g]:
+            stat.end_pass(p)
+        g += 1
+    return g
+
+
 @needs_kernels
-def test_majority_reads_the_model_again_where_the_kernels_sum_the_signs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU with the fused kernels the plain third read is the default: the kernel sums the elected
-    signs from the stored inputs, the same total as the torch computation from the task vectors."""
-    trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
-    assert not MajoritySignStat(trim).folded and MajoritySignStat(trim).stored_inputs
-    monkeypatch.setattr(kernels, "ENABLED", False)
-    assert MajoritySignStat(TrimStat(0.3, "global", 3, torch.device("cpu"))).folded
-    monkeypatch.undo()
-    g = torch.Generator().manual_seed(8)
-    stored = [[(torch.randn(64, 33, generator=g) * 0.02).bfloat16() for _ in range(4)] for _ in range(3)]
-    for t in stored:  # exact cancellations: ties, where the sum of signs gains nothing
-        t[2][::4] = (2 * t[0][::4].float() - t[1][::4].float()).bfloat16()
+@pytest.mark.parametrize("kind, held, reads, gathered", [("bf16", 1 << 20, 2, 1 << 16), ("bf16", 1 << 20, 2, 1),
+                                                         ("few", 1 << 20, 2, 1 << 16), ("few", 1 << 20, 2, 1),
+                                                         ("few", 8, 3, 1)])
+def test_majority_from_the_stored_inputs_sorts_the_coordinates_out_in_a_kernel(
+        monkeypatch: pytest.MonkeyPatch, kind: str, held: int, reads: int, gathered: int) -> None:
+    """On a CPU with the kernels the folded majority reads the stored inputs: kernels.open_signs settles the
+    coordinates with at most one undecided entry and only the others go through the torch bookkeeping
+    (gathered over chunks, up to GATHERED_COLUMNS); the same total as the torch fold, the plain third read
+    (past the bound, as here with STASH_ROWS 8) and the reference."""
+    monkeypatch.setattr(stats_module, "STASH_ROWS", held)
+    monkeypatch.setattr(stats_module, "GATHERED_COLUMNS", gathered)
+    stored = stored_chunks(kind, seed=8)
     chunks = [float_task_vectors(t, torch.device("cpu"))[1] for t in stored]
     weights = WEIGHTS[:3]
-    run_scheduled([trim], chunks, weights)
-    kernel, plain = MajoritySignStat(trim, fold=False), MajoritySignStat(trim, fold=False)
-    for t, x in zip(stored, chunks):
-        kernel.observe_stored(0, "t", t, weights)
-        plain.observe(0, "t", x, weights)
-    assert kernel.total == plain.total == majority_reference(chunks, weights, 0.3) != 0
+    expected = majority_reference(chunks, weights, 0.3)
+    trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
+    majority = MajoritySignStat(trim)
+    assert majority.folded and majority.stored_inputs and trim.stored_inputs and not trim.keep_split
+    opened = []
+    monkeypatch.setattr(stats_module.MajoritySignStat, "_observe_folded",
+                        lambda self, deltas, w, real=MajoritySignStat._observe_folded: (opened.append(deltas.shape[1]),
+                                                                                        real(self, deltas, w)))
+    assert run_stored([trim, majority], stored, weights) == reads
+    assert majority.total == expected != 0
+    assert 0 < sum(opened) < sum(c[0].numel() for c in stored) / (4 if kind == "bf16" else 1)  # the open ones only
+    if reads == 2:  # all at the end of the pass, or chunk by chunk (none after an overflow)
+        assert len(opened) == 1 if gathered > 1 else len(opened) > 1
+    monkeypatch.undo()
+    monkeypatch.setattr(stats_module, "STASH_ROWS", held)
+    monkeypatch.setattr(kernels, "ENABLED", False)  # the torch fold of the same chunks
+    trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
+    majority = MajoritySignStat(trim)
+    assert majority.folded and not majority.stored_inputs and trim.keep_split
+    assert run_stored([trim, majority], stored, weights) == reads
+    assert majority.total == expected
 
 
 @pytest.mark.parametrize("held, reads", [(1 << 20, 2), (300, 2), (8, 3)])
