@@ -579,10 +579,11 @@ static const merge_fn MERGE_KERNELS[3][3] = {{merge_f32_f32, merge_f32_bf16, mer
                                              {merge_bf16_f32, merge_bf16_bf16, merge_bf16_f16},
                                              {merge_f16_f32, merge_f16_bf16, merge_f16_f16}};
 
-/* Where open_signs_of writes: the positions of coordinates with two or more undecided entries, and the changes
- * filed for those with one, each as (task << 16 | low bits) << 3 | (change + 4) */
+/* Where open_signs_of writes: the positions of coordinates with three or more undecided entries; the changes
+ * filed for each entry of those with one or two, as (task << 16 | low bits) << 3 | (change + 4) (room for two
+ * per coordinate); the interactions of pairs, as ((t1 * T + t2) << 32 | low1 << 16 | low2) << 4 | (joint + 8) */
 typedef struct {
-    int64_t *positions, *filed, open_count, filed_count;
+    int64_t *positions, *filed, *pairs, open_count, filed_count, pair_count;
 } open_lists;
 
 /* tau = x - base of LANES entries from i on (``valid`` of them), and the bits of |tau| (no sign bit: signed
@@ -593,66 +594,104 @@ INLINE vfloat task_entry(int kind, const void *x, int64_t i, int valid, vfloat b
     return d;
 }
 
+INLINE float scalar_sign(float x) { return (float)(x > 0) - (float)(x < 0); } /* vector_sign of one lane */
+
+/* Lane k of open_signs_vector with two undecided entries (rare: one coordinate in hundreds), one lane at a time
+ * with merge_vector's operations: the signs with the first, the second and both kept filed against ``none`` */
+INLINE void open_pair(int num_tasks, const vfloat *d, const vint *bits, const float *weights, const int32_t *bins,
+                      int k, float none, open_lists *out) {
+    float first = 0.0f, second = 0.0f, both = 0.0f;
+    int64_t key[2] = {0, 0};
+    int seen = 0;
+    for (int t = 0; t < num_tasks; t++) {
+        int32_t high = bits[t][k] >> 16;
+        int in_bin = high == bins[t];
+        if (in_bin)
+            key[seen++] = (int64_t)t << 16 | (bits[t][k] & 0xffff);
+        float dt = d[t][k], above = (float)(high > bins[t]) * dt + 0.0f, kept = (float)(high >= bins[t]) * dt + 0.0f;
+        first = first + (in_bin && seen == 1 ? kept : above) * weights[t];
+        second = second + (in_bin && seen == 2 ? kept : above) * weights[t];
+        both = both + kept * weights[t];
+    }
+    float s_first = scalar_sign(first), s_second = scalar_sign(second);
+    float joint = scalar_sign(both) - s_first - s_second + none;
+    if (s_first != none)
+        out->filed[out->filed_count++] = key[0] << 3 | (int64_t)(s_first - none + 4);
+    if (s_second != none)
+        out->filed[out->filed_count++] = key[1] << 3 | (int64_t)(s_second - none + 4);
+    if (joint != 0) {
+        int64_t pair = ((key[0] >> 16) * num_tasks + (key[1] >> 16)) << 32 | (key[0] & 0xffff) << 16 | (key[1] & 0xffff);
+        out->pairs[out->pair_count++] = pair << 4 | (int64_t)(joint + 8);
+    }
+}
+
 /* One vector of open_signs_of (valid entries from i on, as merge_vector): the signs added to *signs (lanes) */
 INLINE void open_signs_vector(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t i,
-                              int valid, const vfloat *weights, const vint *bins, vfloat *signs, open_lists *out) {
+                              int valid, const vfloat *weights, const vint *bins, const float *lane_weights,
+                              const int32_t *lane_bins, vfloat *signs, open_lists *out) {
     if (num_tasks < 1) /* as in merge_vector */
         __builtin_unreachable();
     const vfloat zero = {0};
-    vfloat x[MAX_TASKS], b = padded_load(base, i, kind, valid);
-    vint bits, undecided = {0}; /* per lane: minus the count of entries in their bin */
+    vfloat x[MAX_TASKS], d[MAX_TASKS], b = padded_load(base, i, kind, valid);
+    vint bits[MAX_TASKS], undecided = {0}; /* per lane: minus the count of entries in their bin */
     for (int t = 0; t < num_tasks; t++) {
-        vfloat d = task_entry(kind, tasks[t], i, valid, b, &bits);
-        undecided += (vint)(bits >> 16 == bins[t]);
-        x[t] = as_float((vuint)(bits >> 16 > bins[t])) * d + zero; /* merge_vector's trim, entries in the bin out */
+        d[t] = task_entry(kind, tasks[t], i, valid, b, &bits[t]);
+        undecided += (vint)(bits[t] >> 16 == bins[t]);
+        x[t] = as_float((vuint)(bits[t] >> 16 > bins[t])) * d[t] + zero; /* merge_vector's trim, bin entries out */
     }
     vfloat s = vector_sign(weighted_total(x, weights, num_tasks));
-    vint many = (vint)(undecided < -1);
-    *signs += blend((vuint)many, zero, s);
+    *signs += blend((vuint)(undecided < -2), zero, s);
     unsigned lanes = lane_bits(undecided) & ((1u << valid) - 1); /* the lanes with an undecided entry */
     if (!lanes) /* most vectors */
         return;
     vint which = {0}; /* the key (task << 16 | low bits) of a lane's entry in its bin */
     for (int t = 0; t < num_tasks; t++) {
-        vfloat d = task_entry(kind, tasks[t], i, valid, b, &bits);
-        vint in_bin = (vint)(bits >> 16 == bins[t]);
-        which = (in_bin & ((bits & 0xffff) | (t << 16))) | (~in_bin & which);
-        x[t] = as_float((vuint)(bits >> 16 >= bins[t])) * d + zero; /* the entries in the bin kept */
+        vint in_bin = (vint)(bits[t] >> 16 == bins[t]);
+        which = (in_bin & ((bits[t] & 0xffff) | (t << 16))) | (~in_bin & which);
+        x[t] = as_float((vuint)(bits[t] >> 16 >= bins[t])) * d[t] + zero; /* the entries in the bin kept */
     }
     vfloat s_kept = vector_sign(weighted_total(x, weights, num_tasks));
     for (; lanes; lanes &= lanes - 1) { /* written at the end of each list, kept where they count (no branches) */
         int k = __builtin_ctz(lanes);
+        if (undecided[k] == -2) {
+            open_pair(num_tasks, d, bits, lane_weights, lane_bins, k, s[k], out);
+            continue;
+        }
         out->positions[out->open_count] = i + k;
-        out->open_count += many[k] != 0;
+        out->open_count += undecided[k] < -2;
         out->filed[out->filed_count] = (int64_t)which[k] << 3 | (int64_t)(s_kept[k] - s[k] + 4);
-        out->filed_count += !many[k] && s_kept[k] != s[k];
+        out->filed_count += undecided[k] == -1 && s_kept[k] != s[k];
     }
 }
 
 /* A global trim's elected signs while only the high 16 bits of its thresholds are known (bins[t]; the trim's
- * second read finds the low ones: stats.MajoritySignStat). An entry whose |tau_t| has higher high bits than
- * bins[t] is kept whatever the low ones, one with lower high bits is trimmed, one in its task's bin (equal high
- * bits) is undecided: kept iff its low bits reach the threshold's. Over n coordinates, with merge_vector's
- * elected sign sign(sum_t w_t x_t) (the same x_t: tau_t or +0), those with no undecided entry or one add the
- * sign with it trimmed to *sign_total, and those with one file the change its keeping makes (out->filed);
- * the positions of those with more go to out->positions. */
+ * second read finds the low ones: stats.MajoritySignStat's bookkeeping). An entry whose |tau_t| has higher high
+ * bits than bins[t] is kept whatever the low ones, one with lower high bits is trimmed, one in its task's bin
+ * (equal high bits) is undecided: kept iff its low bits reach the threshold's. Over n coordinates, with
+ * merge_vector's elected sign sign(sum_t w_t x_t) (the same x_t: tau_t or +0), those with at most two
+ * undecided entries add the sign with them trimmed to *sign_total and file the change that keeping each alone
+ * makes, and the interaction of a pair (out->filed, out->pairs); the positions of those with more go to
+ * out->positions. */
 INLINE void open_signs_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
                           const float *weights, const int64_t *bins, int64_t *sign_total, open_lists *out) {
     const vfloat zero = {0};
     vfloat w[MAX_TASKS];
     vint bin[MAX_TASKS];
+    int32_t lane_bins[MAX_TASKS];
     for (int t = 0; t < num_tasks; t++) {
         w[t] = zero + weights[t];
-        bin[t] = (vint){0} + (int32_t)bins[t];
+        lane_bins[t] = (int32_t)bins[t];
+        bin[t] = (vint){0} + lane_bins[t];
     }
-    *sign_total = out->open_count = out->filed_count = 0;
+    *sign_total = out->open_count = out->filed_count = out->pair_count = 0;
     for (int64_t lo = 0; lo < n; lo += CHUNK) { /* |lane sums| <= CHUNK / LANES: exact in float32 */
         int64_t hi = lo + CHUNK < n ? lo + CHUNK : n, i = lo;
         vfloat signs = zero;
         for (; i + LANES <= hi; i += LANES)
-            open_signs_vector(kind, base, tasks, num_tasks, i, LANES, w, bin, &signs, out);
+            open_signs_vector(kind, base, tasks, num_tasks, i, LANES, w, bin, weights, lane_bins, &signs, out);
         if (i < hi)
-            open_signs_vector(kind, base, tasks, num_tasks, i, (int)(hi - i), w, bin, &signs, out);
+            open_signs_vector(kind, base, tasks, num_tasks, i, (int)(hi - i), w, bin, weights, lane_bins, &signs,
+                              out);
         *sign_total += (int64_t)lane_total(signs);
     }
 }
@@ -1477,7 +1516,7 @@ typedef struct {
     const void *base, *tasks[MAX_TASKS];
     const float *weights;
     const int64_t *bins;
-    int64_t *positions, *filed, sign_total[MAX_PARTS];
+    int64_t *positions, *filed, *pairs, sign_total[MAX_PARTS];
     open_lists lists[MAX_PARTS];
 } open_signs_job;
 
@@ -1487,22 +1526,22 @@ static void open_signs_part(void *ctx, int part, int64_t lo, int64_t hi) {
     int64_t in = KIND_BYTES[j->kind];
     for (int t = 0; t < j->num_tasks; t++)
         tasks[t] = (const char *)j->tasks[t] + lo * in;
-    j->lists[part] = (open_lists){j->positions + lo, j->filed + lo, 0, 0};
+    j->lists[part] = (open_lists){j->positions + lo, j->filed + 2 * lo, j->pairs + lo, 0, 0, 0};
     OPEN_SIGNS_KERNELS[j->kind]((const char *)j->base + lo * in, tasks, j->num_tasks, hi - lo, j->weights, j->bins,
                                 &j->sign_total[part], &j->lists[part]);
 }
 
-/* open_signs(kind, base, tasks, n, weights, bins, flips, positions, filed, threads) -> (sign_total, open_count):
- * the filed changes added to flips (float64, num_tasks << 16); pointers as integers, positions and filed with
- * room for n */
+/* open_signs(kind, base, tasks, n, weights, bins, flips, positions, pairs, filed, threads)
+ * -> (sign_total, open_count, pair_count): the filed changes added to flips (float64, num_tasks << 16); pointers
+ * as integers, positions and pairs with room for n, filed (scratch) for 2 n */
 static PyObject *open_signs(PyObject *self, PyObject *args) {
     (void)self;
     int kind, threads;
-    unsigned long long base, weights, bins, flips, positions, filed;
+    unsigned long long base, weights, bins, flips, positions, pairs, filed;
     PyObject *task_list;
     Py_ssize_t n, num_tasks;
-    if (!PyArg_ParseTuple(args, "iKO!nKKKKKi", &kind, &base, &PyTuple_Type, &task_list, &n, &weights, &bins, &flips,
-                          &positions, &filed, &threads))
+    if (!PyArg_ParseTuple(args, "iKO!nKKKKKKi", &kind, &base, &PyTuple_Type, &task_list, &n, &weights, &bins, &flips,
+                          &positions, &pairs, &filed, &threads))
         return NULL;
     const void *tasks[MAX_TASKS];
     if (check_inputs("open_signs", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
@@ -1512,9 +1551,9 @@ static PyObject *open_signs(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     *j = (open_signs_job){.kind = kind, .num_tasks = (int)num_tasks, .base = (const void *)base,
                           .weights = (const float *)weights, .bins = (const int64_t *)bins,
-                          .positions = (int64_t *)positions, .filed = (int64_t *)filed};
+                          .positions = (int64_t *)positions, .pairs = (int64_t *)pairs, .filed = (int64_t *)filed};
     memcpy(j->tasks, tasks, (size_t)num_tasks * sizeof(void *));
-    int64_t sign_total = 0, open_count = 0;
+    int64_t sign_total = 0, open_count = 0, pair_count = 0;
     double *flip = (double *)flips;
     Py_BEGIN_ALLOW_THREADS
     int64_t bounds[MAX_PARTS + 1];
@@ -1523,14 +1562,17 @@ static PyObject *open_signs(PyObject *self, PyObject *args) {
         const open_lists *l = &j->lists[k];
         for (int64_t i = 0; i < l->open_count; i++)
             j->positions[open_count + i] = l->positions[i] + bounds[k];
+        for (int64_t i = 0; i < l->pair_count; i++)
+            j->pairs[pair_count + i] = l->pairs[i];
         for (int64_t i = 0; i < l->filed_count; i++)
             flip[l->filed[i] >> 3] += (double)((l->filed[i] & 7) - 4);
         sign_total += j->sign_total[k];
         open_count += l->open_count;
+        pair_count += l->pair_count;
     }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(j);
-    return Py_BuildValue("LL", (long long)sign_total, (long long)open_count);
+    return Py_BuildValue("LLL", (long long)sign_total, (long long)open_count, (long long)pair_count);
 }
 
 /* scan (count_around, capped_sums, or both at once) over threads: each part's counts or sums, added in order */
@@ -1814,8 +1856,8 @@ static PyMethodDef methods[] = {
      "scan(kind, base, x, n, value, what, threads) -> (below, equal, total, capped): see kernels.py"},
     {"float16_instructions", float16_instructions, METH_VARARGS, "float16_instructions(on): see kernels.py"},
     {"open_signs", open_signs, METH_VARARGS,
-     "open_signs(kind, base, tasks, n, weights, bins, flips, positions, filed, threads) -> (sign_total, open_count): "
-     "see kernels.py"},
+     "open_signs(kind, base, tasks, n, weights, bins, flips, positions, pairs, filed, threads) "
+     "-> (sign_total, open_count, pair_count): see kernels.py"},
     {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
      "magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads): see kernels.py"},
     {"neuron_gram", neuron_gram, METH_VARARGS,

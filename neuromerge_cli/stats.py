@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import kernels
+from .cpu_threads import one_cpu_thread
 from .memory import release_free_memory
 from .sums import sign_total, sum_f64
 from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, capped_sums, kept_count,
@@ -354,7 +355,11 @@ class Tally:
     def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct rows and their summed weights."""
         rows, weights = torch.cat(self._rows), torch.cat(self._weights)
-        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if rows.shape[1] == 1:  # keys: the flat unique sorts once, without unique_dim's row comparisons
+            unique, inverse = torch.unique(rows[:, 0], return_inverse=True)
+            unique = unique.unsqueeze(1)
+        else:
+            unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
         return unique, torch.zeros(unique.shape[0], dtype=weights.dtype).index_add_(0, inverse, weights)
 
 
@@ -374,7 +379,7 @@ class MajoritySignStat(GlobalStat):
     their high bits). Coordinates with three or more (about the cube of the in-bin share) are held
     as their task values, trimmed ones zeroed and equal rows merged, and settled at the end. Past
     STASH_ROWS distinct pairs or rows, a third read computes the sign plainly. On a CPU with the kernels,
-    one sweep of the stored inputs settles the coordinates with at most one undecided entry
+    one sweep of the stored inputs settles the coordinates with at most two undecided entries
     (kernels.open_signs) and only the others' task vectors are made, for the bookkeeping above.
     """
 
@@ -416,7 +421,7 @@ class MajoritySignStat(GlobalStat):
                        ) -> torch.Tensor | None:
         """The elected signs summed by the fused kernels where they apply (the same signs, bit for bit), else
         as ``observe``: in the plain read by kernels.merge; folded, the decided coordinates by
-        kernels.open_signs (at most one undecided entry) and the task vectors of the others made for
+        kernels.open_signs (at most two undecided entries) and the task vectors of the others made for
         ``_observe_folded``."""
         device = self._trim.device
         if self.folded and pass_index == 0:
@@ -425,10 +430,14 @@ class MajoritySignStat(GlobalStat):
             elif not self._overflow.item():
                 bins = self._trim.bins
                 assert bins is not None
-                decided, columns = kernels.open_signs(tensors, weights, bins, self._flips)
-                self._sum += float(decided)
+                settled = kernels.open_signs(tensors, weights, bins, self._flips)
+                self._sum += float(settled.sign_total)
+                if settled.pair_keys.numel():
+                    self._pairs.add(settled.pair_keys.unsqueeze(1), settled.pair_joints)
+                    self._check_bound()
+                columns = settled.positions
                 if columns.numel():  # gathered over chunks: the bookkeeping's torch calls cost per call
-                    picked = [t.reshape(-1)[columns] for t in tensors]
+                    picked = [t.reshape(-1).index_select(0, columns) for t in tensors]
                     self._gathered.append(float_task_vectors(picked, device)[1])
                     self._gathered_weights = weights
                     if sum(x.shape[1] for x in self._gathered) >= GATHERED_COLUMNS:
@@ -445,7 +454,8 @@ class MajoritySignStat(GlobalStat):
     def _fold_gathered(self) -> None:
         """The gathered columns' bookkeeping (``_observe_folded``), before the pass's sums are read."""
         if self._gathered and not self._overflow.item():
-            self._observe_folded(torch.cat(self._gathered, dim=1), self._gathered_weights)
+            with one_cpu_thread(self._trim.device):
+                self._observe_folded(torch.cat(self._gathered, dim=1), self._gathered_weights)
         self._gathered = []
 
     def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
@@ -495,6 +505,9 @@ class MajoritySignStat(GlobalStat):
             rows = torch.where(split.high[:, held] >= split.bins, flat[:, held], 0.0)  # τ, trimmed ones 0
             self._rows.add(rows.t().contiguous().view(torch.int32).cpu(), torch.ones(held.numel(), dtype=torch.float64))
             self._weights = weights
+        self._check_bound()
+
+    def _check_bound(self) -> None:
         if self._pairs.full or self._rows.full:  # too many distinct ones: a plain read follows
             self._overflow.fill_(1)
             self._pairs, self._rows = Tally(), Tally()

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import neuro_reference as ref
 from helpers import toy_family, toy_tensors, write_recipe
 from method_harness import family, merge_in_memory
+from neuromerge_cli import cpu_threads
 from neuromerge_cli.cli import app
 from neuromerge_cli.methods import get_method
 from neuromerge_cli.methods import subspaces
@@ -248,7 +249,7 @@ def test_per_row_work_runs_on_one_cpu_thread_with_the_same_bits(monkeypatch: pyt
         eigh = torch.linalg.eigh
         monkeypatch.setattr(torch.linalg, "eigh", lambda m: (seen.append(torch.get_num_threads()), eigh(m))[1])
         serial = subspaces.row_coefficients(gram, weights, "elect_mean")
-        assert seen == [1 if subspaces._OPENMP else 2] and torch.get_num_threads() == 2  # set back after
+        assert seen == [1 if cpu_threads.OPENMP else 2] and torch.get_num_threads() == 2  # set back after
     finally:
         torch.set_num_threads(before)
     for a, b in [(threaded.a, serial.a), (threaded.z, serial.z), (threaded.chunk.y, serial.chunk.y),

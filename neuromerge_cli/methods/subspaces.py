@@ -30,14 +30,14 @@ Numerical conventions (the SPEC leaves "non-negligible" open; the tests' referen
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .. import kernels
+from ..cpu_threads import one_cpu_thread
 from ..figures import Norm, Ratio
 from .base import NeuronFusion
 from .elect import Majority, elected_sign_sum, merge_values
@@ -180,29 +180,6 @@ class RowCoefficients:
     chunk: OrthogonalChunk
     parallel_energy: torch.Tensor  # (T,) Σ over the rows of ‖a_t w0‖²
     orthogonal_energy: torch.Tensor  # (T,) Σ over the rows of ‖p_t‖²
-
-
-_OPENMP = "OpenMP" in torch.__config__.parallel_info()  # torch's intra-op threads can be changed at any time
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Torch's CPU operations run on one thread inside the block.
-
-    For a block's per-row T×T work (dozens of operations on (rows, T+1, T+1) tensors) OpenMP's fork
-    and join cost more than the split saves, and its workers spin between the operations, taking the
-    cores from the reader, the writer and the kernels' threads: NeuroMerging at T = 8 on 2 cores spent
-    a quarter of its CPU time spinning (merge read 8.1–10.7 → 6.7–8.1 s; the same bytes).
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or not _OPENMP:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def row_coefficients(gram: torch.Tensor, weights: torch.Tensor, merge_fn: str) -> RowCoefficients:
