@@ -651,7 +651,7 @@ INLINE void open_signs_vector(int kind, const void *base, const void *const *tas
         x[t] = as_float((vuint)(bits[t] >> 16 >= bins[t])) * d[t] + zero; /* the entries in the bin kept */
     }
     vfloat s_kept = vector_sign(weighted_total(x, weights, num_tasks));
-    for (; lanes; lanes &= lanes - 1) { /* written at the end of each list, kept where they count (no branches) */
+    for (; lanes; lanes &= lanes - 1) { /* but for pairs: written at the end of each list, kept where they count */
         int k = __builtin_ctz(lanes);
         if (undecided[k] == -2) {
             open_pair(num_tasks, d, bits, lane_weights, lane_bins, k, s[k], out);
@@ -1546,7 +1546,7 @@ static PyObject *open_signs(PyObject *self, PyObject *args) {
     const void *tasks[MAX_TASKS];
     if (check_inputs("open_signs", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
         return NULL;
-    open_signs_job *j = PyMem_RawCalloc(1, sizeof(open_signs_job));
+    open_signs_job *j = PyMem_RawMalloc(sizeof(open_signs_job));
     if (!j)
         return PyErr_NoMemory();
     *j = (open_signs_job){.kind = kind, .num_tasks = (int)num_tasks, .base = (const void *)base,

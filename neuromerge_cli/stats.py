@@ -405,9 +405,8 @@ class MajoritySignStat(GlobalStat):
         self._overflow = torch.zeros(1, dtype=torch.int64)
         self._pairs = Tally()  # (task pair, low bits of both) → Σ interaction, of 2-undecided coordinates
         self._rows = Tally()  # τ bits (T,) of coordinates with 3 or more undecided entries → count
-        self._weights: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None  # the weights, once coordinates are held or gathered
         self._gathered: list[torch.Tensor] = []  # task vectors (T, m) of coordinates kernels.open_signs left open
-        self._gathered_weights = torch.ones(num_tasks)
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         if self.folded and pass_index == 0:
@@ -439,7 +438,7 @@ class MajoritySignStat(GlobalStat):
                 if columns.numel():  # gathered over chunks: the bookkeeping's torch calls cost per call
                     picked = [t.reshape(-1).index_select(0, columns) for t in tensors]
                     self._gathered.append(float_task_vectors(picked, device)[1])
-                    self._gathered_weights = weights
+                    self._weights = weights
                     if sum(x.shape[1] for x in self._gathered) >= GATHERED_COLUMNS:
                         self._fold_gathered()
             return None
@@ -454,8 +453,9 @@ class MajoritySignStat(GlobalStat):
     def _fold_gathered(self) -> None:
         """The gathered columns' bookkeeping (``_observe_folded``), before the pass's sums are read."""
         if self._gathered and not self._overflow.item():
+            assert self._weights is not None
             with one_cpu_thread(self._trim.device):
-                self._observe_folded(torch.cat(self._gathered, dim=1), self._gathered_weights)
+                self._observe_folded(torch.cat(self._gathered, dim=1), self._weights)
         self._gathered = []
 
     def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
