@@ -821,111 +821,86 @@ static const scan_fn SCAN_KERNELS[3][3] = { /* [what - 1][kind]: what = 1 count,
     {count_f32, count_bf16, count_f16}, {sums_f32, sums_bf16, sums_f16},
     {count_and_sums_f32, count_and_sums_bf16, count_and_sums_f16}};
 
-/* For each task t, over n entries of |tau_t| (vector_magnitude): counts[t * 65536 + (bits(|tau_t|) >> 16)] += 1
- * and l1[t] += sum |tau_t| (float64), both added to what they hold (NaN lands in its own bin and makes l1 NaN).
- * A CHUNK of the base is read for every task while it is in the cache. */
-INLINE void magnitude_histogram_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                                   int64_t *counts, double *l1) {
+/* For each task t, over n entries of |tau_t| (vector_magnitude), with u = the float32 bits of |tau_t|, each added
+ * to what the accumulators hold:
+ * - ``coarse`` (counts, l1): counts[t * 65536 + (u >> 16)] += 1 and l1[t] += |tau_t| (float64);
+ * - ``window`` (starts, width, fine, below): where starts[t] <= u < starts[t] + width, fine[t * width + u -
+ *   starts[t]] += 1; where u < starts[t], below[t] += |tau_t|.
+ * NaN lands in its own coarse bin and makes l1 NaN. A CHUNK of the base is read for every task while it is in the
+ * cache. The window of one coarse bin b (starts b << 16, width 65536) is the second read of a global trim; a
+ * window of a few bins beside the coarse counts finds the threshold in one read (topk.StreamingTopK.aim). */
+INLINE void magnitude_counts_of(int kind, int coarse, int window, const void *base, const void *const *tasks,
+                                int num_tasks, int64_t n, int64_t *counts, double *l1, const int64_t *starts,
+                                int64_t width, int64_t *fine, double *below) {
     for (int64_t lo = 0; lo < n; lo += CHUNK) {
         int64_t hi = lo + CHUNK < n ? lo + CHUNK : n;
         for (int t = 0; t < num_tasks; t++) {
-            int64_t *bins = counts + ((int64_t)t << 16), i = lo;
-            vdouble4 sum[2] = {{0}, {0}};
+            int64_t *bins = coarse ? counts + ((int64_t)t << 16) : NULL, *in = window ? fine + t * width : NULL, i = lo;
+            uint32_t start = window ? (uint32_t)starts[t] : 0, keys = (uint32_t)width;
+            vdouble4 sum[2] = {{0}, {0}}, under[2] = {{0}, {0}};
             for (; i + LANES <= hi; i += LANES) {
                 vfloat v = vector_magnitude(kind, base, tasks[t], i);
                 vuint u;
                 memcpy(&u, &v, sizeof u);
-                u >>= 16;
-                for (int k = 0; k < LANES; k++)
-                    bins[u[k]]++;
-                add_as_double(sum, v);
-            }
-            double tail = 0.0;
-            for (; i < hi; i++) {
-                float v = scalar_magnitude(kind, base, tasks[t], i);
-                uint32_t u;
-                memcpy(&u, &v, 4);
-                bins[u >> 16]++;
-                tail += v;
-            }
-            l1[t] += lanes_total(sum) + tail;
-        }
-    }
-}
-
-/* For each task t: where the high 16 bits of |tau_t|'s float32 bits equal bins[t], fine[t * 65536 + low 16 bits]
- * += 1; where they are below it, below[t] += |tau_t| (float64); both added to what they hold */
-INLINE void magnitude_fine_of(int kind, const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                              const int64_t *bins, int64_t *fine, double *below) {
-    for (int64_t lo = 0; lo < n; lo += CHUNK) {
-        int64_t hi = lo + CHUNK < n ? lo + CHUNK : n;
-        for (int t = 0; t < num_tasks; t++) {
-            int64_t *counts = fine + ((int64_t)t << 16), i = lo;
-            uint32_t bin = (uint32_t)bins[t];
-            vdouble4 sum[2] = {{0}, {0}};
-            for (; i + LANES <= hi; i += LANES) {
-                vfloat v = vector_magnitude(kind, base, tasks[t], i);
-                vuint u;
-                memcpy(&u, &v, sizeof u);
-                vuint high = u >> 16, in_bin = (vuint)(high == bin);
-                add_as_double(sum, blend((vuint)(high < bin), v, (vfloat){0}));
-                if (any_lane(in_bin)) /* about one entry in a bin's share */
+                if (coarse) {
+                    vuint high = u >> 16;
                     for (int k = 0; k < LANES; k++)
-                        if (in_bin[k])
-                            counts[u[k] & 0xffff]++;
+                        bins[high[k]]++;
+                    add_as_double(sum, v);
+                }
+                if (window) {
+                    vuint off = u - start;
+                    add_as_double(under, blend((vuint)(u < start), v, (vfloat){0}));
+                    for (unsigned lanes = lane_bits((vint)(off < keys)); lanes; lanes &= lanes - 1)
+                        in[off[__builtin_ctz(lanes)]]++; /* a few bins' share of the entries */
+                }
             }
-            double tail = 0.0;
+            double tail = 0.0, tail_under = 0.0;
             for (; i < hi; i++) {
                 float v = scalar_magnitude(kind, base, tasks[t], i);
                 uint32_t u;
                 memcpy(&u, &v, 4);
-                if (u >> 16 == bin)
-                    counts[u & 0xffff]++;
-                else if (u >> 16 < bin)
+                if (coarse) {
+                    bins[u >> 16]++;
                     tail += v;
+                }
+                if (window) {
+                    if (u - start < keys)
+                        in[u - start]++;
+                    else if (u < start)
+                        tail_under += v;
+                }
             }
-            below[t] += lanes_total(sum) + tail;
+            if (coarse)
+                l1[t] += lanes_total(sum) + tail;
+            if (window)
+                below[t] += lanes_total(under) + tail_under;
         }
     }
 }
 
-KERNEL_TARGET static void magnitude_histogram_f32(const void *base, const void *const *tasks, int num_tasks,
-                                                  int64_t n, int64_t *counts, double *l1) {
-    magnitude_histogram_of(KIND_F32, base, tasks, num_tasks, n, counts, l1);
-}
+#define MAGNITUDE_COUNTS(name, kind, coarse, window)                                                                \
+    KERNEL_TARGET static void name(const void *base, const void *const *tasks, int num_tasks, int64_t n,             \
+                                   int64_t *counts, double *l1, const int64_t *starts, int64_t width, int64_t *fine, \
+                                   double *below) {                                                                  \
+        magnitude_counts_of(kind, coarse, window, base, tasks, num_tasks, n, counts, l1, starts, width, fine, below); \
+    }
+MAGNITUDE_COUNTS(magnitude_coarse_f32, KIND_F32, 1, 0)
+MAGNITUDE_COUNTS(magnitude_coarse_bf16, KIND_BF16, 1, 0)
+MAGNITUDE_COUNTS(magnitude_coarse_f16, KIND_F16, 1, 0)
+MAGNITUDE_COUNTS(magnitude_window_f32, KIND_F32, 0, 1)
+MAGNITUDE_COUNTS(magnitude_window_bf16, KIND_BF16, 0, 1)
+MAGNITUDE_COUNTS(magnitude_window_f16, KIND_F16, 0, 1)
+MAGNITUDE_COUNTS(magnitude_both_f32, KIND_F32, 1, 1)
+MAGNITUDE_COUNTS(magnitude_both_bf16, KIND_BF16, 1, 1)
+MAGNITUDE_COUNTS(magnitude_both_f16, KIND_F16, 1, 1)
 
-KERNEL_TARGET static void magnitude_histogram_bf16(const void *base, const void *const *tasks, int num_tasks,
-                                                   int64_t n, int64_t *counts, double *l1) {
-    magnitude_histogram_of(KIND_BF16, base, tasks, num_tasks, n, counts, l1);
-}
-
-KERNEL_TARGET static void magnitude_histogram_f16(const void *base, const void *const *tasks, int num_tasks,
-                                                  int64_t n, int64_t *counts, double *l1) {
-    magnitude_histogram_of(KIND_F16, base, tasks, num_tasks, n, counts, l1);
-}
-
-KERNEL_TARGET static void magnitude_fine_f32(const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                                             const int64_t *bins, int64_t *fine, double *below) {
-    magnitude_fine_of(KIND_F32, base, tasks, num_tasks, n, bins, fine, below);
-}
-
-KERNEL_TARGET static void magnitude_fine_bf16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                                              const int64_t *bins, int64_t *fine, double *below) {
-    magnitude_fine_of(KIND_BF16, base, tasks, num_tasks, n, bins, fine, below);
-}
-
-KERNEL_TARGET static void magnitude_fine_f16(const void *base, const void *const *tasks, int num_tasks, int64_t n,
-                                             const int64_t *bins, int64_t *fine, double *below) {
-    magnitude_fine_of(KIND_F16, base, tasks, num_tasks, n, bins, fine, below);
-}
-
-typedef void (*magnitude_histogram_fn)(const void *, const void *const *, int, int64_t, int64_t *, double *);
-typedef void (*magnitude_fine_fn)(const void *, const void *const *, int, int64_t, const int64_t *, int64_t *,
-                                  double *);
-static const magnitude_histogram_fn MAGNITUDE_HISTOGRAM_KERNELS[3] = {
-    magnitude_histogram_f32, magnitude_histogram_bf16, magnitude_histogram_f16};
-static const magnitude_fine_fn MAGNITUDE_FINE_KERNELS[3] = {magnitude_fine_f32, magnitude_fine_bf16,
-                                                            magnitude_fine_f16};
+typedef void (*magnitude_counts_fn)(const void *, const void *const *, int, int64_t, int64_t *, double *,
+                                    const int64_t *, int64_t, int64_t *, double *);
+static const magnitude_counts_fn MAGNITUDE_COUNTS_KERNELS[3][3] = { /* [coarse + 2 * window - 1][kind] */
+    {magnitude_coarse_f32, magnitude_coarse_bf16, magnitude_coarse_f16},
+    {magnitude_window_f32, magnitude_window_bf16, magnitude_window_f16},
+    {magnitude_both_f32, magnitude_both_bf16, magnitude_both_f16}};
 
 /* NeuroMerging's neurons (methods/subspaces.py): rows of ``width`` entries, Q = [tau_1; ...; tau_T; w0] per row,
  * tau_t = x_t - w0 in float32, trimmed as in merge_of; the float64 work four lanes at a time. Its float64 sums
@@ -1628,80 +1603,80 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("LLdd", (long long)below, (long long)equal, total, capped);
 }
 
-/* The histogram kernels over threads: each part but the first counts into its own zeroed copy of the counts,
- * added to the caller's when every part is done (the counts are the same whatever the split). */
-#define HISTOGRAM_COPIES_BYTES (64 << 20)
-
+/* The histogram kernels over threads: each part but the first counts into its own row of the caller's spare
+ * counts, kept across calls and added to the counts by the caller once (the counts are the same whatever the
+ * split): no copy is made, zeroed and added up per call. */
 typedef struct {
-    int kind, num_tasks, fine;
+    int kind, num_tasks;
     const void *base, *tasks[MAX_TASKS];
-    const int64_t *bins;
-    int64_t *counts, *own[MAX_PARTS];
-    double sums[MAX_PARTS][MAX_TASKS];
+    const int64_t *starts;
+    int64_t width, coarse_cells, window_cells; /* cells 0: that count is off */
+    int64_t *counts, *fine, *spare;            /* spare row k - 1: part k's coarse cells, then its window cells */
+    double l1[MAX_PARTS][MAX_TASKS], below[MAX_PARTS][MAX_TASKS];
 } histogram_job;
 
 static void histogram_part(void *ctx, int part, int64_t lo, int64_t hi) {
     histogram_job *j = (histogram_job *)ctx;
-    int64_t in = KIND_BYTES[j->kind], *counts = j->counts;
+    int64_t in = KIND_BYTES[j->kind], *counts = j->counts, *fine = j->fine;
     if (part > 0) {
-        counts = j->own[part] = calloc((size_t)j->num_tasks << 16, sizeof(int64_t));
-        if (!counts) /* no memory for a copy: the first part counts this share too, after its own */
-            return;
+        counts = j->spare + (part - 1) * (j->coarse_cells + j->window_cells);
+        fine = counts + j->coarse_cells;
     }
     const void *tasks[MAX_TASKS];
     for (int t = 0; t < j->num_tasks; t++)
         tasks[t] = (const char *)j->tasks[t] + lo * in;
     const void *base = j->base ? (const char *)j->base + lo * in : NULL;
-    if (j->fine)
-        MAGNITUDE_FINE_KERNELS[j->kind](base, tasks, j->num_tasks, hi - lo, j->bins, counts, j->sums[part]);
-    else
-        MAGNITUDE_HISTOGRAM_KERNELS[j->kind](base, tasks, j->num_tasks, hi - lo, counts, j->sums[part]);
+    int which = (j->coarse_cells > 0) + 2 * (j->window_cells > 0) - 1;
+    MAGNITUDE_COUNTS_KERNELS[which][j->kind](base, tasks, j->num_tasks, hi - lo, counts, j->l1[part], j->starts,
+                                             j->width, fine, j->below[part]);
 }
 
-/* magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads) with bins 0: the coarse count (sums: l1);
- * else the fine one (sums: below); pointers as integers, base 0 for rows of values */
-static PyObject *magnitude_histogram(PyObject *self, PyObject *args) {
+/* magnitude_counts(kind, base, tasks, n, counts, l1, starts, width, fine, below, spare, spares): the coarse count
+ * where counts is not 0, the window's where starts is not 0 (magnitude_counts_of), in up to spares + 1 parts;
+ * pointers as integers, base 0 for rows of values */
+static PyObject *magnitude_counts(PyObject *self, PyObject *args) {
     (void)self;
-    int kind, threads;
-    unsigned long long base, bins, counts, sums;
+    int kind, spares;
+    unsigned long long base, counts, l1, starts, fine, below, spare;
+    long long width;
     PyObject *task_list;
     Py_ssize_t n, num_tasks;
-    if (!PyArg_ParseTuple(args, "iKO!nKKKi", &kind, &base, &PyTuple_Type, &task_list, &n, &bins, &counts, &sums,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "iKO!nKKKLKKKi", &kind, &base, &PyTuple_Type, &task_list, &n, &counts, &l1, &starts,
+                          &width, &fine, &below, &spare, &spares))
         return NULL;
     const void *tasks[MAX_TASKS];
-    if (check_inputs("magnitude_histogram", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
+    if (check_inputs("magnitude_counts", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
         return NULL;
+    if ((!counts && !starts) || (starts && (width < 1 || width > ((int64_t)1 << 32))) || spares < 0 ||
+        (spares && !spare)) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_counts: no count asked for, a window width out of range, or "
+                                          "no spare counts");
+        return NULL;
+    }
     histogram_job *j = PyMem_RawCalloc(1, sizeof(histogram_job));
     if (!j)
         return PyErr_NoMemory();
     j->kind = kind;
     j->num_tasks = (int)num_tasks;
-    j->fine = bins != 0;
     j->base = (const void *)base;
     memcpy(j->tasks, tasks, (size_t)num_tasks * sizeof(void *));
-    j->bins = (const int64_t *)bins;
     j->counts = (int64_t *)counts;
+    j->starts = (const int64_t *)starts;
+    j->width = starts ? width : 0;
+    j->fine = (int64_t *)fine;
+    j->spare = (int64_t *)spare;
+    j->coarse_cells = counts ? (int64_t)num_tasks << 16 : 0;
+    j->window_cells = starts ? (int64_t)num_tasks * width : 0;
     Py_BEGIN_ALLOW_THREADS
     int64_t bounds[MAX_PARTS + 1];
-    int64_t cells = (int64_t)num_tasks << 16;
-    /* each part past the first holds its own counts: at most HISTOGRAM_COPIES_BYTES of them in all */
-    int64_t copies = HISTOGRAM_COPIES_BYTES / (cells * (int64_t)sizeof(int64_t));
-    if (threads > copies + 1)
-        threads = (int)copies + 1;
-    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, threads, histogram_part, j, bounds);
-    for (int k = 1; k < parts; k++) {
-        if (!j->own[k]) {
-            histogram_part(j, 0, bounds[k], bounds[k + 1]);
-            continue;
-        }
-        for (int64_t c = 0; c < cells; c++)
-            j->counts[c] += j->own[k][c];
-        free(j->own[k]);
-    }
+    int parts = run_parts((int64_t)n, CHUNK, MIN_PART, spares + 1, histogram_part, j, bounds);
     for (int t = 0; t < num_tasks; t++)
-        for (int k = 0; k < parts; k++)
-            ((double *)sums)[t] += j->sums[k][t];
+        for (int k = 0; k < parts; k++) {
+            if (counts)
+                ((double *)l1)[t] += j->l1[k][t];
+            if (starts)
+                ((double *)below)[t] += j->below[k][t];
+        }
     Py_END_ALLOW_THREADS
     PyMem_RawFree(j);
     Py_RETURN_NONE;
@@ -1858,8 +1833,8 @@ static PyMethodDef methods[] = {
     {"open_signs", open_signs, METH_VARARGS,
      "open_signs(kind, base, tasks, n, weights, bins, flips, positions, pairs, filed, threads) "
      "-> (sign_total, open_count, pair_count): see kernels.py"},
-    {"magnitude_histogram", magnitude_histogram, METH_VARARGS,
-     "magnitude_histogram(kind, base, tasks, n, bins, counts, sums, threads): see kernels.py"},
+    {"magnitude_counts", magnitude_counts, METH_VARARGS,
+     "magnitude_counts(kind, base, tasks, n, counts, l1, starts, width, fine, below, spare, spares): see kernels.py"},
     {"neuron_gram", neuron_gram, METH_VARARGS,
      "neuron_gram(kind, base, tasks, rows, width, thresholds, gram, l1, l2sq, threads): see kernels.py"},
     {"neuron_output", neuron_output, METH_VARARGS,

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from . import kernels
-from .engine import PREFETCH, PREFETCH_BYTES, Piece, Prepared, pick_device, pieces, reads_whole, schedule
+from .engine import (PREFETCH, PREFETCH_BYTES, Piece, Prepared, pick_device, pieces, reads_whole, sample_pieces,
+                     schedule)
 from .memory import HEAP_SLACK
 from .plan import Plan
 from .units import format_bytes
@@ -97,6 +98,11 @@ def describe(prepared: Prepared, device: str, output: Path, push: str | None = N
 
     recipe, plan = prepared.recipe, prepared.plan
     stats = prepared.method.global_stats(recipe.params, len(recipe.models), torch.device("cpu"))
+    sampled = [s for s in stats if s.samples]
+    sample = sample_pieces(plan, [t.name for t in plan.merged]) if sampled else []
+    if not sample:
+        for s in sampled:  # nothing to sample: the reads a statistic takes without one
+            s.end_sample()
     statistics_reads = len(schedule(stats))
     stat_bytes = sum(prepared.read_bytes(t.name) for t in plan.merged)
     merge_bytes = sum(prepared.read_bytes(t.name) for t in plan.tensors if t.alias_of is None)
@@ -105,6 +111,7 @@ def describe(prepared: Prepared, device: str, output: Path, push: str | None = N
         "method": recipe.method,
         "base": recipe.base_model,
         "models": [m.model for m in recipe.models],
+        "sample_rows": sum(p.rows[1] - p.rows[0] for p in sample if p.rows),
         "device": str(pick_device(device)),
         "cpu_sweeps": kernels.cpu_sweeps() if pick_device(device).type == "cpu" else None,
         "output": str(output),
@@ -139,7 +146,9 @@ def plan_lines(d: dict[str, Any]) -> list[str]:
         f"tensors: {d['tensors']} ({roles['neuron']} neuron, {roles['point']} point, {roles['copy']} copied)"
         + (f"; {len(ties)} group(s) of possibly tied weights ({', '.join('='.join(g) for g in ties)}), "
            "merged once if their bytes are equal, checked when the merge runs" if ties else ""),
-        f"passes: {d['statistics_reads']} statistics read(s) + 1 merge read of the base and every model",
+        f"passes: {d['statistics_reads']} statistics read(s) + 1 merge read of the base and every model"
+        + (f", after a sample of {d['sample_rows']} rows (one statistics read more where it misses a threshold)"
+           if d["sample_rows"] else ""),
         f"read: {format_bytes(d['bytes_read'])} ({format_bytes(d['bytes_read_statistics'])} for statistics, "
         f"{format_bytes(d['bytes_read_merge'])} for the merge)",
         f"write: {format_bytes(d['bytes_written'])} in {d['shards']} shard(s) to {d['output']}",

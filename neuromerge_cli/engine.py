@@ -138,6 +138,36 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
     return out
 
 
+SAMPLE_SHARE = float(os.environ.get("NEUROMERGE_SAMPLE_SHARE", 1 / 64))  # the most of the matrices' rows a sample reads
+SAMPLE_ROWS = 8192  # and the most rows
+SAMPLE_BLOCKS = 512  # blocks of consecutive rows it reads them in
+
+
+def sample_pieces(plan: Plan, names: Iterable[str]) -> list[Piece]:
+    """A systematic sample of the rows of the matrices among ``names`` (tensors of 2 or more dimensions):
+    SAMPLE_BLOCKS blocks of consecutive rows, evenly spaced over all their rows in order, SAMPLE_ROWS
+    rows in all or SAMPLE_SHARE of them if that is fewer. Read before the statistics reads, for estimates
+    that make them fewer (stats.TrimStat's ``sampled``)."""
+    by_name = plan.by_name()
+    matrices = [(name, by_name[name].shape[0]) for name in names
+                if len(by_name[name].shape) >= 2 and by_name[name].shape[0] > 0]
+    total = sum(rows for _, rows in matrices)
+    wanted = min(SAMPLE_ROWS, int(total * SAMPLE_SHARE))
+    blocks = min(SAMPLE_BLOCKS, wanted)
+    if not blocks:
+        return []
+    size = -(-wanted // blocks)  # rows per block
+    out: list[Piece] = []
+    first, b = 0, 0  # the first row of the current matrix in the concatenation; the next block
+    for name, rows in matrices:
+        while b < blocks and (start := (2 * b + 1) * total // (2 * blocks)) < first + rows:
+            row = start - first
+            out.append(Piece(name, (row, min(rows, row + size))))
+            b += 1
+        first += rows
+    return out
+
+
 def reads_whole(rowwise: bool, stats: list[GlobalStat]) -> bool:
     """Whether the merge read takes whole tensors and merges them in blocks of rows (``row_blocks``): a
     method that merges rows (``rowwise``) with a statistic of the merge read that needs whole tensors."""
@@ -287,6 +317,13 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
     plan = prepared.plan
     by_name = plan.by_name()
     names = [t.name for t in plan.merged]
+    sampled = [stat for stat in stats if stat.samples]
+    if sampled:  # every rank reads the whole sample: the same estimates everywhere
+        for piece, tensors in loader.stream_pieces(sample_pieces(plan, names)):
+            for stat in sampled:
+                stat.observe_sample(piece.name, tensors)
+        for stat in sampled:
+            stat.end_sample()
     g = 0
     while g < len(passes := schedule(stats)):
         active = passes[g]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -97,34 +98,83 @@ def _scan(x: torch.Tensor, value: float, base: torch.Tensor | None, what: int) -
                          what, threads())
 
 
+class Window(NamedTuple):
+    """Consecutive float32 bit patterns of |τ_t| counted one by one: [starts[t], starts[t] + width) per task
+    (``starts`` T int64), their counts in ``fine`` (T · width int64), Σ|τ_t| of the entries below in ``below``
+    (T float64)."""
+
+    starts: torch.Tensor
+    width: int
+    fine: torch.Tensor
+    below: torch.Tensor
+
+
 def magnitude_histogram(rows: list[torch.Tensor], counts: torch.Tensor, l1: torch.Tensor,
-                        base: torch.Tensor | None = None) -> None:
+                        base: torch.Tensor | None = None, window: Window | None = None,
+                        spare: SpareCounts | None = None) -> None:
     """For each task's magnitudes |τ_t| (|row_t − base| in float32 when ``base`` is given, else |row_t|): add to
     ``counts`` (T · 2^16 int64) the count of each value of the high 16 bits of their float32 bits
-    (topk.magnitude_bits >> 16), and Σ|τ_t| to ``l1`` (T float64). One read: the rows are float32 (``takes``
-    holds for each) or, with a ``base``, stored inputs [base, *rows] that ``applies`` takes; both accumulators
-    contiguous on the CPU."""
+    (topk.magnitude_bits >> 16), and Σ|τ_t| to ``l1`` (T float64); with a ``window``, count it too in the same
+    sweep (magnitude_window). One read: the rows are float32 (``takes`` holds for each) or, with a ``base``, stored
+    inputs [base, *rows] that ``applies`` takes; every accumulator contiguous on the CPU. With ``spare`` (made for
+    these counts and window) the sweep runs on threads() threads, and the counts are complete once it is flushed."""
     assert counts.dtype == torch.int64 and counts.is_contiguous() and counts.numel() == len(rows) << 16
-    _histogram(rows, base, None, counts, l1)
+    assert l1.dtype == torch.float64 and l1.is_contiguous()
+    assert spare is None or (spare.coarse is counts and spare.window is window)
+    _counts(rows, base, counts, l1, window, spare)
 
 
-def magnitude_fine(rows: list[torch.Tensor], bins: torch.Tensor, fine: torch.Tensor, below: torch.Tensor,
-                   base: torch.Tensor | None = None) -> None:
-    """For each task's magnitudes |τ_t| (as magnitude_histogram): where the high 16 bits of their float32
-    bits equal ``bins[t]``, add one to ``fine`` (T · 2^16 int64) at t · 2^16 + the low 16 bits; where they
-    are below it, add |τ_t| to ``below`` (T float64). One read, inputs as for magnitude_histogram."""
-    assert fine.dtype == bins.dtype == torch.int64 and fine.is_contiguous() and fine.numel() == len(rows) << 16
-    _histogram(rows, base, bins.contiguous(), fine, below)
+def magnitude_window(rows: list[torch.Tensor], window: Window, base: torch.Tensor | None = None,
+                     spare: SpareCounts | None = None) -> None:
+    """For each task's magnitudes |τ_t| (as magnitude_histogram) with float32 bits u: where u is inside the
+    window, add one to ``window.fine`` at t · width + u − starts[t]; where it is below, add |τ_t| to
+    ``window.below``. One read, inputs and ``spare`` as for magnitude_histogram."""
+    assert spare is None or (spare.coarse is None and spare.window is window)
+    _counts(rows, base, None, None, window, spare)
 
 
-def _histogram(rows: list[torch.Tensor], base: torch.Tensor | None, bins: torch.Tensor | None, counts: torch.Tensor,
-               sums: torch.Tensor) -> None:
-    assert _kernels is not None and sums.dtype == torch.float64 and sums.is_contiguous()
-    assert all(r.is_contiguous() for r in rows) and (base is not None or all(takes(r) for r in rows))
-    kind = KINDS[rows[0].dtype]
-    _kernels.magnitude_histogram(kind, 0 if base is None else base.data_ptr(), tuple(r.data_ptr() for r in rows),
-                                 rows[0].numel(), 0 if bins is None else bins.data_ptr(), counts.data_ptr(),
-                                 sums.data_ptr(), threads())
+SPARE_BYTES = 64 << 20  # the most spare counts of one histogram
+
+
+class SpareCounts:
+    """The histogram kernels' counts of the threads past the first, one row each, kept across calls and added
+    to the ``coarse`` counts and the ``window``'s by ``flush``: no copy is made, zeroed and added up per call."""
+
+    def __init__(self, coarse: torch.Tensor | None, window: Window | None = None) -> None:
+        self.coarse, self.window = coarse, window
+        cells = (0 if coarse is None else coarse.numel()) + (0 if window is None else window.fine.numel())
+        rows = min(threads() - 1, SPARE_BYTES // max(1, cells * 8))
+        self.counts = torch.zeros((max(0, rows), cells), dtype=torch.int64)
+
+    def flush(self) -> None:
+        """Add the spare counts to the caller's, and zero them."""
+        if not self.counts.shape[0]:
+            return
+        total = self.counts.sum(0)
+        split = 0 if self.coarse is None else self.coarse.numel()
+        if self.coarse is not None:
+            self.coarse.view(-1).add_(total[:split])
+        if self.window is not None:
+            self.window.fine.view(-1).add_(total[split:])
+        self.counts.zero_()
+
+
+def _counts(rows: list[torch.Tensor], base: torch.Tensor | None, counts: torch.Tensor | None, l1: torch.Tensor | None,
+            window: Window | None, spare: SpareCounts | None) -> None:
+    assert _kernels is not None and all(r.is_contiguous() for r in rows)
+    assert base is not None or all(takes(r) for r in rows)
+    if window is not None:
+        starts, width, fine, below = window
+        assert starts.dtype == fine.dtype == torch.int64 and starts.is_contiguous() and fine.is_contiguous()
+        assert fine.numel() == len(rows) * width and below.dtype == torch.float64 and below.is_contiguous()
+    _kernels.magnitude_counts(KINDS[rows[0].dtype], 0 if base is None else base.data_ptr(),
+                              tuple(r.data_ptr() for r in rows), rows[0].numel(),
+                              0 if counts is None else counts.data_ptr(), 0 if l1 is None else l1.data_ptr(),
+                              0 if window is None else window.starts.data_ptr(), 0 if window is None else window.width,
+                              0 if window is None else window.fine.data_ptr(),
+                              0 if window is None else window.below.data_ptr(),
+                              0 if spare is None else spare.counts.data_ptr(),
+                              0 if spare is None else spare.counts.shape[0])
 
 
 def dare_keep(state: int, inc: int, length: int, bound: int) -> torch.Tensor:

@@ -19,6 +19,8 @@ from .sums import sign_total, sum_f64
 from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, capped_sums, kept_count,
                    row_threshold, tensor_thresholds, whole)
 
+SAMPLED_PER_ROW = 64  # entries of each sampled row a sampled trim keeps (about evenly spaced)
+
 
 class GlobalStat:
     """A streaming reduction over all merged tensors."""
@@ -34,6 +36,7 @@ class GlobalStat:
     # statistic whose figures only that tensor's merge needs; end_pass(0) is called after the merge pass
     in_merge_read: bool = False
     stored_inputs: bool = False  # the engine calls observe_stored() with the inputs as stored, not observe()
+    samples: bool = False  # observe_sample() sees a sample of rows (engine.sample_pieces) before the first read
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         raise NotImplementedError
@@ -53,6 +56,13 @@ class GlobalStat:
         deltas = float_task_vectors(tensors, device)[1]
         self.observe(pass_index, name, deltas, weights)
         return deltas.reshape(deltas.shape[0], -1).sum(1)
+
+    def observe_sample(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """With ``samples``: a block of sampled rows of tensor ``name``, [θ0, θ_1..θ_T] as stored, on the CPU."""
+        raise NotImplementedError
+
+    def end_sample(self) -> None:
+        """Called once every sampled block has been observed."""
 
     def end_pass(self, pass_index: int) -> None:
         """Called once every tensor has been observed in ``pass_index``."""
@@ -151,7 +161,9 @@ def trimmed(deltas: torch.Tensor, thresholds: torch.Tensor, mags: torch.Tensor |
 class TrimStat(GlobalStat):
     """Top-k trim of every task vector: σ_t and, for the global scope, the exact thresholds.
 
-    ``scope='global'``: one threshold per task over all merged tensors (two passes).
+    ``scope='global'``: one threshold per task over all merged tensors (two passes; ``sampled``: one
+    where a sample of rows, read first, aims the first pass's window at the thresholds, see
+    StreamingTopK.aim, and two where it misses).
     ``scope='tensor'``: one threshold per task and tensor; one pass, for σ_t and kept fractions, or
     none with ``in_merge_read`` (where nothing needs σ_t before merging): each tensor is observed in
     the merge read, just before it is merged.
@@ -160,13 +172,17 @@ class TrimStat(GlobalStat):
     key = "trim"
 
     def __init__(self, density: float, scope: str, num_tasks: int, device: torch.device,
-                 in_merge_read: bool = False) -> None:
+                 in_merge_read: bool = False, sampled: bool = False) -> None:
         self.density = density
         self.scope = scope
         self.num_tasks = num_tasks
         self.in_merge_read = in_merge_read and scope == "tensor" and density < 1.0
         self.passes = 0 if density >= 1.0 or self.in_merge_read else (2 if scope == "global" else 1)
         self._topk = StreamingTopK(num_tasks, density, device) if self.passes == 2 else None
+        self.samples = sampled and self._topk is not None
+        if self.samples:
+            self.passes = 1  # a second where the window misses (end_pass)
+        self._sample: list[torch.Tensor] = []
         self.device = torch.device(device)
         self._removed = torch.zeros(num_tasks, dtype=torch.float64)
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
@@ -217,6 +233,20 @@ class TrimStat(GlobalStat):
             return self._topk.observe_stored(pass_index, tensors)
         return self._observe_made(pass_index, name, tensors, weights, self.device)
 
+    def observe_sample(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """A block of sampled rows [θ0, θ_1..θ_T] as stored: every few entries of each row's τ_t kept, up to
+        SAMPLED_PER_ROW of them."""
+        rows = [x.reshape(x.shape[0], -1) for x in tensors]
+        kept = [x[:, ::max(1, x.shape[1] // SAMPLED_PER_ROW)].float() for x in rows]
+        self._sample.append(torch.stack(kept[1:]).sub_(kept[0]).reshape(self.num_tasks, -1))
+
+    def end_sample(self) -> None:
+        assert self._topk is not None
+        self._topk.aim(self._sample)
+        self._sample = []
+        if self._topk.window is None:  # nothing sampled: the two reads
+            self.passes = 2
+
     def _observe_tensor(self, name: str, num_tasks: int, magnitudes: Callable[[int], Row]) -> torch.Tensor:
         """Per-tensor thresholds, cached, and the sums behind σ_t, one task at a time: ``magnitudes(t)``
         is a fresh flat float32 |τ_t| of the tensor (consumed), or the StoredMagnitudes the kernels read it from.
@@ -258,13 +288,16 @@ class TrimStat(GlobalStat):
             return
         if pass_index == 0:
             self._topk.end_coarse()
+            if not self._topk.resolved:
+                self.passes = 2
+                return
         else:
             self._split = None
             self._topk.end_fine()
-            self._removed = torch.tensor(self._topk.removed_l1, dtype=torch.float64)
-            self._total = torch.tensor(self._topk.total_l1, dtype=torch.float64)
-            self._kept = torch.tensor(self._topk.kept, dtype=torch.float64)
-            self._n = torch.tensor([float(self._topk.n)], dtype=torch.float64)
+        self._removed = torch.tensor(self._topk.removed_l1, dtype=torch.float64)
+        self._total = torch.tensor(self._topk.total_l1, dtype=torch.float64)
+        self._kept = torch.tensor(self._topk.kept, dtype=torch.float64)
+        self._n = torch.tensor([float(self._topk.n)], dtype=torch.float64)
 
     def split(self, deltas: torch.Tensor) -> TrimSplit:
         """Where the entries of ``deltas`` stand against the global thresholds' bins while pass 2 runs

@@ -3,8 +3,9 @@
 One scheme (HistogramSelect) over 32-bit integer keys that order like the values: pass 1 counts
 the high 16 bits of every key and finds, per task, the bin that holds each wanted rank; pass 2
 counts the low 16 bits of the keys inside that bin, which pins the exact key. Two users:
-StreamingTopK (the k-th largest |x|: the key is the bit pattern of |x|, which orders like |x|)
-and StreamingSelect (values of any sign: ``order_keys``). Neither holds a task vector in memory.
+StreamingTopK (the k-th largest |x|: the key is the bit pattern of |x|, which orders like |x|;
+aimed by a sample, its first pass also counts a window of bins and often finishes alone) and
+StreamingSelect (values of any sign: ``order_keys``). Neither holds a task vector in memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from .sums import row_sums_f64, sum_and_capped_sum
 
 KEY_BINS = 1 << 16  # histogram bins of each half of a 32-bit key
 LOW_BINS = KEY_BINS  # values of the low 16 bits of |x| inside a threshold bin
+WINDOW_BINS = 8  # the most coarse bins an aimed window spans (StreamingTopK.aim)
+WINDOW_SPREAD = 6.0  # standard errors of the sample's threshold rank an aimed window spans on either side
+WINDOW_MARGIN = 0.002  # and at least this share of the entries
 
 
 def kept_count(n: int, density: float) -> int:
@@ -165,6 +169,13 @@ def sorted_values(x: torch.Tensor) -> torch.Tensor:
 
         return torch.from_numpy(np.sort(x.numpy()))
     return x.sort().values
+
+
+def sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of a 2-d float32 CPU tensor, each in ascending order, NaN last (numpy's sort, as sorted_values)."""
+    import numpy as np
+
+    return torch.from_numpy(np.sort(x.numpy(), axis=1))
 
 
 def count_around(row: Row, value: torch.Tensor) -> tuple[int, int]:
@@ -340,6 +351,10 @@ class StreamingTopK:
         self.kept: list[int] = []
         self.removed_l1: list[float] = []
         self.total_l1: list[float] = []
+        self.window: kernels.Window | None = None  # whole bins counted bit pattern by bit pattern in pass 1 (aim)
+        self.resolved = False  # pass 1 found the thresholds (its window held their bins): no pass 2
+        self._bin_window: kernels.Window | None = None  # pass 2's counts: each task's threshold bin
+        self._spare: kernels.SpareCounts | None = None  # the kernels' other threads' counts in this pass
 
     def _rank(self, n: int) -> list[int]:
         self.k = kept_count(n, self.density)
@@ -355,25 +370,100 @@ class StreamingTopK:
         assert self._select.bins is not None, "end_coarse() first"
         return self._select.bins[:, 0]
 
+    def aim(self, blocks: list[torch.Tensor]) -> None:
+        """Before pass 1, from a sample of the values in blocks (T, m_b) of any sign (the sampling units, e.g.
+        blocks of rows spread over the stream): a window of whole coarse bins around each task's estimated
+        threshold, counted bit pattern by bit pattern in pass 1, which then finds every threshold whose bin the
+        window holds (``resolved``; else pass 2 does). It spans the sample's ranks within WINDOW_SPREAD standard
+        errors (at least WINDOW_MARGIN) of the estimate's, and a bin either side, up to WINDOW_BINS bins."""
+        blocks = [b.reshape(b.shape[0], -1) for b in blocks]
+        sizes = [b.shape[1] for b in blocks if b.shape[1]]
+        if not sizes or self.density >= 1.0:
+            return
+        values = torch.cat(blocks, 1).float().abs_()
+        ordered = sorted_rows(values).view(torch.int32).long()  # the keys, ascending (NaN last)
+        m = values.shape[1]
+        share = 1.0 - self.density  # of the entries below the threshold
+        estimate = ordered[:, min(m - 1, int(share * m))]
+        # the blocks' counts below the estimate against their sizes: a ratio estimator's standard error
+        low = values < estimate.to(torch.int32).view(torch.float32).unsqueeze(1)
+        below = torch.stack([part.sum(1) for part in low.split(sizes, 1)], 1).double()
+        units = torch.tensor(sizes, dtype=torch.float64)
+        error = ((below - below.sum(1, keepdim=True) / m * units) ** 2).sum(1).sqrt() / m
+        margin = (WINDOW_SPREAD * error).clamp(min=WINDOW_MARGIN)
+
+        def bin_at(shares: torch.Tensor) -> torch.Tensor:
+            return ordered.gather(1, (shares * m).long().clamp(0, m - 1).unsqueeze(1)).squeeze(1) >> 16
+
+        centre = estimate >> 16
+        first = torch.minimum(bin_at(share - margin), centre - 1).clamp(min=0)
+        last = torch.maximum(bin_at(share + margin), centre + 1).clamp(max=KEY_BINS - 1)
+        bins = min(WINDOW_BINS, int((last - first + 1).max()))
+        first = torch.where(last - first + 1 > bins, centre - bins // 2, first).clamp(0, KEY_BINS - bins)
+        width = bins * KEY_BINS
+        self.window = kernels.Window((first << 16).to(self.device), width,
+                                     torch.zeros(len(first) * width, dtype=torch.int64, device=self.device),
+                                     torch.zeros(len(first), dtype=torch.float64, device=self.device))
+
     def observe_coarse(self, values: torch.Tensor) -> None:
-        """Pass 1: count the high bits of |x| of one chunk (T, ...) and add up its L1 norms."""
+        """Pass 1: count the high bits of |x| of one chunk (T, ...) and add up its L1 norms (and count the
+        window, when aimed)."""
         rows = values.reshape(values.shape[0], -1)
         if kernels.takes(rows) and self.device.type == "cpu":  # one sweep, no int32 copy of the bits
             self._select.n += rows.shape[1]
-            kernels.magnitude_histogram(list(rows), self._select.coarse_counts, self._total_l1)
+            kernels.magnitude_histogram(list(rows), self._select.coarse_counts, self._total_l1, None, self.window,
+                                        self._spare_counts(0))
             return
         bits = magnitude_bits(values)
         self._select.observe_coarse(bits >> 16)
         self._total_l1 += row_sums_f64(bits.view(torch.float32))
+        if self.window is not None:
+            self._count_window(bits)
+
+    def _count_window(self, bits: torch.Tensor) -> None:
+        """The window's counts and the L1 below it, of the bit patterns ``bits`` (T, n) of |x| (torch)."""
+        starts, width, fine, below = self.window  # type: ignore[misc]
+        offset = bits.long() - starts.unsqueeze(1)
+        inside = (offset >= 0) & (offset < width)
+        slots = offset + (torch.arange(len(starts), device=bits.device) * width).unsqueeze(1)
+        fine += torch.bincount(slots[inside], minlength=fine.numel())
+        below += row_sums_f64(torch.where(offset < 0, bits, 0).view(torch.float32))
 
     def end_coarse(self) -> None:
-        """Find, per task, the high-bits bin that holds the k-th largest value."""
+        """Find, per task, the high-bits bin that holds the k-th largest value; with an aimed window that
+        holds every task's bin, the exact thresholds too (``resolved``)."""
+        self._flush()
+        self._spare = None
         self._select.end_coarse()
+        window, self.window = self.window, None
+        if window is None or self.n == 0:
+            self._bin_window = kernels.Window(self.bins.long().contiguous() << 16, KEY_BINS,
+                                              self._select.fine_counts[:, 0], self._below_l1)
+            return
+        num_bins = window.width // KEY_BINS
+        offset = self.bins.long() - (window.starts >> 16)
+        if not bool(((offset >= 0) & (offset < num_bins)).all()):
+            self._bin_window = kernels.Window(self.bins.long().contiguous() << 16, KEY_BINS,
+                                              self._select.fine_counts[:, 0], self._below_l1)
+            return
+        counts = window.fine.view(self.num_tasks, num_bins, KEY_BINS)
+        tasks = torch.arange(self.num_tasks, device=counts.device)
+        self._select.fine_counts[:, 0] = counts[tasks, offset]
+        # the L1 below the threshold's bin: below the window, and in its bins before that one (count × value)
+        keys = window.starts.unsqueeze(1) + torch.arange(window.width, device=counts.device)
+        values = keys.to(torch.int32).view(torch.float32).double()
+        before = torch.arange(window.width, device=counts.device) < (offset * KEY_BINS).unsqueeze(1)
+        self._below_l1 = window.below + torch.where(before, counts.view(self.num_tasks, -1) * values, 0.0).sum(1)
+        self.end_fine()
+        self.resolved = True
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
-        """The counts and sums of pass ``pass_index`` (0: coarse, 1: fine), to be summed across processes."""
+        """The counts and sums of pass ``pass_index`` (0: coarse, with the window's; 1: fine), to be summed
+        across processes."""
+        self._flush()
         if pass_index == 0:
-            return [*self._select.partials(0), self._total_l1]
+            aimed = [] if self.window is None else [self.window.fine, self.window.below]
+            return [*self._select.partials(0), self._total_l1, *aimed]
         return [*self._select.partials(1), self._below_l1]
 
     def split(self, values: torch.Tensor) -> TrimSplit:
@@ -386,7 +476,8 @@ class StreamingTopK:
         or None when not ``want_split``."""
         rows = values.reshape(values.shape[0], -1)
         if not want_split and kernels.takes(rows) and self.device.type == "cpu":
-            kernels.magnitude_fine(list(rows), self.bins, self._select.fine_counts[:, 0], self._below_l1)
+            assert self._bin_window is not None
+            kernels.magnitude_window(list(rows), self._bin_window, None, self._spare_counts(1))
             return None
         split = self.split(values)
         self._select.add_fine(0, (split.low + self._select.offsets)[split.undecided])
@@ -402,14 +493,30 @@ class StreamingTopK:
         if pass_index == 0:
             self._select.n += base.numel()
             sums = torch.zeros(len(rows), dtype=torch.float64)
-            kernels.magnitude_histogram(rows, self._select.coarse_counts, sums, base)
+            kernels.magnitude_histogram(rows, self._select.coarse_counts, sums, base, self.window,
+                                        self._spare_counts(0))
             self._total_l1 += sums
             return sums
-        kernels.magnitude_fine(rows, self.bins, self._select.fine_counts[:, 0], self._below_l1, base)
+        assert self._bin_window is not None
+        kernels.magnitude_window(rows, self._bin_window, base, self._spare_counts(1))
         return None
+
+    def _spare_counts(self, pass_index: int) -> kernels.SpareCounts:
+        """The kernels' spare counts for this pass's counts, made at its first sweep."""
+        if self._spare is None:
+            self._spare = (kernels.SpareCounts(self._select.coarse_counts, self.window) if pass_index == 0
+                           else kernels.SpareCounts(None, self._bin_window))
+        return self._spare
+
+    def _flush(self) -> None:
+        """The spare counts into the pass's counts, before they are read (or summed across processes)."""
+        if self._spare is not None:
+            self._spare.flush()
 
     def end_fine(self) -> None:
         """Exact thresholds, kept counts and the L1 mass below the threshold, per task."""
+        self._flush()
+        self._spare = self._bin_window = None
         sel = self._select
         sel.end_fine()
         assert sel.keys is not None and sel.below is not None

@@ -26,7 +26,16 @@ def merge_in_memory(method: str, raw: dict[str, Any], base: dict[str, torch.Tens
         return torch.stack([tk[n].to(dev).float() for tk in tasks]).sub_(b)
 
     stats = m.global_stats(params, len(tasks), dev)
-    for active in schedule(stats):
+    for stat in stats:
+        if stat.samples:  # every matrix sampled whole
+            for n in names:
+                if base[n].ndim >= 2:
+                    stat.observe_sample(n, [base[n], *(tk[n] for tk in tasks)])
+            stat.end_sample()
+    g = 0
+    while g < len(passes := schedule(stats)):  # planned again after each read, as the engine does
+        active = passes[g]
+        g += 1
         for n in names:
             for stat, p in active:
                 if stat.stored_inputs:

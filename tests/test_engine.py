@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import GLOBAL_TIES_READS, load_output, merge, recipe_dict, toy_family, toy_tensors, write_model
-from neuromerge_cli.engine import PREFETCH, TensorLoader, pick_device, prepare, schedule
+from helpers import GLOBAL_TIES_READS, fine_tune, load_output, merge, recipe_dict, toy_family, toy_tensors, write_model
+from neuromerge_cli import engine
+from neuromerge_cli.engine import PREFETCH, TensorLoader, pick_device, prepare, sample_pieces, schedule
 from neuromerge_cli.errors import MergeError
 from neuromerge_cli.methods import get_method
+from neuromerge_cli.plan import Plan, TensorPlan
 from neuromerge_cli.recipe import parse_recipe
 from reference import load_folder, reference_merge
 
@@ -38,6 +40,48 @@ def test_statistics_reads(tmp_path: Path, params: dict, reads: int | None) -> No
     base, tasks = toy_family(tmp_path, 2)
     report = merge(recipe_dict(base, tasks, "ties", params), tmp_path / "out")
     assert report["timings"]["statistics_reads"] == (GLOBAL_TIES_READS if reads is None else reads)
+
+
+def test_a_sample_spreads_blocks_of_rows_over_the_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = {"a": (300, 4), "bias": (300,), "b": (1000, 2), "c": (5, 3, 3), "empty": (0, 4)}
+    plan = plan_of(shapes)
+    monkeypatch.setattr(engine, "SAMPLE_BLOCKS", 16)
+    monkeypatch.setattr(engine, "SAMPLE_SHARE", 0.05)
+    sample = sample_pieces(plan, list(shapes))
+    # 5 % of the 1305 matrix rows (vectors have none) in 16 blocks of 5 rows, one every ~82 rows in order
+    assert len(sample) == 16 and {p.name for p in sample} == {"a", "b"}
+    starts = [{"a": 0, "b": 300, "c": 1300}[p.name] + p.rows[0] for p in sample if p.rows]
+    assert starts == [(2 * b + 1) * 1305 // 32 for b in range(16)]
+    assert all(p.rows and p.rows[1] - p.rows[0] <= 5 and p.rows[1] <= shapes[p.name][0] for p in sample)
+    monkeypatch.setattr(engine, "SAMPLE_ROWS", 32)  # the cap on rows: 2 per block
+    assert all(p.rows and p.rows[1] - p.rows[0] <= 2 for p in sample_pieces(plan, list(shapes)))
+    assert sample_pieces(plan_of({"v": (50,)}), ["v"]) == []
+
+
+def plan_of(shapes: dict[str, tuple[int, ...]]) -> Plan:
+    tensors = [TensorPlan(name, "neuron" if len(s) > 1 else "point", s, torch.float32, "model.safetensors")
+               for name, s in shapes.items()]
+    return Plan(tensors, {"model.safetensors": list(shapes)}, False, 0)
+
+
+def test_neuromerging_trims_globally_in_one_read_where_a_sample_aims_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(8)
+    base = {"big.weight": torch.randn(2048, 32, generator=g), "small.weight": torch.randn(16, 8, generator=g),
+            "norm.weight": torch.ones(32)}
+    write_model(tmp_path / "base", base)
+    tasks = [write_model(tmp_path / f"task{t}", fine_tune(base, t)) for t in range(3)]
+    recipe = recipe_dict(tmp_path / "base", tasks, "neuromerging", {"density": 0.2})
+    monkeypatch.setattr(engine, "SAMPLE_SHARE", 1.0)  # every row sampled: the window holds the thresholds
+    aimed = merge(recipe, tmp_path / "aimed")
+    monkeypatch.setattr(engine, "SAMPLE_SHARE", 0.0)  # no sample: the first read finds the bins, the second the rest
+    plain = merge(recipe, tmp_path / "plain")
+    assert aimed["timings"]["statistics_reads"] == 1 and plain["timings"]["statistics_reads"] == 2
+    trim, trim_plain = aimed["global"]["trim"], plain["global"]["trim"]
+    assert trim["threshold"] == trim_plain["threshold"] and trim["kept_fraction"] == trim_plain["kept_fraction"]
+    assert trim["sigma"] == pytest.approx(trim_plain["sigma"], rel=1e-12)
+    out, want = load_output(tmp_path / "aimed"), load_output(tmp_path / "plain")
+    assert all(torch.equal(out[name], want[name]) for name in want)
 
 
 def test_read_ahead_is_bounded(tmp_path: Path) -> None:

@@ -255,7 +255,10 @@ def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch
     values[1, 7] = float("nan")
     counts = torch.full((3 << 16,), 5, dtype=torch.int64)  # added to, not overwritten
     l1 = torch.ones(3, dtype=torch.float64)
-    kernels.magnitude_histogram(rows, counts, l1, base)
+    spare = kernels.SpareCounts(counts)  # a row per thread past the first, added up by flush
+    assert spare.counts.shape[0] == threads - 1
+    kernels.magnitude_histogram(rows, counts, l1, base, spare=spare)
+    spare.flush()
     bits = values.view(torch.int32) & 0x7FFFFFFF
     for t in range(3):
         want = torch.bincount((bits[t] >> 16).long(), minlength=1 << 16) + 5
@@ -267,28 +270,48 @@ def test_magnitude_histogram_counts_the_high_bits_of_every_magnitude(monkeypatch
 @pytest.mark.parametrize("stored, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16),
                                            (True, torch.float16)])
 @pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("with_coarse", [False, True])
 @needs_kernels
 @pytest.mark.usefixtures("float16_conversion")
-def test_magnitude_fine_counts_the_low_bits_inside_each_bin_and_sums_below(
-        monkeypatch: pytest.MonkeyPatch, stored: bool, dtype: torch.dtype, threads: int) -> None:
+def test_magnitude_window_counts_each_bit_pattern_inside_it_and_sums_below(
+        monkeypatch: pytest.MonkeyPatch, stored: bool, dtype: torch.dtype, threads: int, with_coarse: bool) -> None:
     monkeypatch.setattr(kernels, "threads", lambda: threads)
     base, rows, values = histogram_inputs(stored, dtype, n=3 * (1 << 18) + 4101, seed=4)
-    if not stored:  # many entries share a bin
+    if not stored:  # many entries share a bit pattern
         values = torch.randint(-40, 41, values.shape, generator=torch.Generator().manual_seed(4)).float() / 16
         rows = list(values)
     rows[2][9] = float("nan")
     values[2, 9] = float("nan")
-    bits = values.view(torch.int32) & 0x7FFFFFFF
-    bins = torch.stack([(bits[t] >> 16)[t * 100] for t in range(3)]).long()
-    fine = torch.full((3 << 16,), 2, dtype=torch.int64)
-    below = torch.ones(3, dtype=torch.float64)
-    kernels.magnitude_fine(rows, bins, fine, below, base)
+    bits = (values.view(torch.int32) & 0x7FFFFFFF).long()
+    # a window of one bin for task 0 (a global trim's second read), one across bins, off the bins' edges, for the others
+    width = 1 << 16 if with_coarse else 3 * (1 << 16) + 17
+    starts = torch.stack([bits[t][t * 100] - (t > 0) * 40000 for t in range(3)])
+    if not with_coarse:
+        starts[0] = (starts[0] >> 16) << 16
+    window = kernels.Window(starts, width, torch.full((3 * width,), 2, dtype=torch.int64),
+                            torch.ones(3, dtype=torch.float64))
+    if with_coarse:
+        counts, l1 = torch.full((3 << 16,), 5, dtype=torch.int64), torch.ones(3, dtype=torch.float64)
+        spare = kernels.SpareCounts(counts, window)
+        kernels.magnitude_histogram(rows, counts, l1, base, window, spare)
+        spare.flush()
+        for t in range(3):  # the coarse count as without the window
+            want = torch.bincount((bits[t] >> 16), minlength=1 << 16) + 5
+            assert torch.equal(counts[t << 16:(t + 1) << 16], want)
+        assert l1[0] == pytest.approx(1 + float(values[0].double().abs().sum()), rel=1e-13)
+    else:
+        spare = kernels.SpareCounts(None, window)
+        half = rows[0].numel() // 2  # two calls into the same spare counts, flushed once
+        for part in (slice(0, half), slice(half, None)):
+            kernels.magnitude_window([r[part] for r in rows], window, None if base is None else base[part], spare)
+        spare.flush()
     for t in range(3):
-        inside = (bits[t] >> 16) == bins[t]
-        want = torch.bincount((bits[t][inside] & 0xFFFF).long(), minlength=1 << 16) + 2
-        assert inside.any() and torch.equal(fine[t << 16:(t + 1) << 16], want)
-        under = values[t].abs()[(bits[t] >> 16) < bins[t]]
-        assert below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-12)
+        offset = bits[t] - starts[t]
+        inside = (offset >= 0) & (offset < width)
+        want = torch.bincount(offset[inside], minlength=width) + 2
+        assert inside.sum() > 10 and torch.equal(window.fine[t * width:(t + 1) * width], want)
+        under = values[t].abs()[bits[t] < starts[t]]
+        assert window.below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])

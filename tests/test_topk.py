@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuromerge_cli.topk import StreamingTopK, kept_count, sorted_values, tensor_thresholds
+from neuromerge_cli.topk import WINDOW_BINS, StreamingTopK, kept_count, sorted_values, tensor_thresholds
 from reference import kept_k
 
 SHAPES = [(7, 5), (13,), (3, 4, 2), (1,), (2, 3, 3, 3), (40, 9)]
@@ -29,11 +29,16 @@ def chunks(num_tasks: int, kind: str, seed: int) -> list[torch.Tensor]:
     return out
 
 
-def streamed(parts: list[torch.Tensor], density: float) -> StreamingTopK:
+def streamed(parts: list[torch.Tensor], density: float, sample: list[torch.Tensor] | None = None) -> StreamingTopK:
+    """The two passes, or with a ``sample`` one aimed pass and the second only where its window misses."""
     topk = StreamingTopK(parts[0].shape[0], density)
+    if sample is not None:
+        topk.aim(sample)
     for p in parts:
         topk.observe_coarse(p)
     topk.end_coarse()
+    if topk.resolved:
+        return topk
     for p in parts:
         topk.observe_fine(p)
     topk.end_fine()
@@ -79,6 +84,49 @@ def test_streamed_threshold_equals_kthvalue_of_the_concatenation(kind: str, dens
     removed = torch.where(keep, 0.0, flat).double().sum(1)
     assert torch.allclose(torch.tensor(topk.removed_l1, dtype=torch.float64), removed, rtol=1e-12, atol=0)
     assert torch.allclose(torch.tensor(topk.total_l1, dtype=torch.float64), flat.double().sum(1), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "wide"])
+@pytest.mark.parametrize("density", [1e-6, 0.15, 0.5, 0.999])
+@pytest.mark.parametrize("aim", ["every entry", "every third entry", "far off"])
+def test_an_aimed_first_pass_finds_the_threshold_its_window_holds(kind: str, density: float, aim: str) -> None:
+    parts = chunks(3, kind, seed=int(density * 1000) + len(kind))
+    flat = torch.cat([p.reshape(3, -1) for p in parts], dim=1)
+    n, k = flat.shape[1], kept_k(flat.shape[1], density)
+    expected = torch.kthvalue(flat, n - k + 1, dim=1).values
+    signs = torch.where(torch.arange(flat.shape[1]) % 2 == 0, 1.0, -1.0)  # a sample of signed values
+    sample = {"every entry": [p.reshape(3, -1) * -1.0 for p in parts], "every third entry": [flat[:, ::3] * signs[::3]],
+              "far off": [flat * 1e12 + 1.0]}[aim]
+    plain, aimed = streamed(parts, density), streamed(parts, density, sample)
+    if aim == "far off" and kind != "wide":  # a window above every value: the second pass finds them
+        assert not aimed.resolved
+    assert torch.equal(aimed.thresholds, expected) and torch.equal(aimed.thresholds, plain.thresholds)
+    assert aimed.kept == plain.kept and aimed.n == n
+    assert torch.allclose(torch.tensor(aimed.removed_l1, dtype=torch.float64),
+                          torch.tensor(plain.removed_l1, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert aimed.total_l1 == plain.total_l1
+
+
+def test_a_window_spans_the_sample_ranks_around_the_estimate_and_at_most_window_bins() -> None:
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(2, 1 << 16, generator=g).abs()
+    values[1] *= torch.rand(1 << 16, generator=g) ** 8  # task 1: a spread of exponents, few entries per bin
+    topk = StreamingTopK(2, 0.2)
+    topk.aim(list(values.split(1 << 10, dim=1)))  # 64 blocks of a uniform sample: a small standard error
+    window = topk.window
+    assert window is not None and window.width % (1 << 16) == 0 and 3 <= window.width >> 16 <= WINDOW_BINS
+    first = (window.starts >> 16).tolist()
+    for t in range(2):
+        estimate = int(values[t].kthvalue(int(0.8 * values.shape[1]) + 1).values.view(torch.int32)) >> 16
+        assert first[t] < estimate < first[t] + (window.width >> 16) - 1  # a bin either side at least
+    assert window.fine.shape == (2 * window.width,) and not window.fine.any() and not window.below.any()
+    for part in values.split(5000, dim=1):  # then one pass finds the thresholds
+        topk.observe_coarse(part)
+    topk.end_coarse()
+    n, k = values.shape[1], kept_k(values.shape[1], 0.2)
+    assert topk.resolved and torch.equal(topk.thresholds, values.kthvalue(n - k + 1, dim=1).values)
+    removed = torch.where(values >= topk.thresholds[:, None], 0.0, values).double().sum(1)
+    assert torch.allclose(torch.tensor(topk.removed_l1, dtype=torch.float64), removed, rtol=1e-12, atol=0)
 
 
 def test_ties_at_the_threshold_keep_the_whole_tied_set() -> None:

@@ -42,7 +42,7 @@ class NeuroMerging(Method):
     scale_params = ("lambda1", "lambda2", "lambda_point")
 
     def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
-        trim = TrimStat(params["density"], params["mask_scope"], num_tasks, device)
+        trim = TrimStat(params["density"], params["mask_scope"], num_tasks, device, sampled=True)
         if params["merge_fn"] not in ("elect_mean", "elect_sum"):
             return [trim]
 
