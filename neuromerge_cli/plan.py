@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -27,11 +28,12 @@ class TensorPlan:
     alias_of: str | None = None  # a tied weight: written from the merged result of that tensor
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass

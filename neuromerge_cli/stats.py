@@ -19,9 +19,6 @@ from .sums import sign_total, sum_f64
 from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, capped_sums, kept_count,
                    row_threshold, tensor_thresholds, whole)
 
-SAMPLED_PER_ROW = 64  # entries of each sampled row a sampled trim keeps (about evenly spaced)
-
-
 class GlobalStat:
     """A streaming reduction over all merged tensors."""
 
@@ -57,8 +54,9 @@ class GlobalStat:
         self.observe(pass_index, name, deltas, weights)
         return deltas.reshape(deltas.shape[0], -1).sum(1)
 
-    def observe_sample(self, name: str, tensors: list[torch.Tensor]) -> None:
-        """With ``samples``: a block of sampled rows of tensor ``name``, [θ0, θ_1..θ_T] as stored, on the CPU."""
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
+        """With ``samples``: a block of sampled rows of tensor ``name``, [θ0, θ_1..θ_T] as stored, on the CPU, of
+        which every ``stride``-th entry of the sample (counted on across blocks) is to be kept."""
         raise NotImplementedError
 
     def end_sample(self) -> None:
@@ -183,6 +181,7 @@ class TrimStat(GlobalStat):
         if self.samples:
             self.passes = 1  # a second where the window misses (end_pass)
         self._sample: list[torch.Tensor] = []
+        self._sampled = 0  # entries per task of the sample seen
         self.device = torch.device(device)
         self._removed = torch.zeros(num_tasks, dtype=torch.float64)
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
@@ -233,12 +232,13 @@ class TrimStat(GlobalStat):
             return self._topk.observe_stored(pass_index, tensors)
         return self._observe_made(pass_index, name, tensors, weights, self.device)
 
-    def observe_sample(self, name: str, tensors: list[torch.Tensor]) -> None:
-        """A block of sampled rows [θ0, θ_1..θ_T] as stored: every few entries of each row's τ_t kept, up to
-        SAMPLED_PER_ROW of them."""
-        rows = [x.reshape(x.shape[0], -1) for x in tensors]
-        kept = [x[:, ::max(1, x.shape[1] // SAMPLED_PER_ROW)].float() for x in rows]
-        self._sample.append(torch.stack(kept[1:]).sub_(kept[0]).reshape(self.num_tasks, -1))
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
+        """A block of sampled rows [θ0, θ_1..θ_T] as stored: τ_t of every ``stride``-th entry kept (a block in
+        proportion to its entries, whatever its rows' width)."""
+        start = -self._sampled % stride
+        self._sampled += tensors[0].numel()
+        kept = [x.reshape(-1)[start::stride].float() for x in tensors]
+        self._sample.append(torch.stack(kept[1:]).sub_(kept[0]))
 
     def end_sample(self) -> None:
         assert self._topk is not None

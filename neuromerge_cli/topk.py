@@ -381,10 +381,10 @@ class StreamingTopK:
         if not sizes or self.density >= 1.0:
             return
         values = torch.cat(blocks, 1).float().abs_()
-        ordered = sorted_rows(values).view(torch.int32).long()  # the keys, ascending (NaN last)
+        ordered = sorted_rows(values).view(torch.int32)  # the keys, ascending (NaN last)
         m = values.shape[1]
         share = 1.0 - self.density  # of the entries below the threshold
-        estimate = ordered[:, min(m - 1, int(share * m))]
+        estimate = ordered[:, min(m - 1, int(share * m))].long()
         # the blocks' counts below the estimate against their sizes: a ratio estimator's standard error
         low = values < estimate.to(torch.int32).view(torch.float32).unsqueeze(1)
         below = torch.stack([part.sum(1) for part in low.split(sizes, 1)], 1).double()
@@ -393,7 +393,7 @@ class StreamingTopK:
         margin = (WINDOW_SPREAD * error).clamp(min=WINDOW_MARGIN)
 
         def bin_at(shares: torch.Tensor) -> torch.Tensor:
-            return ordered.gather(1, (shares * m).long().clamp(0, m - 1).unsqueeze(1)).squeeze(1) >> 16
+            return ordered.gather(1, (shares * m).long().clamp(0, m - 1).unsqueeze(1)).squeeze(1).long() >> 16
 
         centre = estimate >> 16
         first = torch.minimum(bin_at(share - margin), centre - 1).clamp(min=0)
