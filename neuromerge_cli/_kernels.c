@@ -1647,7 +1647,7 @@ static PyObject *magnitude_counts(PyObject *self, PyObject *args) {
     const void *tasks[MAX_TASKS];
     if (check_inputs("magnitude_counts", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
         return NULL;
-    if ((!counts && !starts) || (starts && (width < 1 || width > ((int64_t)1 << 32))) || spares < 0 ||
+    if ((!counts && !starts) || (starts && (width < 1 || width >= ((int64_t)1 << 32))) || spares < 0 ||
         (spares && !spare)) {
         PyErr_SetString(PyExc_ValueError, "magnitude_counts: no count asked for, a window width out of range, or "
                                           "no spare counts");

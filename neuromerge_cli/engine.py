@@ -138,7 +138,7 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
     return out
 
 
-SAMPLE_SHARE = float(os.environ.get("NEUROMERGE_SAMPLE_SHARE", 1 / 64))  # the most of the matrices' rows a sample reads
+SAMPLE_SHARE = float(os.environ.get("NEUROMERGE_SAMPLE_SHARE", 1 / 64))  # the most of the rows a sample reads
 SAMPLE_ROWS = 8192  # and the most rows
 SAMPLE_BLOCKS = 512  # blocks of consecutive rows it reads them in
 SAMPLE_ENTRIES = 1 << 20  # entries per task of the sample a statistic keeps (every few, evenly spaced)
@@ -321,7 +321,8 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
     sampled = [stat for stat in stats if stat.samples]
     if sampled:  # every rank reads the whole sample: the same estimates everywhere
         work = sample_pieces(plan, names)
-        stride = max(1, sum(p.share(by_name[p.name].numel, by_name[p.name].shape) for p in work) // SAMPLE_ENTRIES)
+        entries = sum(p.share(by_name[p.name].numel, by_name[p.name].shape) for p in work)
+        stride = max(1, entries // SAMPLE_ENTRIES)
         for piece, tensors in loader.stream_pieces(work):
             for stat in sampled:
                 stat.observe_sample(piece.name, tensors, stride)

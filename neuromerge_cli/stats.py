@@ -19,6 +19,7 @@ from .sums import sign_total, sum_f64
 from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, capped_sums, kept_count,
                    row_threshold, tensor_thresholds, whole)
 
+
 class GlobalStat:
     """A streaming reduction over all merged tensors."""
 
