@@ -14,18 +14,26 @@ timed run so that no earlier write-back is pending):
   the script creates (CPU torch pinned first, then ``pip install mergekit``) unless --no-mergekit.
 
 Prints one table with the ratios neuromerge/floor and neuromerge/mergekit (best of --repeat runs).
+
+``--cold`` keeps the inputs out of the page cache instead, the floor's read and every timed command
+reading them from disk (a thread drops their cached pages every EVICT_S seconds while a command runs,
+``posix_fadvise(DONTNEED)``): how a merge behaves on models larger than the machine's RAM, where every
+read of the inputs is a read from disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -139,7 +147,42 @@ def input_files(models: list[Path]) -> list[Path]:
     return [f for m in models for f in sorted(m.glob("*.safetensors"))]
 
 
-def io_floor(files: list[Path], bytes_out: int, scratch: Path) -> tuple[float, float, float]:
+EVICT_S = 0.25  # seconds between two evictions of the inputs' cached pages (--cold)
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the page cache's clean pages of ``files``."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def kept_cold(files: list[Path], on: bool) -> Iterator[None]:
+    """With ``on``: ``files`` evicted now and every EVICT_S seconds until the block ends (else nothing)."""
+    if not on:
+        yield
+        return
+    evict(files)
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(EVICT_S):
+            evict(files)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def io_floor(files: list[Path], bytes_out: int, scratch: Path, cold: bool = False) -> tuple[float, float, float]:
     """Seconds to read every input byte once, to write ``bytes_out`` bytes to a new file, and then to
     flush that file to disk (fsync: neuromerge publishes its output only once it is on disk).
 
@@ -148,6 +191,8 @@ def io_floor(files: list[Path], bytes_out: int, scratch: Path) -> tuple[float, f
     about 10 GB/s), which made the floor of the benchmarks before that date 2-3 times too long."""
     buf = memoryview(mmap.mmap(-1, 64 << 20))
     os.sync()
+    if cold:
+        evict(files)
     t0 = time.perf_counter()
     for f in files:
         with open(f, "rb", buffering=0) as fh:
@@ -253,6 +298,7 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", type=Path, help="its virtualenv (default: SCRATCH/mergekit-venv)")
     ap.add_argument("--neuromerge-args", default="--device cpu", help="extra arguments to `neuromerge run`")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--cold", action="store_true", help="inputs read from disk, not the page cache (see above)")
     args = ap.parse_args()
     if ROOT in args.scratch.resolve().parents:
         ap.error("--scratch must be outside the repository")
@@ -266,8 +312,8 @@ def main() -> None:
     files = input_files(models)
     bytes_in = sum(f.stat().st_size for f in files)
     bytes_out = shape.params * 2
-    io_floor(files, bytes_out, work)  # warm-up: inputs into the page cache
-    floors = [io_floor(files, bytes_out, work) for _ in range(max(args.repeat, 2))]
+    io_floor(files, bytes_out, work)  # warm-up: inputs into the page cache (or the disk's own cache)
+    floors = [io_floor(files, bytes_out, work, args.cold) for _ in range(max(args.repeat, 2))]
     read_s, write_s, sync_s = (min(f[k] for f in floors) for k in range(3))
     floor = read_s + write_s
     startup, _ = min(timed([sys.executable, "-c", "import torch, neuromerge_cli.cli"], cwd=ROOT) for _ in range(2))
@@ -294,7 +340,8 @@ def main() -> None:
         runs = []
         for _ in range(args.repeat):  # like mergekit's below, each run starts without an output to replace
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            runs.append(timed(cmd, env=env, cwd=ROOT))
+            with kept_cold(files, args.cold):
+                runs.append(timed(cmd, env=env, cwd=ROOT))
         results[label] = {"neuromerge_s": min(r[0] for r in runs), "neuromerge_rss": max(r[1] for r in runs)}
         print(f"neuromerge {label}: {results[label]}", file=sys.stderr, flush=True)
 
@@ -316,7 +363,8 @@ def main() -> None:
                 runs = []
                 for _ in range(args.repeat):
                     subprocess.run(["rm", "-rf", str(out)], check=True)
-                    runs.append(timed(cmd))
+                    with kept_cold(files, args.cold):
+                        runs.append(timed(cmd))
                 done[key] = (min(r[0] for r in runs), max(r[1] for r in runs))
                 print(f"mergekit {label}: {done[key]}", file=sys.stderr, flush=True)
             results[label]["mergekit_s"], results[label]["mergekit_rss"] = done[key]
@@ -324,7 +372,7 @@ def main() -> None:
     budget = 1.5 * (args.tasks + 1) * shape.largest * 4 + 0.5e9
     print(f"\n{args.size} ({shape.params / 1e9:.2f}B parameters, T={args.tasks}, {args.dtype}): "
           f"{bytes_in / 1e9:.2f} GB in, {bytes_out / 1e9:.2f} GB out; floor {floor:.2f} s "
-          f"(read {read_s:.2f} s + write {write_s:.2f} s, page cache; + fsync {sync_s:.2f} s: durable floor "
+          f"(read {read_s:.2f} s + write {write_s:.2f} s, {'from disk' if args.cold else 'page cache'}; + fsync {sync_s:.2f} s: durable floor "
           f"{floor + sync_s:.2f} s); interpreter + imports {startup:.2f} s; "
           f"RSS budget {budget / 2**30:.2f} GiB" + (f"; {mergekit_version}" if mergekit_version else ""))
     print("x floor: (neuromerge s - interpreter + imports) / floor, the issue's measure; x durable: the same over "
@@ -345,6 +393,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"size": args.size, "params": shape.params, "tasks": args.tasks,
                                          "floor_s": floor, "read_s": read_s, "write_s": write_s, "fsync_s": sync_s,
                                          "startup_s": startup, "rss_budget": budget, "mergekit": mergekit_version,
+                                         "cold": args.cold,
                                          "results": results}, indent=2))
 
 
