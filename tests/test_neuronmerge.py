@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import fine_tune, toy_family, write_model
-from neuromerge_cli.engine import MergeOptions, prepare, run_merge
+from neuromerge_cli.engine import MergeOptions, prepare, run_merge, schedule
+from neuromerge_cli.methods import get_method
 from neuromerge_cli.errors import MergeError
 from neuromerge_cli.neuron_groups import NeuronGroups, load_groups, mlp_slot, save_groups
 from neuromerge_cli.recipe import parse_recipe
@@ -129,6 +130,12 @@ def test_neuromerging_for_the_other_tensors_equals_it_alone_on_them(family: dict
     other = merge(family, tmp_path / "o", "neuromerging", params, base=b, models=ts)
     for name in other:
         torch.testing.assert_close(out[name], other[name], rtol=0, atol=1e-6)
+    # no sample of rows reaches the scoped trim: it plans the two reads it takes
+    stats = get_method("neuronmerge").global_stats(
+        {"groups": family["groups"], "general_method": "task_arithmetic", "general_params": {},
+         "other_method": "neuromerging", "other_params": get_method("neuromerging").parse_params(params),
+         "specific": "drop", "random_groups": False, "seed": 0}, 2, torch.device("cpu"))
+    assert not any(s.samples for s in stats) and len(schedule(stats)) == 2
 
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])  # a per-tensor trim is found in the merge read

@@ -53,6 +53,8 @@ class ScopedStat(GlobalStat):
         self.key = f"{scope}/{inner.key}"
         self.view = view
         self.after = None  # set by NeuronMerge.global_stats once every wrapper exists
+        if inner.samples:  # no sample of rows reaches a scoped statistic: its reads as without one
+            inner.end_sample()
 
     @property  # type: ignore[override]
     def passes(self) -> int:
