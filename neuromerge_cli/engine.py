@@ -17,6 +17,7 @@ import torch
 from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
 from .errors import MergeError
 from .figures import Figure, Norm, Ratio, figure_values
+from .held_ties import HeldTies
 from . import kernels
 from .methods import Fusion, Method, NeuronFusion, TensorJob, get_method
 from .methods.elect import DeferredMajority, merge_values, tie_candidates
@@ -25,7 +26,8 @@ from .methods.common import apply_drop, tensor_seed
 from .methods.subspaces import as_rows, fused_neurons
 from .plan import Plan, TensorPlan, make_plan
 from .recipe import Recipe
-from .stats import GlobalStat, TensorMajorityStat, float_task_vectors, task_vectors_and_norms, trimmed
+from .stats import (GlobalStat, ModelMajorityStat, TensorMajorityStat, deferred_majority, float_task_vectors,
+                    task_vectors_and_norms, trimmed)
 from .sums import row_norms
 from .distributed import World, shutdown, world_from_env
 from .signals import deferred_signals, signals_as_exceptions
@@ -422,10 +424,11 @@ def fused_merge(loader: TensorLoader, piece: Piece, tensors: list[torch.Tensor],
     DeferredMajority of a block whose election guessed its tensor's majority sign at a tie (see
     mended_ties); None where the kernel does not take the piece.
 
-    An election with the tensor's own majority sign uses a guess (a block: the sign of the tensor's
-    blocks so far; a whole tensor: +1) and keeps its ties; a whole tensor's are mended at once."""
+    An election with its group's majority sign uses a guess (a block: the sign of its group's blocks so
+    far; a whole tensor of a per-tensor group: +1) and keeps its ties; a whole tensor's own are mended at
+    once, the others' once their group's last block is merged."""
     own = fusion.merge_fn.startswith("elect") and fusion.majority is None
-    stat = stats.get("tensor_majority") if own and piece.rows is not None else None
+    stat = deferred_majority(stats, piece.rows is not None) if own else None
     dtype = t.dtype
     if dtype not in kernels.KINDS or not kernels.applies(tensors, loader.device) or \
             (stat is not None and not (isinstance(stat, TensorMajorityStat) and stat.deferred)):
@@ -608,11 +611,9 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                         out = host
                     background.write(writer, [piece.name, *aliases.get(piece.name, ())], out, piece.row, event)
 
-            def settle(name: str, blocks: list[tuple[int, DeferredMajority]]) -> None:
+            def settle(name: str, blocks: list[tuple[int, DeferredMajority]], stat: TensorMajorityStat) -> None:
                 """Mend, in the files, the written blocks (first row, election) of tensor ``name`` whose
-                elections guessed its majority sign wrong (a short read and write each)."""
-                stat = by_key["tensor_majority"]
-                assert isinstance(stat, TensorMajorityStat)
+                elections guessed their group's majority sign (``stat``'s) wrong (a short write each)."""
                 majority = stat.sign(name)
                 for row, deferred in blocks:
                     values = mended_ties(deferred, majority, [v[deferred.part] for v in scales] if scales else [1.0],
@@ -626,6 +627,15 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
 
             fusing = len(targets) == 1  # a sweep's variants share their parts: the torch path computes them once
             waiting: list[tuple[int, DeferredMajority]] = []  # blocks of the current tensor elected with a guess
+            model = by_key.get("majority")  # the model's majority sign, found in this read
+            held = stack.enter_context(contextlib.closing(HeldTies(folders[0]))) \
+                if isinstance(model, ModelMajorityStat) else None
+
+            def hold(name: str, row: int, deferred: DeferredMajority) -> None:
+                if held is not None:
+                    held.add(name, row, deferred)
+                else:
+                    waiting.append((row, deferred))
             for read, inputs in loader.stream_pieces(work):
                 merging = by_name[read.name].role != "copy"
                 if observed and merging:
@@ -641,7 +651,7 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                                 figures.setdefault(piece.name, TensorFigures(t, num_tasks)))):
                         outs = [fused[0]]
                         if fused[1] is not None:
-                            waiting.append((piece.row, fused[1]))
+                            hold(piece.name, piece.row, fused[1])
                     else:
                         base, deltas, l1, l2 = loader.with_norms(tensors, piece.name)
                         job = TensorJob(piece.name, t.role, base, deltas, weights, by_key,
@@ -652,13 +662,21 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                         fig.add(l1, l2, delta_norms, extra, deltas[0].numel())
                         outs = [m.to(t.dtype) for m in merged]
                         if job.deferred is not None and job.deferred.positions is not None:
-                            waiting.append((piece.row, job.deferred))
+                            hold(piece.name, piece.row, job.deferred)
                     emit(piece, outs)
                     if _last(by_name, piece):
                         if waiting:
-                            settle(piece.name, waiting)
+                            tensor = by_key["tensor_majority"]
+                            assert isinstance(tensor, TensorMajorityStat)
+                            settle(piece.name, waiting, tensor)
                             waiting.clear()
                         meter.tick(piece.name)
+            if held is not None:  # every rank's blocks are in: the model's sign, then the mending
+                assert isinstance(model, ModelMajorityStat)
+                if not world.alone:
+                    world.all_reduce_([model.total])
+                for name, blocks in held.by_tensor():
+                    settle(name, blocks, model)
             background.drain()
             for writer in writers:
                 writer.close(write_index=world.rank == 0)

@@ -398,9 +398,12 @@ class Tally:
 
 
 class MajoritySignStat(GlobalStat):
-    """sign(Σ over all coordinates of the elected sign) of the trimmed, weighted task vectors.
+    """sign(Σ over all coordinates of the elected sign) of the trimmed, weighted task vectors, found in
+    statistics reads.
 
-    TIES with a global mask falls back to this sign where a coordinate's sum is exactly zero.
+    TIES with a global mask falls back to this sign where a coordinate's sum is exactly zero. TIES on
+    its own finds it in the merge read (ModelMajorityStat); as a delegate of NeuronMerge, whose merge
+    read elects sub-tensors, over its scope with this statistic.
 
     After a two-pass global trim it shares the trim's second read (``joins = 1``), before the exact
     thresholds are known: an entry above its task's threshold bin is kept, one below it trimmed,
@@ -636,6 +639,7 @@ class TensorMajorityStat(GlobalStat):
 
     key = "tensor_majority"
     passes = 0
+    whole_model = False  # one group, every merged tensor (ModelMajorityStat)
 
     def __init__(self, sign_sum: SignSum | None, device: torch.device) -> None:
         self._sign_sum = sign_sum
@@ -685,9 +689,47 @@ class TensorMajorityStat(GlobalStat):
         return {"tensors_read_again": len(self._sums)}  # blocks of these tensors had an exact tie
 
 
+class ModelMajorityStat(TensorMajorityStat):
+    """The majority sign of one group, every merged tensor (global-trim TIES), found in the merge read:
+    each block, whole tensors included, adds its Σ of elected signs and elects its ties with a guess (the
+    sign of the blocks so far, +1 before any), as TensorMajorityStat does for a tensor; once the last
+    tensor is merged and the totals of all processes are added up (``total``), the engine mends the
+    blocks that guessed wrong. No read of its own: ``trim`` finds the thresholds it elects with."""
+
+    key = "majority"
+    whole_model = True
+
+    def __init__(self, trim: TrimStat, device: torch.device) -> None:
+        super().__init__(None, device)
+        self.trim = trim
+        self.after = trim
+        self.total = torch.zeros(1, dtype=torch.float64)  # Σ of the elected signs (exact in float64)
+
+    def add(self, name: str, total: float) -> None:
+        self.total += total
+
+    def sign(self, name: str = "") -> float:
+        """m: the sign of the total so far (of every block once the merge read is over)."""
+        total = float(self.total.item())
+        return float((total > 0) - (total < 0))
+
+    def summary(self) -> dict[str, Any]:
+        return {"majority_sign": self.sign(), "blocks_mended": self.blocks_mended}
+
+
+def deferred_majority(stats: dict[str, GlobalStat], block: bool) -> TensorMajorityStat | None:
+    """The statistic an election with its group's majority sign takes it from, where the group is not the
+    elected piece itself: the model's (global-trim TIES), or the tensor's for a ``block`` of its rows."""
+    model = stats.get("majority")
+    if isinstance(model, ModelMajorityStat):
+        return model
+    stat = stats.get("tensor_majority")
+    return stat if block and isinstance(stat, TensorMajorityStat) else None
+
+
 def signs_sum(x: torch.Tensor) -> torch.Tensor:
     """Σ over the coordinates of sign(Σ_t x_t) for x (T, ...), exactly, as a 0-d float64 tensor."""
     return sign_total(torch.sign(x.sum(0)))
 
 
-__all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "TensorMajorityStat", "kept_count"]
+__all__ = ["GlobalStat", "TrimStat", "MajoritySignStat", "TensorMajorityStat", "ModelMajorityStat", "kept_count"]

@@ -70,7 +70,8 @@ def toy_family(root: Path, num_tasks: int = 3, dtype: torch.dtype = torch.float3
     return root / "base", tasks
 
 
-# Statistics reads of a global-trim TIES merge: two for the exact thresholds; the majority sign rides on the second
+# Statistics reads of a global-trim TIES merge of the toy models: too small to sample, two for the exact thresholds (the
+# majority sign comes from the merge read)
 GLOBAL_TIES_READS = 2
 
 

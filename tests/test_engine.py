@@ -13,21 +13,30 @@ from neuromerge_cli.engine import PREFETCH, TensorLoader, pick_device, prepare, 
 from neuromerge_cli.errors import MergeError
 from neuromerge_cli.methods import get_method
 from neuromerge_cli.plan import Plan, TensorPlan
+from neuromerge_cli.stats import MajoritySignStat, TrimStat
 from neuromerge_cli.recipe import parse_recipe
 from reference import load_folder, reference_merge
 
 
 def test_schedule_runs_dependent_statistics_after_their_prerequisite() -> None:
     ties = get_method("ties")
-    trim, majority = ties.global_stats(ties.parse_params({}), 2, torch.device("cpu"))
+    trim, model = ties.global_stats(ties.parse_params({}), 2, torch.device("cpu"))
+    # global TIES: the trim in one read where a sample aims it (two where not); the majority sign in the merge read
+    assert model.passes == 0 and schedule([trim, model]) == [[(trim, 0)]]
+    trim.end_sample()  # no sample
+    assert schedule([trim, model]) == [[(trim, 0)], [(trim, 1)]]
+    trim = TrimStat(0.2, "global", 2, torch.device("cpu"))
+    majority = MajoritySignStat(trim)  # (NeuronMerge's delegated TIES: its scope's sign in statistics reads)
     # the majority sign joins the trim's second read (it needs only the trim's bins there) ...
     assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)]]
     majority.passes = 2  # ... and may ask for a plain pass of its own after it
     assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)], [(majority, 1)]]
     with pytest.raises(ValueError, match="listed before"):
         schedule([majority, trim])
-    trim, majority = ties.global_stats(ties.parse_params({"density": 1.0}), 2, torch.device("cpu"))
-    assert schedule([trim, majority]) == [[(majority, 0)]]  # no trim pass: nothing to join
+    majority = MajoritySignStat(TrimStat(1.0, "global", 2, torch.device("cpu")))
+    assert schedule([majority._trim, majority]) == [[(majority, 0)]]  # no trim pass: nothing to join
+    trim, model = ties.global_stats(ties.parse_params({"density": 1.0}), 2, torch.device("cpu"))
+    assert schedule([trim, model]) == []  # no trim: no statistics read at all
     per_tensor, on_demand = ties.global_stats(ties.parse_params({"mask_scope": "tensor"}), 2, torch.device("cpu"))
     # a per-tensor trim observes each tensor in the merge read; the tensor majority reads on demand only
     assert per_tensor.in_merge_read and schedule([per_tensor, on_demand]) == []
@@ -35,7 +44,7 @@ def test_schedule_runs_dependent_statistics_after_their_prerequisite() -> None:
 
 
 @pytest.mark.parametrize("params, reads", [({}, None), ({"mask_scope": "tensor"}, 0), ({"merge_fn": "sum"}, 2),
-                                           ({"density": 1.0}, 1)])
+                                           ({"density": 1.0}, 0)])
 def test_statistics_reads(tmp_path: Path, params: dict, reads: int | None) -> None:
     base, tasks = toy_family(tmp_path, 2)
     report = merge(recipe_dict(base, tasks, "ties", params), tmp_path / "out")

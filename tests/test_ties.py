@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from helpers import dyadic_family, load_output, merge, recipe_dict, toy_family, write_model
+from neuromerge_cli import engine
 from reference import load_folder, reference_merge
 
 WEIGHTS = (1.0, 0.5, 2.0)
@@ -105,3 +106,22 @@ def test_scalar_and_empty_tensors(tmp_path: Path, scope: str) -> None:
     out = load_output(tmp_path / "out")
     assert out["empty"].shape == (0, 4) and out["scalar"].shape == ()
     assert_matches(out, reference_merge(tmp_path / "base", tasks, "ties", params))
+
+
+def test_a_global_majority_found_in_the_merge_read_mends_the_blocks_that_guessed_wrong(
+        dyadic: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dyadic family's task vectors negated: the model leans negative, and the first block elects its
+    cancelling coordinates with the guess + (nothing is known before it), the others with the sign of the
+    blocks before them; once the merge read is over the first is mended in the file."""
+    base, tasks = dyadic
+    theta0 = load_folder(base)
+    negated = [write_model(tmp_path / f"neg{i}", {n: (2 * theta0[n] - t if t.is_floating_point() else t)
+                                                   for n, t in load_folder(task).items()})
+               for i, task in enumerate(tasks)]
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 24)  # blocks of rows: many guesses
+    params = {"density": 1.0, "merge_fn": "elect_sum"}
+    report = merge(recipe_dict(base, negated, "ties", params, list(WEIGHTS)), tmp_path / "out")
+    assert report["global"]["majority"] == {"majority_sign": -1.0, "blocks_mended": 1}  # the first, guessing +
+    assert report["timings"]["statistics_reads"] == 0
+    assert_matches(load_output(tmp_path / "out"), reference_merge(base, negated, "ties", params, list(WEIGHTS)))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")) == []

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 from ..errors import MergeError, did_you_mean, key_text
-from ..stats import GlobalStat, TensorMajorityStat
+from ..stats import GlobalStat, deferred_majority
 from .elect import DeferredMajority
 from .params import Param
 
@@ -34,17 +34,17 @@ class TensorJob:
     row: int = 0  # first row of the block
     rows: int | None = None  # rows of the whole tensor when the job is a block of them, else None
 
-    deferred: DeferredMajority | None = None  # set by tensor_majority: this block's ties await the tensor's sign
+    deferred: DeferredMajority | None = None  # set by tensor_majority: this block's ties await their group's sign
 
     def tensor_majority(self, part: str = "") -> Callable[[], float] | DeferredMajority | None:
-        """For an election whose group is the tensor: None for a whole tensor (the election finds its
-        majority sign itself), else (stats.TensorMajorityStat) a function giving the tensor's majority
-        sign, or a DeferredMajority kept as ``deferred`` for the engine to settle once the tensor's
-        last block is merged; ``part`` is the key of the result part the elected values are."""
-        stat = self.stats.get("tensor_majority")
-        if self.rows is None or stat is None:
+        """For an election whose group is the tensor, or the model (stats.ModelMajorityStat): None for a whole
+        tensor of a per-tensor group (the election finds its majority sign itself), else (stats.deferred_majority)
+        a function giving the tensor's majority sign, or a DeferredMajority kept as ``deferred`` for the engine
+        to settle once the group's last block is merged; ``part`` is the key of the result part the elected
+        values are."""
+        stat = deferred_majority(self.stats, self.rows is not None)
+        if stat is None:
             return None
-        assert isinstance(stat, TensorMajorityStat)
         if stat.deferred:
             # partial, not a lambda over self: the engine holds the election, and must not hold the job's τ
             self.deferred = DeferredMajority(functools.partial(stat.add, self.name), stat.guess(self.name),

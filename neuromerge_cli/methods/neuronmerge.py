@@ -22,7 +22,7 @@ import torch
 
 from ..errors import MergeError
 from ..neuron_groups import GENERAL, SUPPORTED_ARCHITECTURES, MlpSlot, NeuronGroups, load_groups, mlp_slot
-from ..stats import GlobalStat, TensorMajorityStat
+from ..stats import GlobalStat, MajoritySignStat, ModelMajorityStat, TensorMajorityStat
 from .base import Method, TensorJob, TensorResult
 from .params import boolean, choice, integer, mapping, text
 
@@ -211,9 +211,11 @@ class NeuronMerge(Method):
         wrapped: list[ScopedStat] = []
         for scope, view in ((GENERAL_SCOPE, self._general_view(params)), (OTHER_SCOPE, self._other_view)):
             method = _delegate(params[f"{scope}_method"])
-            # sub-tensor jobs elect over themselves: no per-tensor majority cached for blocks of rows
-            inner = [s for s in method.global_stats(params[f"{scope}_params"], num_tasks, device)
-                     if not isinstance(s, TensorMajorityStat)]
+            # sub-tensor jobs elect over themselves: no per-tensor majority cached for blocks of rows; a global
+            # majority sign over the scope is found in statistics reads (the merge read elects sub-tensors)
+            inner = [MajoritySignStat(s.trim) if isinstance(s, ModelMajorityStat) else s
+                     for s in method.global_stats(params[f"{scope}_params"], num_tasks, device)
+                     if isinstance(s, ModelMajorityStat) or not isinstance(s, TensorMajorityStat)]
             by_id = {id(s): ScopedStat(s, scope, view) for s in inner}
             for s in by_id.values():
                 s.after = by_id[id(s.inner.after)] if s.inner.after is not None else None
