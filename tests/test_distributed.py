@@ -30,13 +30,14 @@ def run_cli(args: list[str], env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("method, params", [
     ("ties", {"density": 0.3}),  # global trim + majority sign: histograms and sums all-reduced
+    ("ties", {"density": 0.2, "lambda": 0.9}),  # aimed by a sample: one read; ties mended after the sums all-reduced
     ("ties", {"density": 0.3, "mask_scope": "tensor", "lambda": 0.8}),
     ("dare_ties", {"density": 0.5, "seed": 3}),  # per-tensor majority signs; DARE draws by chunks of entries
     ("neuromerging", {"density": 0.3}),  # a global trim in one read, aimed by a sample of every row
 ])
 def test_two_processes_write_the_single_process_bytes(tmp_path: Path, method: str, params: dict) -> None:
     base, tasks = toy_family(tmp_path / "models", 3, torch.bfloat16, shards=2)
-    if method == "neuromerging":  # a matrix of many rows, for a sample that aims the window well
+    if method == "neuromerging" or params.get("lambda") == 0.9:  # many rows: a sample aims the window well
         base, tasks = family_with_rows(tmp_path / "models", 1024)
     recipe = write_recipe(tmp_path / "r.yaml", base, tasks, method, params)
     # small row blocks, so that large tensors are split into blocks as well as across ranks
@@ -62,17 +63,22 @@ def test_two_processes_write_the_single_process_bytes(tmp_path: Path, method: st
     for name, row in r1["tensors"].items():
         assert row["task_l1"] == pytest.approx(r2["tensors"][name]["task_l1"], rel=1e-6)
     assert r2["peak_memory"]["processes"] == 2
-    if method == "neuromerging":  # the window's counts summed across processes held every threshold
-        assert r1["timings"]["statistics_reads"] == r2["timings"]["statistics_reads"] == 1
+    if method == "neuromerging" or params.get("lambda") == 0.9:  # the window's counts summed across processes
+        assert r1["timings"]["statistics_reads"] == r2["timings"]["statistics_reads"] == 1  # held every threshold
+    if params.get("lambda") == 0.9:  # the sign no process guesses before its first block (test_ties mends one)
+        assert r1["global"]["majority"]["majority_sign"] == -1.0
     assert not list(tmp_path.glob(".two*")), "temporary folder left behind"
 
 
 def family_with_rows(root: Path, rows: int) -> tuple[Path, list[Path]]:
-    """The toy family in bfloat16 with a (rows, 16) matrix more, in two shards."""
+    """The toy family in bfloat16 with a (rows, 16) matrix more, in two shards; the task vectors lean
+    negative (a majority sign of −1: the first blocks, guessing +1, are mended)."""
     weights = {**toy_tensors(0, torch.bfloat16),
                "big.weight": torch.randn(rows, 16, generator=torch.Generator().manual_seed(2)).bfloat16()}
     base = write_model(root / "wide" / "base", weights, shards=2)
-    return base, [write_model(root / "wide" / f"task{t}", fine_tune(weights, t), shards=2) for t in range(3)]
+    lean = {n: t.float() - 0.01 if t.is_floating_point() else t for n, t in weights.items()}
+    return base, [write_model(root / "wide" / f"task{t}", {n: x.to(weights[n].dtype) for n, x in
+                                                            fine_tune(lean, t).items()}, shards=2) for t in range(3)]
 
 
 def test_share_splits_items_into_contiguous_disjoint_runs() -> None:
