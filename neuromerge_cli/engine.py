@@ -99,7 +99,7 @@ def prepare(recipe: Recipe, shard_size: int = DEFAULT_SHARD_SIZE, read_weights: 
 
 
 # Rows of a large tensor are streamed in blocks of about this many entries (tunable, e.g. in tests).
-BLOCK_ELEMENTS = int(os.environ.get("NEUROMERGE_BLOCK_ELEMENTS", 1 << 20))
+BLOCK_ELEMENTS = 1 << 20  # entries per task of a block of rows (NEUROMERGE_BLOCK_ELEMENTS overrides it)
 PREFETCH_BYTES = 1 << 28  # raw input bytes the reader may hold ahead of the consumer
 
 
@@ -121,10 +121,21 @@ class Piece:
         return total // shape[0] * (self.rows[1] - self.rows[0])
 
 
+def setting(name: str, default: float, kind: Callable[[str], float] = float) -> float:
+    """An engine setting from the environment variable ``name`` (for experiments and tests), else ``default``."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise MergeError(f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = None) -> list[Piece]:
     """``names`` as work pieces: tensors above ``block`` (BLOCK_ELEMENTS) entries cut into blocks of rows when
     ``rowwise``. Point tensors (ndim <= 1) are never cut: their elections need the whole tensor."""
-    block = block or BLOCK_ELEMENTS
+    block = block or int(setting("NEUROMERGE_BLOCK_ELEMENTS", BLOCK_ELEMENTS, int))
     by_name = plan.by_name()
     out: list[Piece] = []
     for name in names:
@@ -140,7 +151,7 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
     return out
 
 
-SAMPLE_SHARE = float(os.environ.get("NEUROMERGE_SAMPLE_SHARE", 1 / 64))  # the most of the rows a sample reads
+SAMPLE_SHARE = 1 / 64  # the most of the rows a sample reads (NEUROMERGE_SAMPLE_SHARE overrides it)
 SAMPLE_ROWS = 8192  # and the most rows
 SAMPLE_BLOCKS = 512  # blocks of consecutive rows it reads them in
 SAMPLE_ENTRIES = 1 << 20  # entries per task of the sample a statistic keeps (every few, evenly spaced)
@@ -155,7 +166,7 @@ def sample_pieces(plan: Plan, names: Iterable[str]) -> list[Piece]:
     matrices = [(name, by_name[name].shape[0]) for name in names
                 if len(by_name[name].shape) >= 2 and by_name[name].shape[0] > 0]
     total = sum(rows for _, rows in matrices)
-    wanted = min(SAMPLE_ROWS, int(total * SAMPLE_SHARE))
+    wanted = min(SAMPLE_ROWS, int(total * setting("NEUROMERGE_SAMPLE_SHARE", SAMPLE_SHARE)))
     blocks = min(SAMPLE_BLOCKS, wanted)
     if not blocks:
         return []

@@ -183,3 +183,18 @@ def test_cuda_gives_the_cpu_result(tmp_path: Path, method: str, params: dict) ->
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
+
+
+@pytest.mark.parametrize("name, text, message", [("NEUROMERGE_SAMPLE_SHARE", "abc", "is not a number"),
+                                                  ("NEUROMERGE_BLOCK_ELEMENTS", "1e3", "is not an integer")])
+def test_settings_from_the_environment_are_checked(monkeypatch: pytest.MonkeyPatch, name: str, text: str,
+                                                   message: str) -> None:
+    plan = plan_of({"a": (300, 4)})
+    monkeypatch.setenv(name, text)
+    def use() -> list[engine.Piece]:
+        return sample_pieces(plan, ["a"]) if "SAMPLE" in name else engine.pieces(plan, ["a"], True)
+
+    with pytest.raises(MergeError, match=f"{name}='{text}' {message}"):
+        use()
+    monkeypatch.setenv(name, "0.5" if "SAMPLE" in name else "400")  # and used: half the rows, or 100 rows a block
+    assert len(use()) == (150 if "SAMPLE" in name else 3)
