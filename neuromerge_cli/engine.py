@@ -139,10 +139,7 @@ def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = 
     by_name = plan.by_name()
     out: list[Piece] = []
     for name in names:
-        shape = by_name[name].shape
-        numel = 1
-        for s in shape:
-            numel *= s
+        shape, numel = by_name[name].shape, by_name[name].numel
         if not rowwise or len(shape) < 2 or numel <= block or shape[0] < 2:
             out.append(Piece(name))
             continue

@@ -639,7 +639,6 @@ class TensorMajorityStat(GlobalStat):
 
     key = "tensor_majority"
     passes = 0
-    whole_model = False  # one group, every merged tensor (ModelMajorityStat)
 
     def __init__(self, sign_sum: SignSum | None, device: torch.device) -> None:
         self._sign_sum = sign_sum
@@ -697,11 +696,9 @@ class ModelMajorityStat(TensorMajorityStat):
     blocks that guessed wrong. No read of its own: ``trim`` finds the thresholds it elects with."""
 
     key = "majority"
-    whole_model = True
 
     def __init__(self, trim: TrimStat, device: torch.device) -> None:
         super().__init__(None, device)
-        self.trim = trim
         self.after = trim
         self.total = torch.zeros(1, dtype=torch.float64)  # Σ of the elected signs (exact in float64)
 

@@ -436,13 +436,10 @@ class StreamingTopK:
         self._spare = None
         self._select.end_coarse()
         window, self.window = self.window, None
-        if window is None or self.n == 0:
-            self._bin_window = kernels.Window(self.bins.long().contiguous() << 16, KEY_BINS,
-                                              self._select.fine_counts[:, 0], self._below_l1)
-            return
-        num_bins = window.width // KEY_BINS
-        offset = self.bins.long() - (window.starts >> 16)
-        if not bool(((offset >= 0) & (offset < num_bins)).all()):
+        num_bins = 0 if window is None else window.width // KEY_BINS
+        offset = self.bins.long() - (0 if window is None else window.starts >> 16)
+        if window is None or self.n == 0 or not bool(((offset >= 0) & (offset < num_bins)).all()):
+            # pass 2 counts each task's threshold bin
             self._bin_window = kernels.Window(self.bins.long().contiguous() << 16, KEY_BINS,
                                               self._select.fine_counts[:, 0], self._below_l1)
             return

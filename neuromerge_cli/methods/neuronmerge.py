@@ -213,7 +213,7 @@ class NeuronMerge(Method):
             method = _delegate(params[f"{scope}_method"])
             # sub-tensor jobs elect over themselves: no per-tensor majority cached for blocks of rows; a global
             # majority sign over the scope is found in statistics reads (the merge read elects sub-tensors)
-            inner = [MajoritySignStat(s.trim) if isinstance(s, ModelMajorityStat) else s
+            inner = [MajoritySignStat(s.after) if isinstance(s, ModelMajorityStat) else s
                      for s in method.global_stats(params[f"{scope}_params"], num_tasks, device)
                      if isinstance(s, ModelMajorityStat) or not isinstance(s, TensorMajorityStat)]
             by_id = {id(s): ScopedStat(s, scope, view) for s in inner}
