@@ -828,8 +828,25 @@ static const scan_fn SCAN_KERNELS[3][3] = { /* [what - 1][kind]: what = 1 count,
  *   starts[t]] += 1; where u < starts[t], below[t] += |tau_t|.
  * NaN lands in its own coarse bin and makes l1 NaN. A CHUNK of the base is read for every task while it is in the
  * cache. The window of one coarse bin b (starts b << 16, width 65536) is the second read of a global trim; a
- * window of a few bins beside the coarse counts finds the threshold in one read (topk.StreamingTopK.aim). */
-INLINE void magnitude_counts_of(int kind, int coarse, int window, const void *base, const void *const *tasks,
+ * window of a few bins beside the coarse counts finds the threshold in one read (topk.StreamingTopK.aim).
+ * With ``order`` (float32 rows, no base) u is instead the order key of x itself (order_key), and l1 and below
+ * add up x. */
+/* topk.order_keys: keys that order like the float32 values of any sign, -0.0 as +0.0 */
+INLINE vuint order_key(vfloat v) {
+    vuint u;
+    v += 0.0f;
+    memcpy(&u, &v, sizeof u);
+    return u ^ ((vuint)((vint)u >> 31) | 0x80000000u);
+}
+
+INLINE uint32_t scalar_order_key(float v) {
+    uint32_t u;
+    v += 0.0f;
+    memcpy(&u, &v, 4);
+    return u ^ ((uint32_t)((int32_t)u >> 31) | 0x80000000u);
+}
+
+INLINE void magnitude_counts_of(int kind, int order, int coarse, int window, const void *base, const void *const *tasks,
                                 int num_tasks, int64_t n, int64_t *counts, double *l1, const int64_t *starts,
                                 int64_t width, int64_t *fine, double *below) {
     for (int64_t lo = 0; lo < n; lo += CHUNK) {
@@ -839,9 +856,12 @@ INLINE void magnitude_counts_of(int kind, int coarse, int window, const void *ba
             uint32_t start = window ? (uint32_t)starts[t] : 0, keys = (uint32_t)width;
             vdouble4 sum[2] = {{0}, {0}}, under[2] = {{0}, {0}};
             for (; i + LANES <= hi; i += LANES) {
-                vfloat v = vector_magnitude(kind, base, tasks[t], i);
+                vfloat v = order ? vector_load(tasks[t], i, kind) : vector_magnitude(kind, base, tasks[t], i);
                 vuint u;
-                memcpy(&u, &v, sizeof u);
+                if (order)
+                    u = order_key(v);
+                else
+                    memcpy(&u, &v, sizeof u);
                 if (coarse) {
                     vuint high = u >> 16;
                     for (int k = 0; k < LANES; k++)
@@ -857,9 +877,12 @@ INLINE void magnitude_counts_of(int kind, int coarse, int window, const void *ba
             }
             double tail = 0.0, tail_under = 0.0;
             for (; i < hi; i++) {
-                float v = scalar_magnitude(kind, base, tasks[t], i);
+                float v = order ? scalar_load(tasks[t], i, kind) : scalar_magnitude(kind, base, tasks[t], i);
                 uint32_t u;
-                memcpy(&u, &v, 4);
+                if (order)
+                    u = scalar_order_key(v);
+                else
+                    memcpy(&u, &v, 4);
                 if (coarse) {
                     bins[u >> 16]++;
                     tail += v;
@@ -879,21 +902,25 @@ INLINE void magnitude_counts_of(int kind, int coarse, int window, const void *ba
     }
 }
 
-#define MAGNITUDE_COUNTS(name, kind, coarse, window)                                                                \
+#define MAGNITUDE_COUNTS(name, kind, order, coarse, window)                                                         \
     KERNEL_TARGET static void name(const void *base, const void *const *tasks, int num_tasks, int64_t n,             \
                                    int64_t *counts, double *l1, const int64_t *starts, int64_t width, int64_t *fine, \
                                    double *below) {                                                                  \
-        magnitude_counts_of(kind, coarse, window, base, tasks, num_tasks, n, counts, l1, starts, width, fine, below); \
+        magnitude_counts_of(kind, order, coarse, window, base, tasks, num_tasks, n, counts, l1, starts, width, fine,  \
+                            below);                                                                                  \
     }
-MAGNITUDE_COUNTS(magnitude_coarse_f32, KIND_F32, 1, 0)
-MAGNITUDE_COUNTS(magnitude_coarse_bf16, KIND_BF16, 1, 0)
-MAGNITUDE_COUNTS(magnitude_coarse_f16, KIND_F16, 1, 0)
-MAGNITUDE_COUNTS(magnitude_window_f32, KIND_F32, 0, 1)
-MAGNITUDE_COUNTS(magnitude_window_bf16, KIND_BF16, 0, 1)
-MAGNITUDE_COUNTS(magnitude_window_f16, KIND_F16, 0, 1)
-MAGNITUDE_COUNTS(magnitude_both_f32, KIND_F32, 1, 1)
-MAGNITUDE_COUNTS(magnitude_both_bf16, KIND_BF16, 1, 1)
-MAGNITUDE_COUNTS(magnitude_both_f16, KIND_F16, 1, 1)
+MAGNITUDE_COUNTS(magnitude_coarse_f32, KIND_F32, 0, 1, 0)
+MAGNITUDE_COUNTS(magnitude_coarse_bf16, KIND_BF16, 0, 1, 0)
+MAGNITUDE_COUNTS(magnitude_coarse_f16, KIND_F16, 0, 1, 0)
+MAGNITUDE_COUNTS(magnitude_window_f32, KIND_F32, 0, 0, 1)
+MAGNITUDE_COUNTS(magnitude_window_bf16, KIND_BF16, 0, 0, 1)
+MAGNITUDE_COUNTS(magnitude_window_f16, KIND_F16, 0, 0, 1)
+MAGNITUDE_COUNTS(magnitude_both_f32, KIND_F32, 0, 1, 1)
+MAGNITUDE_COUNTS(magnitude_both_bf16, KIND_BF16, 0, 1, 1)
+MAGNITUDE_COUNTS(magnitude_both_f16, KIND_F16, 0, 1, 1)
+MAGNITUDE_COUNTS(order_coarse_f32, KIND_F32, 1, 1, 0)
+MAGNITUDE_COUNTS(order_window_f32, KIND_F32, 1, 0, 1)
+MAGNITUDE_COUNTS(order_both_f32, KIND_F32, 1, 1, 1)
 
 typedef void (*magnitude_counts_fn)(const void *, const void *const *, int, int64_t, int64_t *, double *,
                                     const int64_t *, int64_t, int64_t *, double *);
@@ -901,6 +928,7 @@ static const magnitude_counts_fn MAGNITUDE_COUNTS_KERNELS[3][3] = { /* [coarse +
     {magnitude_coarse_f32, magnitude_coarse_bf16, magnitude_coarse_f16},
     {magnitude_window_f32, magnitude_window_bf16, magnitude_window_f16},
     {magnitude_both_f32, magnitude_both_bf16, magnitude_both_f16}};
+static const magnitude_counts_fn ORDER_COUNTS_KERNELS[3] = {order_coarse_f32, order_window_f32, order_both_f32};
 
 /* NeuroMerging's neurons (methods/subspaces.py): rows of ``width`` entries, Q = [tau_1; ...; tau_T; w0] per row,
  * tau_t = x_t - w0 in float32, trimmed as in merge_of; the float64 work four lanes at a time. Its float64 sums
@@ -1607,7 +1635,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
  * counts, kept across calls and added to the counts by the caller once (the counts are the same whatever the
  * split): no copy is made, zeroed and added up per call. */
 typedef struct {
-    int kind, num_tasks;
+    int kind, order, num_tasks;
     const void *base, *tasks[MAX_TASKS];
     const int64_t *starts;
     int64_t width, coarse_cells, window_cells; /* cells 0: that count is off */
@@ -1627,36 +1655,37 @@ static void histogram_part(void *ctx, int part, int64_t lo, int64_t hi) {
         tasks[t] = (const char *)j->tasks[t] + lo * in;
     const void *base = j->base ? (const char *)j->base + lo * in : NULL;
     int which = (j->coarse_cells > 0) + 2 * (j->window_cells > 0) - 1;
-    MAGNITUDE_COUNTS_KERNELS[which][j->kind](base, tasks, j->num_tasks, hi - lo, counts, j->l1[part], j->starts,
-                                             j->width, fine, j->below[part]);
+    magnitude_counts_fn fn = j->order ? ORDER_COUNTS_KERNELS[which] : MAGNITUDE_COUNTS_KERNELS[which][j->kind];
+    fn(base, tasks, j->num_tasks, hi - lo, counts, j->l1[part], j->starts, j->width, fine, j->below[part]);
 }
 
-/* magnitude_counts(kind, base, tasks, n, counts, l1, starts, width, fine, below, spare, spares): the coarse count
- * where counts is not 0, the window's where starts is not 0 (magnitude_counts_of), in up to spares + 1 parts;
- * pointers as integers, base 0 for rows of values */
+/* magnitude_counts(kind, base, tasks, n, counts, l1, starts, width, fine, below, spare, spares, order): the coarse
+ * count where counts is not 0, the window's where starts is not 0 (magnitude_counts_of), in up to spares + 1
+ * parts; pointers as integers, base 0 for rows of values; order: keys of the values (float32 rows, no base) */
 static PyObject *magnitude_counts(PyObject *self, PyObject *args) {
     (void)self;
-    int kind, spares;
+    int kind, spares, order;
     unsigned long long base, counts, l1, starts, fine, below, spare;
     long long width;
     PyObject *task_list;
     Py_ssize_t n, num_tasks;
-    if (!PyArg_ParseTuple(args, "iKO!nKKKLKKKi", &kind, &base, &PyTuple_Type, &task_list, &n, &counts, &l1, &starts,
-                          &width, &fine, &below, &spare, &spares))
+    if (!PyArg_ParseTuple(args, "iKO!nKKKLKKKii", &kind, &base, &PyTuple_Type, &task_list, &n, &counts, &l1, &starts,
+                          &width, &fine, &below, &spare, &spares, &order))
         return NULL;
     const void *tasks[MAX_TASKS];
     if (check_inputs("magnitude_counts", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
         return NULL;
     if ((!counts && !starts) || (starts && (width < 1 || width >= ((int64_t)1 << 32))) || spares < 0 ||
-        (spares && !spare)) {
-        PyErr_SetString(PyExc_ValueError, "magnitude_counts: no count asked for, a window width out of range, or "
-                                          "no spare counts");
+        (spares && !spare) || (order && (kind != KIND_F32 || base))) {
+        PyErr_SetString(PyExc_ValueError, "magnitude_counts: no count asked for, a window width out of range, no "
+                                          "spare counts, or order keys of other than float32 values");
         return NULL;
     }
     histogram_job *j = PyMem_RawCalloc(1, sizeof(histogram_job));
     if (!j)
         return PyErr_NoMemory();
     j->kind = kind;
+    j->order = order;
     j->num_tasks = (int)num_tasks;
     j->base = (const void *)base;
     memcpy(j->tasks, tasks, (size_t)num_tasks * sizeof(void *));
@@ -1834,7 +1863,8 @@ static PyMethodDef methods[] = {
      "open_signs(kind, base, tasks, n, weights, bins, flips, positions, pairs, filed, threads) "
      "-> (sign_total, open_count, pair_count): see kernels.py"},
     {"magnitude_counts", magnitude_counts, METH_VARARGS,
-     "magnitude_counts(kind, base, tasks, n, counts, l1, starts, width, fine, below, spare, spares): see kernels.py"},
+     "magnitude_counts(kind, base, tasks, n, counts, l1, starts, width, fine, below, spare, spares, order): see "
+     "kernels.py"},
     {"neuron_gram", neuron_gram, METH_VARARGS,
      "neuron_gram(kind, base, tasks, rows, width, thresholds, gram, l1, l2sq, threads): see kernels.py"},
     {"neuron_output", neuron_output, METH_VARARGS,

@@ -133,6 +133,22 @@ def magnitude_window(rows: list[torch.Tensor], window: Window, base: torch.Tenso
     _counts(rows, base, None, None, window, spare)
 
 
+def order_histogram(rows: list[torch.Tensor], counts: torch.Tensor, window: Window | None = None,
+                    spare: SpareCounts | None = None) -> None:
+    """magnitude_histogram over the values themselves, of any sign: the keys are topk.order_keys of the
+    float32 rows (``takes`` holds for each), not the bits of |x|; no L1 (a window's ``below`` adds up the
+    values under it)."""
+    assert counts.dtype == torch.int64 and counts.is_contiguous() and counts.numel() == len(rows) << 16
+    assert spare is None or (spare.coarse is counts and spare.window is window)
+    _counts(rows, None, counts, torch.zeros(len(rows), dtype=torch.float64), window, spare, order=True)
+
+
+def order_window(rows: list[torch.Tensor], window: Window, spare: SpareCounts | None = None) -> None:
+    """magnitude_window over the order keys of float32 rows (order_histogram)."""
+    assert spare is None or (spare.coarse is None and spare.window is window)
+    _counts(rows, None, None, None, window, spare, order=True)
+
+
 SPARE_BYTES = 64 << 20  # the most spare counts of one histogram
 
 
@@ -160,7 +176,7 @@ class SpareCounts:
 
 
 def _counts(rows: list[torch.Tensor], base: torch.Tensor | None, counts: torch.Tensor | None, l1: torch.Tensor | None,
-            window: Window | None, spare: SpareCounts | None) -> None:
+            window: Window | None, spare: SpareCounts | None, order: bool = False) -> None:
     assert _kernels is not None and all(r.is_contiguous() for r in rows)
     assert base is not None or all(takes(r) for r in rows)
     if window is not None:
@@ -174,7 +190,7 @@ def _counts(rows: list[torch.Tensor], base: torch.Tensor | None, counts: torch.T
                               0 if window is None else window.fine.data_ptr(),
                               0 if window is None else window.below.data_ptr(),
                               0 if spare is None else spare.counts.data_ptr(),
-                              0 if spare is None else spare.counts.shape[0])
+                              0 if spare is None else spare.counts.shape[0], int(order))
 
 
 def dare_keep(state: int, inc: int, length: int, bound: int) -> torch.Tensor:

@@ -555,13 +555,16 @@ class StreamingSelect:
 
     HistogramSelect over ``order_keys``; ``ranks(n)`` gives the 1-based ranks (the same for every
     task) once the count n per task is known; the result equals ``sorted(values)[k - 1]`` of the
-    whole stream, ties included.
+    whole stream, ties included. Contiguous float32 CPU chunks are counted by the kernels
+    (kernels.order_histogram; pass 2: a window of each rank's bin per task), others by torch.
     """
 
     def __init__(self, num_tasks: int, ranks: Callable[[int], Sequence[int]],
                  device: torch.device | str = "cpu") -> None:
         self.num_tasks = num_tasks
         self._select = HistogramSelect(num_tasks, ranks, device)
+        self._windows: list[kernels.Window] = []  # pass 2's kernel counts: each rank's bin, per task
+        self._spares: list[kernels.SpareCounts] = []  # the kernels' other threads' counts in this pass
         self.values: torch.Tensor | None = None  # (T, R) float32: the selected values
         self.at_or_below: torch.Tensor | None = None  # (T, R) int64: count of values <= each
 
@@ -574,26 +577,62 @@ class StreamingSelect:
         for sl in column_chunks(flat.shape[1]):
             yield order_keys(flat[:, sl])
 
+    def _kernel_rows(self, values: torch.Tensor) -> list[torch.Tensor] | None:
+        """The chunk's rows where the kernels count them, else None."""
+        flat = values.reshape(self.num_tasks, -1)
+        return list(flat) if kernels.takes(flat) and self._select.device.type == "cpu" else None
+
     def observe_coarse(self, values: torch.Tensor) -> None:
         """Pass 1: count the high key bits of one chunk (T, ...)."""
+        rows = self._kernel_rows(values)
+        if rows is not None:
+            if not self._spares:
+                self._spares = [kernels.SpareCounts(self._select.coarse_counts)]
+            self._select.n += rows[0].numel()
+            kernels.order_histogram(rows, self._select.coarse_counts, None, self._spares[0])
+            return
         for keys in self._keys(values):
             self._select.observe_coarse(keys >> 16)
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
-        """The counts of pass ``pass_index`` (see HistogramSelect.partials)."""
-        return self._select.partials(pass_index)
+        """The counts of pass ``pass_index`` (see HistogramSelect.partials; pass 2's kernel windows too)."""
+        self._flush()
+        return [*self._select.partials(pass_index), *(w.fine for w in self._windows if pass_index == 1)]
+
+    def _flush(self) -> None:
+        for spare in self._spares:
+            spare.flush()
 
     def end_coarse(self) -> None:
         """Find, per task and rank, the high-bits bin that holds the ranked value."""
+        self._flush()
         self._select.end_coarse()
+        assert self._select.bins is not None
+        device = self._select.device
+        self._windows = [kernels.Window((self._select.bins[:, r].long() << 16).contiguous(), KEY_BINS,
+                                        torch.zeros(self.num_tasks * KEY_BINS, dtype=torch.int64, device=device),
+                                        torch.zeros(self.num_tasks, dtype=torch.float64, device=device))
+                         for r in range(self._select.bins.shape[1])]
+        self._spares = []
 
     def observe_fine(self, values: torch.Tensor) -> None:
         """Pass 2: count the low key bits of the values inside each rank's bin."""
+        rows = self._kernel_rows(values)
+        if rows is not None:
+            if not self._spares:
+                self._spares = [kernels.SpareCounts(None, w) for w in self._windows]
+            for window, spare in zip(self._windows, self._spares):
+                kernels.order_window(rows, window, spare)
+            return
         for keys in self._keys(values):
             self._select.observe_fine(keys >> 16, keys & 0xFFFF)
 
     def end_fine(self) -> None:
         """The exact selected values and the count of values at or below each."""
+        self._flush()
+        for r, window in enumerate(self._windows):
+            self._select.fine_counts[:, r] += window.fine.view(self.num_tasks, KEY_BINS)
+        self._windows, self._spares = [], []
         self._select.end_fine()
         assert self._select.keys is not None
         empty = self._select.n == 0  # no value: 0.0 (key 0 would decode to NaN)

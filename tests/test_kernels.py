@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import needs_kernels
-from neuromerge_cli import kernels, stats
+from neuromerge_cli import kernels, stats, topk
 from neuromerge_cli.kernels import MERGE_FUNCTIONS
 from neuromerge_cli.methods.common import apply_drop
 from neuromerge_cli.methods.elect import merge_values, sign_conflict_rate, tie_mass, weighted_values
@@ -312,6 +312,40 @@ def test_magnitude_window_counts_each_bit_pattern_inside_it_and_sums_below(
         assert inside.sum() > 10 and torch.equal(window.fine[t * width:(t + 1) * width], want)
         under = values[t].abs()[bits[t] < starts[t]]
         assert window.below[t] == pytest.approx(1 + float(under.double().sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@needs_kernels
+def test_order_histogram_and_window_count_the_order_keys_of_values_of_any_sign(monkeypatch: pytest.MonkeyPatch,
+                                                                                threads: int) -> None:
+    monkeypatch.setattr(kernels, "threads", lambda: threads)
+    g = torch.Generator().manual_seed(6)
+    n = 3 * (1 << 18) + 4101
+    values = torch.randint(-300, 301, (3, n), generator=g).float() / 64 * torch.tensor([[1e-3], [1.0], [1e3]])
+    values[0, :5] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), float("nan")])
+    values[1, 9] = -float("nan")
+    keys = topk.order_keys(values)  # the keys torch makes, ordering like the values (−0.0 as +0.0)
+    counts = torch.full((3 << 16,), 5, dtype=torch.int64)
+    spare = kernels.SpareCounts(counts)
+    kernels.order_histogram(list(values), counts, None, spare)
+    spare.flush()
+    for t in range(3):
+        assert torch.equal(counts[t << 16:(t + 1) << 16], torch.bincount(keys[t] >> 16, minlength=1 << 16) + 5)
+    # a window of two bins' keys from that of −2 · scale on (values a little above it), in two calls
+    starts = torch.stack([keys[t][(values[t] == -128 / 64 * scale).nonzero()[0, 0]]
+                          for t, scale in enumerate((1e-3, 1.0, 1e3))]).contiguous()
+    window = kernels.Window(starts, 1 << 17, torch.full((3 << 17,), 2, dtype=torch.int64),
+                            torch.zeros(3, dtype=torch.float64))
+    spare = kernels.SpareCounts(None, window)
+    for part in (slice(0, n // 2), slice(n // 2, None)):
+        kernels.order_window([v[part].contiguous() for v in values], window, spare)
+    spare.flush()
+    for t in range(3):
+        offset = keys[t] - starts[t]
+        inside = (offset >= 0) & (offset < window.width)
+        want = torch.bincount(offset[inside], minlength=window.width) + 2
+        assert torch.equal(window.fine[t * window.width:(t + 1) * window.width], want)
+        assert 1000 < inside.sum() < n // 100
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])

