@@ -829,8 +829,8 @@ static const scan_fn SCAN_KERNELS[3][3] = { /* [what - 1][kind]: what = 1 count,
  * NaN lands in its own coarse bin and makes l1 NaN. A CHUNK of the base is read for every task while it is in the
  * cache. The window of one coarse bin b (starts b << 16, width 65536) is the second read of a global trim; a
  * window of a few bins beside the coarse counts finds the threshold in one read (topk.StreamingTopK.aim).
- * With ``order`` (float32 rows, no base) u is instead the order key of x itself (order_key), and l1 and below
- * add up x. */
+ * With ``order`` (float32 rows, no base) u is instead the order key of x itself (order_key), and nothing is added
+ * to l1 or below. */
 /* topk.order_keys: keys that order like the float32 values of any sign, -0.0 as +0.0 */
 INLINE vuint order_key(vfloat v) {
     vuint u;
@@ -866,11 +866,13 @@ INLINE void magnitude_counts_of(int kind, int order, int coarse, int window, con
                     vuint high = u >> 16;
                     for (int k = 0; k < LANES; k++)
                         bins[high[k]]++;
-                    add_as_double(sum, v);
+                    if (!order)
+                        add_as_double(sum, v);
                 }
                 if (window) {
                     vuint off = u - start;
-                    add_as_double(under, blend((vuint)(u < start), v, (vfloat){0}));
+                    if (!order)
+                        add_as_double(under, blend((vuint)(u < start), v, (vfloat){0}));
                     for (unsigned lanes = lane_bits((vint)(off < keys)); lanes; lanes &= lanes - 1)
                         in[off[__builtin_ctz(lanes)]]++; /* a few bins' share of the entries */
                 }
@@ -885,12 +887,12 @@ INLINE void magnitude_counts_of(int kind, int order, int coarse, int window, con
                     memcpy(&u, &v, 4);
                 if (coarse) {
                     bins[u >> 16]++;
-                    tail += v;
+                    tail += order ? 0.0f : v;
                 }
                 if (window) {
                     if (u - start < keys)
                         in[u - start]++;
-                    else if (u < start)
+                    else if (u < start && !order)
                         tail_under += v;
                 }
             }

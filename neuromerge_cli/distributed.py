@@ -35,19 +35,20 @@ class World:
         """The compute device of this rank: its local GPU under CUDA."""
         return torch.device("cuda", self.local_rank) if kind == "cuda" else torch.device("cpu")
 
-    def all_reduce_(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Sum ``tensors`` in place across ranks (through the GPU with NCCL)."""
+    def all_reduce_(self, tensors: Sequence[torch.Tensor], maximum: bool = False) -> None:
+        """Sum ``tensors`` (or take their ``maximum``) in place across ranks (through the GPU with NCCL)."""
         if self.alone:
             return
         import torch.distributed as dist
 
+        op = dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM
         for t in tensors:
             if self.backend == "nccl" and t.device.type != "cuda":
                 tmp = t.to(torch.device("cuda", self.local_rank))
-                dist.all_reduce(tmp)
+                dist.all_reduce(tmp, op=op)
                 t.copy_(tmp.cpu())
             else:
-                dist.all_reduce(t)
+                dist.all_reduce(t, op=op)
 
     def broadcast(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank."""

@@ -147,7 +147,7 @@ def plan_lines(d: dict[str, Any]) -> list[str]:
         + (f"; {len(ties)} group(s) of possibly tied weights ({', '.join('='.join(g) for g in ties)}), "
            "merged once if their bytes are equal, checked when the merge runs" if ties else ""),
         f"passes: {d['statistics_reads']} statistics read(s) + 1 merge read of the base and every model"
-        + (f", after a sample of {d['sample_rows']} rows (one statistics read more where it misses a threshold)"
+        + (f", after a sample of {d['sample_rows']} rows (a statistics read more for each statistic whose aim it misses)"
            if d["sample_rows"] else ""),
         f"read: {format_bytes(d['bytes_read'])} ({format_bytes(d['bytes_read_statistics'])} for statistics, "
         f"{format_bytes(d['bytes_read_merge'])} for the merge)",

@@ -349,8 +349,9 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
             observe_piece(active, piece, tensors, loader, weights)
             if _last(by_name, piece):
                 meter.tick(piece.name)
-        if split:  # the partial sums as they stand at the end of the pass
+        if split:  # the partial sums (and maxima) as they stand at the end of the pass
             world.all_reduce_([t for stat, p in active for t in stat.partials(p) or ()])
+            world.all_reduce_([t for stat, p in active for t in stat.maxima(p)], maximum=True)
         for stat, p in active:
             stat.end_pass(p)
         if split:

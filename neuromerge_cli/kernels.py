@@ -136,8 +136,7 @@ def magnitude_window(rows: list[torch.Tensor], window: Window, base: torch.Tenso
 def order_histogram(rows: list[torch.Tensor], counts: torch.Tensor, window: Window | None = None,
                     spare: SpareCounts | None = None) -> None:
     """magnitude_histogram over the values themselves, of any sign: the keys are topk.order_keys of the
-    float32 rows (``takes`` holds for each), not the bits of |x|; no L1 (a window's ``below`` adds up the
-    values under it)."""
+    float32 rows (``takes`` holds for each), not the bits of |x|; no sums (a window's ``below`` stays as it is)."""
     assert counts.dtype == torch.int64 and counts.is_contiguous() and counts.numel() == len(rows) << 16
     assert spare is None or (spare.coarse is counts and spare.window is window)
     _counts(rows, None, counts, torch.zeros(len(rows), dtype=torch.float64), window, spare, order=True)

@@ -72,6 +72,11 @@ class GlobalStat:
         than once; the last call's tensors count); None: every rank observes every tensor."""
         return None
 
+    def maxima(self, pass_index: int) -> list[torch.Tensor]:
+        """Accumulators of ``pass_index`` that hold maxima: replaced in place by their maximum across processes,
+        with the partial sums (only where ``partials`` is not None)."""
+        return []
+
     def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
         """Sums that ``end_pass`` made from this process's own observations (e.g. held back until a
         prerequisite's result was known), summed in place across processes right after ``end_pass``."""
@@ -157,6 +162,27 @@ def trimmed(deltas: torch.Tensor, thresholds: torch.Tensor, mags: torch.Tensor |
     return mags.ge_(thr).mul_(deltas).add_(0.0)
 
 
+class TaskVectorSample:
+    """The task vectors of a sample of rows (GlobalStat.observe_sample): every ``stride``-th entry, counted on
+    across the sampled blocks, so that a block counts in proportion to its entries whatever its rows' width."""
+
+    def __init__(self) -> None:
+        self.blocks: list[torch.Tensor] = []  # (T, m_b) float32 τ of each sampled block
+        self._seen = 0  # entries per task of the sampled blocks
+
+    def add(self, tensors: list[torch.Tensor], stride: int) -> None:
+        """A block of sampled rows [θ0, θ_1..θ_T] as stored."""
+        start = -self._seen % stride
+        self._seen += tensors[0].numel()
+        kept = [x.reshape(-1)[start::stride].float() for x in tensors]
+        self.blocks.append(torch.stack(kept[1:]).sub_(kept[0]))
+
+    def take(self) -> list[torch.Tensor]:
+        """The blocks, no longer held here."""
+        blocks, self.blocks = self.blocks, []
+        return blocks
+
+
 class TrimStat(GlobalStat):
     """Top-k trim of every task vector: σ_t and, for the global scope, the exact thresholds.
 
@@ -181,8 +207,7 @@ class TrimStat(GlobalStat):
         self.samples = sampled and self._topk is not None
         if self.samples:
             self.passes = 1  # a second where the window misses (end_pass)
-        self._sample: list[torch.Tensor] = []
-        self._sampled = 0  # entries per task of the sample seen
+        self._sample = TaskVectorSample()
         self.device = torch.device(device)
         self._removed = torch.zeros(num_tasks, dtype=torch.float64)
         self._total = torch.zeros(num_tasks, dtype=torch.float64)
@@ -234,17 +259,11 @@ class TrimStat(GlobalStat):
         return self._observe_made(pass_index, name, tensors, weights, self.device)
 
     def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
-        """A block of sampled rows [θ0, θ_1..θ_T] as stored: τ_t of every ``stride``-th entry kept (a block in
-        proportion to its entries, whatever its rows' width)."""
-        start = -self._sampled % stride
-        self._sampled += tensors[0].numel()
-        kept = [x.reshape(-1)[start::stride].float() for x in tensors]
-        self._sample.append(torch.stack(kept[1:]).sub_(kept[0]))
+        self._sample.add(tensors, stride)
 
     def end_sample(self) -> None:
         assert self._topk is not None
-        self._topk.aim(self._sample)
-        self._sample = []
+        self._topk.aim(self._sample.take())
         if self._topk.window is None:  # nothing sampled: the two reads
             self.passes = 2
 
@@ -560,6 +579,11 @@ class MajoritySignStat(GlobalStat):
             self._fold_gathered()
             return [self._sum, self._flips, self._overflow]
         return [self._sum]
+
+    def maxima(self, pass_index: int) -> list[torch.Tensor]:
+        """Accumulators of ``pass_index`` that hold maxima: replaced in place by their maximum across processes,
+        with the partial sums (only where ``partials`` is not None)."""
+        return []
 
     def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
         return [self._late] if self.folded and pass_index == 0 else None

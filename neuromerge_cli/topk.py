@@ -263,16 +263,9 @@ class HistogramSelect:
         self._under = cum.gather(1, self.bins) - counts.gather(1, self.bins)
         self._fine = torch.zeros(self.num_tasks, len(ranks), KEY_BINS, dtype=torch.int64, device=self.device)
 
-    def observe_fine(self, high: torch.Tensor, low: torch.Tensor) -> None:
-        """Pass 2: count the low halves of the keys inside each rank's bin."""
-        assert self.bins is not None and self._fine is not None, "end_coarse() first"
-        idx = low + self.offsets
-        for r in range(self.bins.shape[1]):
-            self.add_fine(r, idx[high == self.bins[:, r:r + 1]])
-
     def add_fine(self, rank: int, idx: torch.Tensor) -> None:
-        """Pass 2, for a caller that picked the keys inside rank ``rank``'s bin itself: count their
-        low halves, given as ``idx`` = task · KEY_BINS + low half (1-d)."""
+        """Pass 2: count the low halves of the keys inside rank ``rank``'s bin, given as ``idx`` = task ·
+        KEY_BINS + low half (1-d)."""
         assert self._fine is not None, "end_coarse() first"
         self._fine[:, rank] += torch.bincount(idx, minlength=self.num_tasks * KEY_BINS).view(self.num_tasks, KEY_BINS)
 
@@ -332,6 +325,35 @@ class TrimSplit:
         return (self.high - self.bins) >> 31
 
 
+def aimed_bins(keys: torch.Tensor, sizes: list[int], share: float) -> tuple[torch.Tensor, int]:
+    """Where an aimed first pass counts each task's keys one by one: (first bin (T,) int64, number of bins) of
+    a window of whole coarse bins around the ``share`` quantile of each row of a sample's integer ``keys``
+    (T, m), made of blocks of ``sizes`` entries along a row (the sampling units). It spans the sample's ranks
+    within WINDOW_SPREAD standard errors (at least WINDOW_MARGIN) of the estimate's, and a bin either side, up to
+    WINDOW_BINS bins."""
+    import numpy as np
+
+    ordered = torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    m = keys.shape[1]
+    estimate = ordered[:, min(m - 1, int(share * m))].long()
+    # the blocks' counts below the estimate against their sizes: a ratio estimator's standard error
+    low = keys < estimate.to(keys.dtype).unsqueeze(1)
+    below = torch.stack([part.sum(1) for part in low.split(sizes, 1)], 1).double()
+    units = torch.tensor(sizes, dtype=torch.float64)
+    error = ((below - below.sum(1, keepdim=True) / m * units) ** 2).sum(1).sqrt() / m
+    margin = (WINDOW_SPREAD * error).clamp(min=WINDOW_MARGIN)
+
+    def bin_at(shares: torch.Tensor) -> torch.Tensor:
+        return ordered.gather(1, (shares * m).long().clamp(0, m - 1).unsqueeze(1)).squeeze(1).long() >> 16
+
+    centre = estimate >> 16
+    first = torch.minimum(bin_at(share - margin), centre - 1).clamp(min=0)
+    last = torch.maximum(bin_at(share + margin), centre + 1).clamp(max=KEY_BINS - 1)
+    bins = min(WINDOW_BINS, int((last - first + 1).max()))
+    first = torch.where(last - first + 1 > bins, centre - bins // 2, first).clamp(0, KEY_BINS - bins)
+    return first, bins
+
+
 class StreamingTopK:
     """Exact k-th largest |x| per task over a stream of (T, ...) chunks, two passes, with the L1
     mass that a top-k trim at that threshold removes.
@@ -373,33 +395,13 @@ class StreamingTopK:
     def aim(self, blocks: list[torch.Tensor]) -> None:
         """Before pass 1, from a sample of the values in blocks (T, m_b) of any sign (the sampling units, e.g.
         blocks of rows spread over the stream): a window of whole coarse bins around each task's estimated
-        threshold, counted bit pattern by bit pattern in pass 1, which then finds every threshold whose bin the
-        window holds (``resolved``; else pass 2 does). It spans the sample's ranks within WINDOW_SPREAD standard
-        errors (at least WINDOW_MARGIN) of the estimate's, and a bin either side, up to WINDOW_BINS bins."""
+        threshold (aimed_bins), counted bit pattern by bit pattern in pass 1, which then finds every threshold
+        whose bin the window holds (``resolved``; else pass 2 does)."""
         blocks = [b.reshape(b.shape[0], -1) for b in blocks]
         sizes = [b.shape[1] for b in blocks if b.shape[1]]
         if not sizes or self.density >= 1.0:
             return
-        values = torch.cat(blocks, 1).float().abs_()
-        ordered = sorted_rows(values).view(torch.int32)  # the keys, ascending (NaN last)
-        m = values.shape[1]
-        share = 1.0 - self.density  # of the entries below the threshold
-        estimate = ordered[:, min(m - 1, int(share * m))].long()
-        # the blocks' counts below the estimate against their sizes: a ratio estimator's standard error
-        low = values < estimate.to(torch.int32).view(torch.float32).unsqueeze(1)
-        below = torch.stack([part.sum(1) for part in low.split(sizes, 1)], 1).double()
-        units = torch.tensor(sizes, dtype=torch.float64)
-        error = ((below - below.sum(1, keepdim=True) / m * units) ** 2).sum(1).sqrt() / m
-        margin = (WINDOW_SPREAD * error).clamp(min=WINDOW_MARGIN)
-
-        def bin_at(shares: torch.Tensor) -> torch.Tensor:
-            return ordered.gather(1, (shares * m).long().clamp(0, m - 1).unsqueeze(1)).squeeze(1).long() >> 16
-
-        centre = estimate >> 16
-        first = torch.minimum(bin_at(share - margin), centre - 1).clamp(min=0)
-        last = torch.maximum(bin_at(share + margin), centre + 1).clamp(max=KEY_BINS - 1)
-        bins = min(WINDOW_BINS, int((last - first + 1).max()))
-        first = torch.where(last - first + 1 > bins, centre - bins // 2, first).clamp(0, KEY_BINS - bins)
+        first, bins = aimed_bins(magnitude_bits(torch.cat(blocks, 1)), sizes, 1.0 - self.density)
         width = bins * KEY_BINS
         self.window = kernels.Window((first << 16).to(self.device), width,
                                      torch.zeros(len(first) * width, dtype=torch.int64, device=self.device),
@@ -422,12 +424,10 @@ class StreamingTopK:
 
     def _count_window(self, bits: torch.Tensor) -> None:
         """The window's counts and the L1 below it, of the bit patterns ``bits`` (T, n) of |x| (torch)."""
-        starts, width, fine, below = self.window  # type: ignore[misc]
-        offset = bits.long() - starts.unsqueeze(1)
-        inside = (offset >= 0) & (offset < width)
-        slots = offset + (torch.arange(len(starts), device=bits.device) * width).unsqueeze(1)
-        fine += torch.bincount(slots[inside], minlength=fine.numel())
-        below += row_sums_f64(torch.where(offset < 0, bits, 0).view(torch.float32))
+        assert self.window is not None
+        count_window(bits, self.window)
+        under = bits.long() < self.window.starts.unsqueeze(1)
+        self.window.below.add_(row_sums_f64(torch.where(under, bits, 0).view(torch.float32)))
 
     def end_coarse(self) -> None:
         """Find, per task, the high-bits bin that holds the k-th largest value; with an aimed window that
@@ -550,6 +550,14 @@ def column_chunks(n: int, size: int | None = None) -> list[slice]:
     return [slice(i, min(n, i + size)) for i in range(0, n, size)] or [slice(0, 0)]
 
 
+def count_window(keys: torch.Tensor, window: kernels.Window) -> None:
+    """Add to ``window.fine`` the counts of the integer ``keys`` (T, n) inside it (torch; the kernels' order_window)."""
+    offset = keys.long() - window.starts.unsqueeze(1)
+    inside = (offset >= 0) & (offset < window.width)
+    slots = offset + (torch.arange(len(window.starts), device=keys.device) * window.width).unsqueeze(1)
+    window.fine.add_(torch.bincount(slots[inside], minlength=window.fine.numel()))
+
+
 class StreamingSelect:
     """Exact k-th smallest values of any sign per task over a stream of (T, ...) chunks, two passes.
 
@@ -557,14 +565,18 @@ class StreamingSelect:
     task) once the count n per task is known; the result equals ``sorted(values)[k - 1]`` of the
     whole stream, ties included. Contiguous float32 CPU chunks are counted by the kernels
     (kernels.order_histogram; pass 2: a window of each rank's bin per task), others by torch.
+    Aimed by a sample (``aim``), pass 1 also counts a window around each rank's estimate and often
+    finishes alone (``resolved``), as StreamingTopK's.
     """
 
     def __init__(self, num_tasks: int, ranks: Callable[[int], Sequence[int]],
                  device: torch.device | str = "cpu") -> None:
         self.num_tasks = num_tasks
+        self._ranks_of = ranks
         self._select = HistogramSelect(num_tasks, ranks, device)
-        self._windows: list[kernels.Window] = []  # pass 2's kernel counts: each rank's bin, per task
+        self._windows: list[kernels.Window] = []  # per rank: the aimed window of pass 1, or each bin in pass 2
         self._spares: list[kernels.SpareCounts] = []  # the kernels' other threads' counts in this pass
+        self.resolved = False  # pass 1's aimed windows held every ranked value's bin: no pass 2
         self.values: torch.Tensor | None = None  # (T, R) float32: the selected values
         self.at_or_below: torch.Tensor | None = None  # (T, R) int64: count of values <= each
 
@@ -582,38 +594,73 @@ class StreamingSelect:
         flat = values.reshape(self.num_tasks, -1)
         return list(flat) if kernels.takes(flat) and self._select.device.type == "cpu" else None
 
+    def aim(self, blocks: list[torch.Tensor]) -> None:
+        """Before pass 1, from a sample of the values in blocks (T, m_b) (the sampling units): per rank, a window
+        of whole coarse bins around the entry of each task's sample at the same rank among its m entries
+        (``ranks(m)``; aimed_bins), counted key by key in pass 1."""
+        blocks = [b.reshape(b.shape[0], -1) for b in blocks]
+        sizes = [b.shape[1] for b in blocks if b.shape[1]]
+        if not sizes:
+            return
+        keys = order_keys(torch.cat(blocks, 1))
+        device = self._select.device
+        m = keys.shape[1]
+        for rank in self._ranks_of(m):
+            first, bins = aimed_bins(keys, sizes, (rank - 0.5) / m)  # the sample's (rank − 1)-th entry, from 0
+            self._windows.append(self._window(first << 16, bins * KEY_BINS, device))
+
+    def _window(self, starts: torch.Tensor, width: int, device: torch.device) -> kernels.Window:
+        return kernels.Window(starts.to(device).contiguous(), width,
+                              torch.zeros(self.num_tasks * width, dtype=torch.int64, device=device),
+                              torch.zeros(self.num_tasks, dtype=torch.float64, device=device))
+
     def observe_coarse(self, values: torch.Tensor) -> None:
-        """Pass 1: count the high key bits of one chunk (T, ...)."""
+        """Pass 1: count the high key bits of one chunk (T, ...) (and the aimed windows' keys)."""
         rows = self._kernel_rows(values)
         if rows is not None:
             if not self._spares:
-                self._spares = [kernels.SpareCounts(self._select.coarse_counts)]
+                windows = self._windows or [None]
+                self._spares = [kernels.SpareCounts(self._select.coarse_counts if r == 0 else None, w)
+                                for r, w in enumerate(windows)]
             self._select.n += rows[0].numel()
-            kernels.order_histogram(rows, self._select.coarse_counts, None, self._spares[0])
+            for r, (window, spare) in enumerate(zip(self._windows or [None], self._spares)):
+                if r == 0:
+                    kernels.order_histogram(rows, self._select.coarse_counts, window, spare)
+                else:
+                    kernels.order_window(rows, window, spare)
             return
         for keys in self._keys(values):
             self._select.observe_coarse(keys >> 16)
+            for window in self._windows:
+                count_window(keys, window)
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
-        """The counts of pass ``pass_index`` (see HistogramSelect.partials; pass 2's kernel windows too)."""
+        """The counts of pass ``pass_index`` (see HistogramSelect.partials), with the kernels' or aimed windows'."""
         self._flush()
-        return [*self._select.partials(pass_index), *(w.fine for w in self._windows if pass_index == 1)]
+        return [*(self._select.partials(0) if pass_index == 0 else ()), *(w.fine for w in self._windows)]
 
     def _flush(self) -> None:
         for spare in self._spares:
             spare.flush()
 
     def end_coarse(self) -> None:
-        """Find, per task and rank, the high-bits bin that holds the ranked value."""
+        """Find, per task and rank, the high-bits bin that holds the ranked value; where aimed windows hold
+        every one of them, the exact values too (``resolved``)."""
         self._flush()
         self._select.end_coarse()
-        assert self._select.bins is not None
-        device = self._select.device
-        self._windows = [kernels.Window((self._select.bins[:, r].long() << 16).contiguous(), KEY_BINS,
-                                        torch.zeros(self.num_tasks * KEY_BINS, dtype=torch.int64, device=device),
-                                        torch.zeros(self.num_tasks, dtype=torch.float64, device=device))
-                         for r in range(self._select.bins.shape[1])]
-        self._spares = []
+        bins = self._select.bins
+        assert bins is not None
+        aimed, self._windows, self._spares = self._windows, [], []
+        tasks = torch.arange(self.num_tasks, device=bins.device)
+        offsets = [bins[:, r].long() - (w.starts >> 16) for r, w in enumerate(aimed)]
+        if aimed and all(bool(((o >= 0) & (o < w.width // KEY_BINS)).all()) for o, w in zip(offsets, aimed)):
+            for r, (offset, window) in enumerate(zip(offsets, aimed)):
+                counts = window.fine.view(self.num_tasks, window.width // KEY_BINS, KEY_BINS)
+                self._select.fine_counts[:, r] = counts[tasks, offset]
+            self.end_fine()
+            self.resolved = True
+            return
+        self._windows = [self._window(bins[:, r].long() << 16, KEY_BINS, bins.device) for r in range(bins.shape[1])]
 
     def observe_fine(self, values: torch.Tensor) -> None:
         """Pass 2: count the low key bits of the values inside each rank's bin."""
@@ -625,13 +672,14 @@ class StreamingSelect:
                 kernels.order_window(rows, window, spare)
             return
         for keys in self._keys(values):
-            self._select.observe_fine(keys >> 16, keys & 0xFFFF)
+            for window in self._windows:
+                count_window(keys, window)
 
     def end_fine(self) -> None:
         """The exact selected values and the count of values at or below each."""
         self._flush()
         for r, window in enumerate(self._windows):
-            self._select.fine_counts[:, r] += window.fine.view(self.num_tasks, KEY_BINS)
+            self._select.fine_counts[:, r] = window.fine.view(self.num_tasks, KEY_BINS)
         self._windows, self._spares = [], []
         self._select.end_fine()
         assert self._select.keys is not None

@@ -34,10 +34,11 @@ def run_cli(args: list[str], env: dict[str, str]) -> None:
     ("ties", {"density": 0.3, "mask_scope": "tensor", "lambda": 0.8}),
     ("dare_ties", {"density": 0.5, "seed": 3}),  # per-tensor majority signs; DARE draws by chunks of entries
     ("neuromerging", {"density": 0.3}),  # a global trim in one read, aimed by a sample of every row
+    ("pcb", {"ratio": 0.2}),  # order statistics aimed by a sample; the score's max all-reduced as a maximum
 ])
 def test_two_processes_write_the_single_process_bytes(tmp_path: Path, method: str, params: dict) -> None:
     base, tasks = toy_family(tmp_path / "models", 3, torch.bfloat16, shards=2)
-    if method == "neuromerging" or params.get("lambda") == 0.9:  # many rows: a sample aims the window well
+    if method in ("neuromerging", "pcb") or params.get("lambda") == 0.9:  # many rows: a sample aims the window well
         base, tasks = family_with_rows(tmp_path / "models", 1024)
     recipe = write_recipe(tmp_path / "r.yaml", base, tasks, method, params)
     # small row blocks, so that large tensors are split into blocks as well as across ranks
@@ -65,6 +66,9 @@ def test_two_processes_write_the_single_process_bytes(tmp_path: Path, method: st
     assert r2["peak_memory"]["processes"] == 2
     if method == "neuromerging" or params.get("lambda") == 0.9:  # the window's counts summed across processes
         assert r1["timings"]["statistics_reads"] == r2["timings"]["statistics_reads"] == 1  # held every threshold
+    if method == "pcb":  # the same order statistics and max; at most one read more where a window missed
+        assert r1["global"] == r2["global"] and r1["timings"]["statistics_reads"] in (2, 3, 4)
+        assert r1["timings"]["statistics_reads"] == r2["timings"]["statistics_reads"]
     if params.get("lambda") == 0.9:  # the sign no process guesses before its first block (test_ties mends one)
         assert r1["global"]["majority"]["majority_sign"] == -1.0
     assert not list(tmp_path.glob(".two*")), "temporary folder left behind"

@@ -106,19 +106,21 @@ def test_plan_matches_what_a_run_reads(family, tmp_path: Path) -> None:
     assert 0 < written - plan["bytes_written"] < 4096  # the shard header on top of the tensor bytes
 
 
-@pytest.mark.parametrize("method", ["neuromerging", "ties"])
+@pytest.mark.parametrize("method", ["neuromerging", "ties", "pcb"])
 @pytest.mark.parametrize("share", ["1", "0"])
-def test_a_sampled_trim_is_planned_in_one_read_as_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          share: str, method: str) -> None:
+def test_a_sampled_statistic_is_planned_in_one_read_as_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               share: str, method: str) -> None:
     g = torch.Generator().manual_seed(8)
     weights = {"big.weight": torch.randn(1024, 32, generator=g), "norm.weight": torch.ones(32)}
     base = write_model(tmp_path / "base", weights)
     tasks = [write_model(tmp_path / f"task{t}", fine_tune(weights, t)) for t in range(2)]
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, tasks, method, {"density": 0.2}))
+    params = {"ratio": 0.2} if method == "pcb" else {"density": 0.2}
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, tasks, method, params))
     monkeypatch.setattr(engine, "SAMPLE_SHARE", float(share))  # every row, or no sample
     plan = describe(prepare(recipe, read_weights=False), "cpu", tmp_path / "out")
     report = run_merge(prepare(recipe), MergeOptions(tmp_path / "out", "cpu"))
-    assert plan["statistics_reads"] == report["timings"]["statistics_reads"] == (1 if share == "1" else 2)
+    reads = (1 if share == "1" else 2) * (2 if method == "pcb" else 1)  # pcb: two statistics, one after the other
+    assert plan["statistics_reads"] == report["timings"]["statistics_reads"] == reads
     assert (1000 < plan["sample_rows"] <= 1024) if share == "1" else plan["sample_rows"] == 0
     lines = dryrun.plan_lines(plan)
     assert (f"after a sample of {plan['sample_rows']} rows" in lines[2]) == (share == "1")

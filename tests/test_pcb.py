@@ -82,6 +82,29 @@ def test_engine_matches_the_whole_vector_reference(tmp_path, monkeypatch, big, r
     assert merged["ids" if big else "position_ids"].dtype == torch.int64
 
 
+def test_a_sample_of_rows_aims_each_statistic_into_one_read(tmp_path, monkeypatch):
+    from neuromerge_cli import engine
+
+    g = torch.Generator().manual_seed(6)  # matrices only (a sample reads no vector), with outliers
+    base = {"w": torch.randn(300, 80, generator=g), "v": torch.randn(64, 8, generator=g)}
+    write_model(tmp_path / "base", base)
+    tasks = [fine_tune(base, t) for t in range(3)]
+    for t, sd in enumerate(tasks):
+        sd["w"][t, :3] += torch.tensor([5.0, -7.0, 9.0])
+    base_path, task_paths = tmp_path / "base", [write_model(tmp_path / f"task{t}", sd) for t, sd in enumerate(tasks)]
+    monkeypatch.setattr(engine, "SAMPLE_SHARE", 1.0)  # every row: the windows hold the ranks
+    aimed, aimed_report = run_engine_merge(tmp_path / "aimed", base_path, task_paths, "pcb", {"ratio": 0.2})
+    monkeypatch.setattr(engine, "SAMPLE_SHARE", 0.0)  # no sample: two reads for each statistic
+    plain, plain_report = run_engine_merge(tmp_path / "plain", base_path, task_paths, "pcb", {"ratio": 0.2})
+    assert aimed_report["timings"]["statistics_reads"] == 2 and plain_report["timings"]["statistics_reads"] == 4
+    assert aimed_report["global"] == plain_report["global"]
+    assert all(torch.equal(aimed[name], plain[name]) for name in plain)
+    flat, names = flat_deltas(base, tasks)
+    expected, _ = reference_pcb(flat, 0.2, 1.0)
+    for name, delta in unflatten(expected, base, names).items():
+        torch.testing.assert_close(aimed[name], base[name] + delta, rtol=1e-5, atol=1e-6)
+
+
 def test_task_order_and_common_weights_do_not_matter(tmp_path):
     base_path, task_paths, base, _ = family(tmp_path, 3)
     first, _ = run_engine_merge(tmp_path / "a", base_path, task_paths, "pcb")

@@ -8,8 +8,8 @@ import torch
 from neuromerge_cli import kernels
 from neuromerge_cli import stats as stats_module
 from neuromerge_cli.engine import schedule
-from neuromerge_cli.stats import (GlobalStat, MajoritySignStat, TrimStat, abs_difference, float_task_vectors,
-                                  task_vectors_and_norms)
+from neuromerge_cli.stats import (GlobalStat, MajoritySignStat, TaskVectorSample, TrimStat, abs_difference,
+                                  float_task_vectors, task_vectors_and_norms)
 from neuromerge_cli.topk import SELECT_SAMPLE
 from helpers import needs_kernels
 from reference import kept_k
@@ -382,18 +382,21 @@ def test_task_vectors_and_norms_in_chunks(shape: tuple[int, ...], dtype: torch.d
     torch.testing.assert_close(l2, exact.square().sum(1).sqrt(), rtol=1e-6, atol=0)
 
 
-def test_a_sampled_trim_keeps_every_stride_th_entry_of_the_whole_sample() -> None:
-    trim = TrimStat(0.2, "global", 2, torch.device("cpu"), sampled=True)
-    assert trim.samples and trim.passes == 1
+def test_a_sample_keeps_every_stride_th_entry_of_the_whole_sample_and_aims_a_trim() -> None:
     g = torch.Generator().manual_seed(1)
     wide = [torch.randn(2, 1000, generator=g) for _ in range(3)]  # [θ0, θ_1, θ_2]
     narrow = [torch.randn(10, 7, generator=g) for _ in range(3)]
-    trim.observe_sample("wide", wide, 6)
-    trim.observe_sample("narrow", narrow, 6)
+    sample = TaskVectorSample()
+    sample.add(wide, 6)
+    sample.add(narrow, 6)
     # entries 0, 6, ... of the 2000 + 70 in order: a block in proportion to its entries, whatever its rows' width
     kept = [torch.cat([w.reshape(-1), n.reshape(-1)])[::6] for w, n in zip(wide, narrow)]
-    got = torch.cat(trim._sample, 1)
-    assert torch.equal(got, torch.stack([kept[1] - kept[0], kept[2] - kept[0]]))
+    got = torch.cat(sample.take(), 1)
+    assert torch.equal(got, torch.stack([kept[1] - kept[0], kept[2] - kept[0]])) and sample.blocks == []
+    trim = TrimStat(0.2, "global", 2, torch.device("cpu"), sampled=True)
+    assert trim.samples and trim.passes == 1
+    trim.observe_sample("wide", wide, 6)
+    trim.observe_sample("narrow", narrow, 6)
     trim.end_sample()
     assert trim.passes == 1 and trim._topk is not None and trim._topk.window is not None
     empty = TrimStat(0.2, "global", 2, torch.device("cpu"), sampled=True)

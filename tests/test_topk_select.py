@@ -94,3 +94,64 @@ def test_partials_summed_across_processes_give_the_whole_streams_result():
     for proc in procs:
         assert proc.n == 900
         assert torch.equal(proc.values, expected)
+
+
+def signed_chunks(seed: int) -> list[torch.Tensor]:
+    """Chunks (3, m) of values of both signs, with zeros, a run of ties and a few far outliers."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 6000, generator=g) * torch.tensor([[1e-3], [1.0], [50.0]])
+    x[:, :300] = 0.0
+    x[1, 1000:1600] = -0.75
+    x[2, :5] = torch.tensor([1e30, -1e30, 3e-40, -3e-40, 7.0])
+    return [x[:, :2500], x[:, 2500:2501], x[:, 2501:]]
+
+
+SHARES = (0.0001, 0.3, 0.9999)
+
+
+def ranks_of(n: int) -> list[int]:
+    return [int(n * s) + 1 for s in SHARES]
+
+
+@pytest.mark.parametrize("contiguous", [True, False])  # the kernels' counts, or torch's
+@pytest.mark.parametrize("aim", ["every entry", "every third entry", "far off"])
+def test_an_aimed_first_pass_selects_what_two_passes_do(contiguous: bool, aim: str) -> None:
+    parts = [p.contiguous() if contiguous else p for p in signed_chunks(5)]
+    flat = torch.cat(parts, 1)
+    sample = {"every entry": parts, "every third entry": [flat[:, ::3]], "far off": [flat.abs() * 1e6 + 1e20]}[aim]
+    aimed = StreamingSelect(3, ranks_of)
+    aimed.aim(sample)
+    for p in parts:
+        aimed.observe_coarse(p)
+    aimed.end_coarse()
+    if aim == "every entry":
+        assert aimed.resolved
+    if aim == "far off":  # a window above every value: the second pass finds them
+        assert not aimed.resolved
+    if not aimed.resolved:
+        for p in parts:
+            aimed.observe_fine(p)
+        aimed.end_fine()
+    plain = select(parts, ranks_of)
+    expected = flat.sort(1).values[:, [k - 1 for k in ranks_of(flat.shape[1])]]
+    assert torch.equal(aimed.values, expected) and torch.equal(plain.values, expected)
+    assert torch.equal(aimed.at_or_below, plain.at_or_below)
+
+
+def test_aimed_partials_summed_across_processes_resolve_as_one_process() -> None:
+    parts = [p.contiguous() for p in signed_chunks(9)]
+    flat = torch.cat(parts, 1)
+    procs = [StreamingSelect(3, ranks_of) for _ in range(2)]
+    for proc in procs:  # every process aims with the same sample (here: every entry)
+        proc.aim(parts)
+    procs[0].observe_coarse(parts[0])
+    for p in parts[1:]:
+        procs[1].observe_coarse(p)
+    summed = [sum(ts) for ts in zip(*(proc.partials(0) for proc in procs))]
+    for proc in procs:
+        for mine, total in zip(proc.partials(0), summed):
+            mine.copy_(total)
+        proc.end_coarse()
+    expected = flat.sort(1).values[:, [k - 1 for k in ranks_of(flat.shape[1])]]
+    for proc in procs:
+        assert proc.resolved and torch.equal(proc.values, expected)

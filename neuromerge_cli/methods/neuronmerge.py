@@ -71,6 +71,9 @@ class ScopedStat(GlobalStat):
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
         return self.inner.partials(pass_index)
 
+    def maxima(self, pass_index: int) -> list[torch.Tensor]:
+        return self.inner.maxima(pass_index)
+
     def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
         return self.inner.late_partials(pass_index)
 

@@ -15,18 +15,20 @@ Per task t over its whole flattened task vector (N entries), following the autho
 5. θ = θ0 + λ Σ_t w_t b_t τ̃_t / max(Σ_t w_t b_t, 1e-12). Recipe weights w_t scale b_t (all 1: the
    authors' formula; a common factor cancels).
 
-lo, hi, q and M are exact global order statistics (StreamingSelect): two model reads for the
-clamp bounds, then two for q and M, before the merge pass.
+lo, hi and q are exact global order statistics (StreamingSelect), M a running max: a read for the clamp
+bounds, then one for q and M, before the merge pass; a sample of rows read first aims each read's windows
+at the ranks, and a read whose window misses is followed by a second (at most four statistics reads).
 """
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from typing import Any, Iterator
 
 import torch
 
-from ..stats import GlobalStat
+from ..stats import GlobalStat, TaskVectorSample
 from ..topk import StreamingSelect, column_chunks
 from .base import Method, TensorJob, TensorParts
 from .common import LAMBDA
@@ -54,8 +56,10 @@ def score_rank(n: int, ratio: float) -> int:
 BALANCE_COLUMNS = 1 << 16  # columns of (T, n) task vectors balanced at once: the temporaries stay in the cache
 
 
-def scores(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clamp(|τ|, lo, hi), β) of a flat chunk (T, n) of task vectors, given the clamp bounds lo, hi (T,)."""
+def scores(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clamp(|τ|, lo, hi), β) of a flat chunk (T, n) of task vectors, given the clamp bounds lo, hi (T,); β
+    written into ``out`` when given."""
     num_tasks = deltas.shape[0]
     lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
     clamped = deltas.abs().clamp_(min=lo).clamp_(max=hi)  # as clamp(x, lo, hi); bounds given apart: 7x faster
@@ -64,7 +68,17 @@ def scores(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[to
     if bool((span <= 0).any()):  # min-max of a constant: 0, exp(0) = 1
         intra.masked_fill_((span <= 0).expand_as(intra), 1.0)
     inter = torch.mul(deltas, deltas.sum(0, keepdim=True)).tanh_()
-    return clamped, intra.mul_(inter)
+    return clamped, intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out)
+
+
+def block_scores(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """β (T, n) of the task vectors (T, ...) flattened, made BALANCE_COLUMNS columns at a time (one tensor, for
+    the kernels to count in one call)."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    beta = torch.empty_like(flat)
+    for sl in column_chunks(flat.shape[1], BALANCE_COLUMNS):
+        scores(flat[:, sl], lo, hi, out=beta[:, sl])
+    return beta
 
 
 def balanced_chunks(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
@@ -76,21 +90,37 @@ def balanced_chunks(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
 
 
 class ClampBounds(GlobalStat):
-    """lo_t and hi_t: the clamp quantiles of |τ_t| over all merged tensors (two passes)."""
+    """lo_t and hi_t: the clamp quantiles of |τ_t| over all merged tensors: one read where a sample of rows aims it
+    (StreamingSelect.aim), else two."""
 
     key = "pcb_clamp"
-    passes = 2
+    passes = 1  # a second where the sample misses or there is none
     rowwise = True  # order statistics of entries: blocks of rows may be observed separately
+    samples = True
 
     def __init__(self, num_tasks: int, device: torch.device) -> None:
         self._select = StreamingSelect(num_tasks, clamp_ranks, device)
+        self._sample = TaskVectorSample()
+
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
+        self._sample.add(tensors, stride)
+
+    def end_sample(self) -> None:
+        blocks = [b.abs_() for b in self._sample.take()]
+        self._select.aim(blocks)
+        if not blocks:
+            self.passes = 2
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         observe = self._select.observe_coarse if pass_index == 0 else self._select.observe_fine
         observe(deltas.abs())
 
     def end_pass(self, pass_index: int) -> None:
-        (self._select.end_coarse if pass_index == 0 else self._select.end_fine)()
+        if pass_index == 0:
+            self._select.end_coarse()
+            self.passes = 1 if self._select.resolved else 2
+        else:
+            self._select.end_fine()
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
         return self._select.partials(pass_index)
@@ -107,34 +137,67 @@ class ClampBounds(GlobalStat):
 
 
 class ScoreThreshold(GlobalStat):
-    """q_t and M_t: the (1−ratio) quantile and the max of β_t over all merged tensors (two passes)."""
+    """q_t and M_t: the (1−ratio) quantile and the max of β_t over all merged tensors, read after the clamp
+    bounds: one read where a sample of rows (its β once the bounds are known) aims it, else two."""
 
     key = "pcb_score"
-    passes = 2
+    passes = 1  # a second where the sample misses or there is none
     rowwise = True  # β of an entry needs only that entry across the tasks
+    samples = True
 
     def __init__(self, clamp: ClampBounds, ratio: float, num_tasks: int, device: torch.device) -> None:
         self.after = clamp
         self.ratio = ratio
         self._clamp = clamp
-        self._select = StreamingSelect(num_tasks, lambda n: (score_rank(n, ratio), n), device)
+        self._select = StreamingSelect(num_tasks, lambda n: (score_rank(n, ratio),), device)
+        self._top = torch.full((num_tasks,), -math.inf, device=device)  # running max of β_t
+        self._sample = TaskVectorSample()
+
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
+        self._sample.add(tensors, stride)
+
+    def end_sample(self) -> None:
+        if not self._sample.blocks:
+            self.passes = 2
+
+    def _aim(self) -> None:
+        """Once the clamp bounds are known (this statistic's first read has begun), the sample's β aims it; on
+        every process alike, whether it observes a tensor or not (their partials must match)."""
+        if self._sample.blocks:
+            sample = [block_scores(b, *self._clamp.bounds) for b in self._sample.take()]
+            self._select.aim(sample)
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
-        observe = self._select.observe_coarse if pass_index == 0 else self._select.observe_fine
-        for _, _, beta in balanced_chunks(deltas, *self._clamp.bounds):
-            observe(beta)
+        self._aim()
+        beta = block_scores(deltas, *self._clamp.bounds)
+        if pass_index == 0:
+            self._select.observe_coarse(beta)
+            if beta.shape[1]:
+                torch.maximum(self._top, beta.amax(1), out=self._top)
+        else:
+            self._select.observe_fine(beta)
 
     def end_pass(self, pass_index: int) -> None:
-        (self._select.end_coarse if pass_index == 0 else self._select.end_fine)()
+        self._aim()
+        if pass_index == 0:
+            self._select.end_coarse()
+            self.passes = 1 if self._select.resolved else 2
+        else:
+            self._select.end_fine()
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
+        self._aim()
         return self._select.partials(pass_index)
+
+    def maxima(self, pass_index: int) -> list[torch.Tensor]:
+        return [self._top] if pass_index == 0 else []
 
     @property
     def threshold_and_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         values = self._select.values
         assert values is not None, "statistics not finished"
-        return values[:, 0], values[:, 1]
+        top = self._top if self._select.n else torch.zeros_like(self._top)  # no entry: 0, as the select's
+        return values[:, 0], top
 
     def summary(self) -> dict[str, Any]:
         q, top = self.threshold_and_max
