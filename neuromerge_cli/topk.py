@@ -617,17 +617,15 @@ class StreamingSelect:
     def observe_coarse(self, values: torch.Tensor) -> None:
         """Pass 1: count the high key bits of one chunk (T, ...) (and the aimed windows' keys)."""
         rows = self._kernel_rows(values)
-        if rows is not None:
+        if rows is not None:  # the first window beside the coarse counts, the others in sweeps of their own
+            first, others = (self._windows[0], self._windows[1:]) if self._windows else (None, [])
             if not self._spares:
-                windows = self._windows or [None]
-                self._spares = [kernels.SpareCounts(self._select.coarse_counts if r == 0 else None, w)
-                                for r, w in enumerate(windows)]
+                self._spares = [kernels.SpareCounts(self._select.coarse_counts, first),
+                                *(kernels.SpareCounts(None, w) for w in others)]
             self._select.n += rows[0].numel()
-            for r, (window, spare) in enumerate(zip(self._windows or [None], self._spares)):
-                if r == 0:
-                    kernels.order_histogram(rows, self._select.coarse_counts, window, spare)
-                else:
-                    kernels.order_window(rows, window, spare)
+            kernels.order_histogram(rows, self._select.coarse_counts, first, self._spares[0])
+            for window, spare in zip(others, self._spares[1:]):
+                kernels.order_window(rows, window, spare)
             return
         for keys in self._keys(values):
             self._select.observe_coarse(keys >> 16)

@@ -247,6 +247,7 @@ def recipes(models: list[Path], dtype: str) -> dict[str, dict]:
         "ties (global trim)": {**common, "method": "ties", "parameters": {"density": 0.2, "mask_scope": "global"}},
         "dare_ties": {**common, "method": "dare_ties", "parameters": {"density": 0.2}},
         "neuromerging": {**common, "method": "neuromerging"},
+        "pcb": {**common, "method": "pcb", "parameters": {"ratio": 0.1}},  # no mergekit counterpart
     }
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -56,37 +56,49 @@ def score_rank(n: int, ratio: float) -> int:
 BALANCE_COLUMNS = 1 << 16  # columns of (T, n) task vectors balanced at once: the temporaries stay in the cache
 
 
-def scores(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor | None = None
+class Clamp(NamedTuple):
+    """The clamp bounds as the scores use them: lo, hi (T, 1), the divisor of the min-max scaling (hi − lo, 1
+    where that is 0) and where it is 0 (None where it is nowhere): made once, not per chunk."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    span: torch.Tensor
+    constant: torch.Tensor | None
+
+    @classmethod
+    def of(cls, lo: torch.Tensor, hi: torch.Tensor) -> "Clamp":
+        lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
+        span = hi - lo
+        constant = span <= 0
+        return cls(lo, hi, torch.where(constant, 1.0, span), constant if bool(constant.any()) else None)
+
+
+def scores(deltas: torch.Tensor, clamp: Clamp, out: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clamp(|τ|, lo, hi), β) of a flat chunk (T, n) of task vectors, given the clamp bounds lo, hi (T,); β
-    written into ``out`` when given."""
-    num_tasks = deltas.shape[0]
-    lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
-    clamped = deltas.abs().clamp_(min=lo).clamp_(max=hi)  # as clamp(x, lo, hi); bounds given apart: 7x faster
-    span = hi - lo
-    intra = (clamped - lo).div_(torch.where(span > 0, span, 1.0)).square_().mul_(num_tasks).exp_()
-    if bool((span <= 0).any()):  # min-max of a constant: 0, exp(0) = 1
-        intra.masked_fill_((span <= 0).expand_as(intra), 1.0)
+    """(clamp(|τ|, lo, hi), β) of a flat chunk (T, n) of task vectors; β written into ``out`` when given."""
+    clamped = deltas.abs().clamp_(min=clamp.lo).clamp_(max=clamp.hi)  # as clamp(x, lo, hi): 7x faster apart
+    intra = (clamped - clamp.lo).div_(clamp.span).square_().mul_(deltas.shape[0]).exp_()
+    if clamp.constant is not None:  # min-max of a constant: 0, exp(0) = 1
+        intra.masked_fill_(clamp.constant.expand_as(intra), 1.0)
     inter = torch.mul(deltas, deltas.sum(0, keepdim=True)).tanh_()
     return clamped, intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out)
 
 
-def block_scores(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def block_scores(deltas: torch.Tensor, clamp: Clamp) -> torch.Tensor:
     """β (T, n) of the task vectors (T, ...) flattened, made BALANCE_COLUMNS columns at a time (one tensor, for
     the kernels to count in one call)."""
     flat = deltas.reshape(deltas.shape[0], -1)
     beta = torch.empty_like(flat)
     for sl in column_chunks(flat.shape[1], BALANCE_COLUMNS):
-        scores(flat[:, sl], lo, hi, out=beta[:, sl])
+        scores(flat[:, sl], clamp, out=beta[:, sl])
     return beta
 
 
-def balanced_chunks(deltas: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
-                    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+def balanced_chunks(deltas: torch.Tensor, clamp: Clamp) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(columns, clamp(|τ|), β) of the task vectors (T, ...) flattened, BALANCE_COLUMNS columns at a time."""
     flat = deltas.reshape(deltas.shape[0], -1)
     for sl in column_chunks(flat.shape[1], BALANCE_COLUMNS):
-        yield (sl, *scores(flat[:, sl], lo, hi))
+        yield (sl, *scores(flat[:, sl], clamp))
 
 
 class ClampBounds(GlobalStat):
@@ -101,6 +113,7 @@ class ClampBounds(GlobalStat):
     def __init__(self, num_tasks: int, device: torch.device) -> None:
         self._select = StreamingSelect(num_tasks, clamp_ranks, device)
         self._sample = TaskVectorSample()
+        self._clamp: Clamp | None = None
 
     def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
         self._sample.add(tensors, stride)
@@ -131,6 +144,12 @@ class ClampBounds(GlobalStat):
         assert values is not None, "statistics not finished"
         return values[:, 0], values[:, 1]
 
+    @property
+    def clamp(self) -> Clamp:
+        if self._clamp is None:
+            self._clamp = Clamp.of(*self.bounds)
+        return self._clamp
+
     def summary(self) -> dict[str, Any]:
         lo, hi = self.bounds
         return {"clamp_low": lo.tolist(), "clamp_high": hi.tolist(), "entries_per_task": self._select.n}
@@ -148,7 +167,7 @@ class ScoreThreshold(GlobalStat):
     def __init__(self, clamp: ClampBounds, ratio: float, num_tasks: int, device: torch.device) -> None:
         self.after = clamp
         self.ratio = ratio
-        self._clamp = clamp
+        self._bounds = clamp
         self._select = StreamingSelect(num_tasks, lambda n: (score_rank(n, ratio),), device)
         self._top = torch.full((num_tasks,), -math.inf, device=device)  # running max of β_t
         self._sample = TaskVectorSample()
@@ -164,12 +183,12 @@ class ScoreThreshold(GlobalStat):
         """Once the clamp bounds are known (this statistic's first read has begun), the sample's β aims it; on
         every process alike, whether it observes a tensor or not (their partials must match)."""
         if self._sample.blocks:
-            sample = [block_scores(b, *self._clamp.bounds) for b in self._sample.take()]
+            sample = [block_scores(b, self._bounds.clamp) for b in self._sample.take()]
             self._select.aim(sample)
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         self._aim()
-        beta = block_scores(deltas, *self._clamp.bounds)
+        beta = block_scores(deltas, self._bounds.clamp)
         if pass_index == 0:
             self._select.observe_coarse(beta)
             if beta.shape[1]:
@@ -229,7 +248,7 @@ class Pcb(Method):
         return True  # entry by entry, given the global statistics; the kept fraction is a mean
 
     def merge_parts(self, job: TensorJob, params: dict[str, Any]) -> TensorParts:
-        lo, hi = job.stats["pcb_clamp"].bounds
+        clamp = job.stats["pcb_clamp"].clamp
         q, top = (x.reshape(-1, 1) for x in job.stats["pcb_score"].threshold_and_max)
         span = top - q
         divisor, constant = torch.where(span > 0, span, 1.0), (span <= 0)  # constant: M = q, every b is 0
@@ -239,7 +258,7 @@ class Pcb(Method):
         flat = job.deltas.reshape(job.deltas.shape[0], -1)
         out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
         kept = torch.zeros((), dtype=torch.int64, device=flat.device)
-        for sl, clamped, beta in balanced_chunks(flat, lo, hi):
+        for sl, clamped, beta in balanced_chunks(flat, clamp):
             b = beta.clamp_(min=q).sub_(q).div_(divisor)  # (max(β, q) − q)/(M − q)
             if any_constant:
                 b.masked_fill_(constant.expand_as(b), 0.0)
