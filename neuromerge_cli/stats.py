@@ -580,11 +580,6 @@ class MajoritySignStat(GlobalStat):
             return [self._sum, self._flips, self._overflow]
         return [self._sum]
 
-    def maxima(self, pass_index: int) -> list[torch.Tensor]:
-        """Accumulators of ``pass_index`` that hold maxima: replaced in place by their maximum across processes,
-        with the partial sums (only where ``partials`` is not None)."""
-        return []
-
     def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
         return [self._late] if self.folded and pass_index == 0 else None
 

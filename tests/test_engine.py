@@ -172,7 +172,7 @@ def test_output_inside_an_input_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method, params", [("ties", {"density": 0.2}), ("ties", {"mask_scope": "tensor"}),
-                                            ("dare_ties", {"density": 0.5, "seed": 1})])
+                                            ("dare_ties", {"density": 0.5, "seed": 1}), ("pcb", {"ratio": 0.2})])
 def test_cuda_gives_the_cpu_result(tmp_path: Path, method: str, params: dict) -> None:
     base, tasks = toy_family(tmp_path, 3)
     cpu = merge(recipe_dict(base, tasks, method, params), tmp_path / "cpu")

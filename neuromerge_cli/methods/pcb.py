@@ -182,8 +182,9 @@ class ScoreThreshold(GlobalStat):
     def _aim(self) -> None:
         """Once the clamp bounds are known (this statistic's first read has begun), the sample's β aims it; on
         every process alike, whether it observes a tensor or not (their partials must match)."""
-        if self._sample.blocks:
-            sample = [block_scores(b, self._bounds.clamp) for b in self._sample.take()]
+        if self._sample.blocks:  # the sample is on the CPU, the bounds where the statistics run
+            clamp = self._bounds.clamp
+            sample = [block_scores(b.to(clamp.lo.device), clamp).cpu() for b in self._sample.take()]
             self._select.aim(sample)
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
