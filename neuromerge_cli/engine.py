@@ -284,12 +284,12 @@ class PassProgress:
 
 def schedule(stats: list[GlobalStat]) -> list[list[tuple[GlobalStat, int]]]:
     """Group statistics passes into reads of the model: [(stat, its pass index)] per read, in the order
-    of ``stats``. A statistic starts once ``after`` has finished, or ``joins`` passes before that."""
+    of ``stats``. A statistic starts once ``after`` has finished."""
     start: dict[int, int] = {}
     for s in stats:
         if s.after is not None and id(s.after) not in start:
             raise ValueError(f"statistic {s.key!r} is listed before the one it runs after")
-        start[id(s)] = start[id(s.after)] + max(0, s.after.passes - s.joins) if s.after is not None else 0
+        start[id(s)] = start[id(s.after)] + s.after.passes if s.after is not None else 0
     total = max((start[id(s)] + s.passes for s in stats), default=0)
     return [[(s, g - start[id(s)]) for s in stats if start[id(s)] <= g < start[id(s)] + s.passes]
             for g in range(total)]
@@ -319,9 +319,9 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
                    weights: torch.Tensor, progress: Progress | None, world: World | None = None) -> int:
     """Run every statistics pass; returns the number of reads of the model it took.
 
-    Across several processes each rank observes its share of the tensors and the partial sums are
-    added up before ``end_pass`` (late partial sums right after it); a statistic without partial
-    sums sees every tensor on every rank. The reads are planned again after each one, as a
+    Across several processes each rank observes its share of the tensors and the partial sums (and
+    maxima) are combined before ``end_pass``; a statistic without partial sums sees every tensor on
+    every rank. The reads are planned again after each one, as a
     statistic may ask for another pass in ``end_pass``.
     """
     world = world or World()
@@ -334,8 +334,9 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
         entries = sum(p.share(by_name[p.name].numel, by_name[p.name].shape) for p in work)
         stride = max(1, entries // SAMPLE_ENTRIES)
         for piece, tensors in loader.stream_pieces(work):
+            assert piece.rows is not None
             for stat in sampled:
-                stat.observe_sample(piece.name, tensors, stride)
+                stat.observe_sample(piece.name, tensors, stride, piece.rows)
         for stat in sampled:
             stat.end_sample()
     g = 0
@@ -354,8 +355,6 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
             world.all_reduce_([t for stat, p in active for t in stat.maxima(p)], maximum=True)
         for stat, p in active:
             stat.end_pass(p)
-        if split:
-            world.all_reduce_([t for stat, p in active for t in stat.late_partials(p) or ()])
         g += 1
     return g
 

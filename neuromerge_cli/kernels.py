@@ -267,44 +267,6 @@ def merge(tensors: list[torch.Tensor], weights: torch.Tensor, merge_fn: str, dty
                   positions[:tie_count].clone())
 
 
-@dataclass
-class OpenSigns:
-    """What kernels.open_signs returns for one piece."""
-
-    sign_total: int  # Σ of the elected signs, the undecided entries trimmed, of coordinates with at most two
-    positions: torch.Tensor  # flat positions of the coordinates with three or more, ascending
-    pair_keys: torch.Tensor  # (t1 · T + t2) << 32 | low1 << 16 | low2 of pairs (t1 < t2) whose interaction is not 0
-    pair_joints: torch.Tensor  # those interactions (float64)
-
-
-def open_signs(tensors: list[torch.Tensor], weights: torch.Tensor, bins: torch.Tensor, flips: torch.Tensor
-               ) -> OpenSigns:
-    """A global trim's elected signs before its thresholds are exact, only their high 16 bits ``bins`` (T,)
-    (stats.MajoritySignStat's bookkeeping in the trim's second read), from [θ0, θ_1..θ_T] as stored
-    (``applies`` must hold), in one read. An entry whose |τ_t| has higher high bits than ``bins[t]`` is kept
-    whatever the threshold's low bits, one with lower high bits is trimmed, one in its task's bin is
-    undecided (kept iff its low bits reach the threshold's). With merge's elected sign s = sign(Σ_t w_t x_t),
-    bit for bit the same x_t, for each coordinate with at most two undecided entries: s with them trimmed
-    is summed, the change that keeping one of them alone makes is added to ``flips`` (T · 2^16 float64) at
-    its task · 2^16 + its low bits, and a pair's interaction (s with both kept − s with each alone + s with
-    none) is listed by both entries' tasks and low bits. Coordinates with more are listed by position."""
-    assert _kernels is not None
-    base, tasks = tensors[0], tensors[1:]
-    w = weights.to(torch.float32).contiguous()
-    b = bins.to(torch.int64).contiguous()
-    assert w.numel() == b.numel() == len(tasks)
-    assert flips.dtype == torch.float64 and flips.is_contiguous() and flips.numel() == len(tasks) << 16
-    n = base.numel()
-    positions = torch.empty(n, dtype=torch.int64)
-    pairs = torch.empty(n, dtype=torch.int64)
-    filed = torch.empty(2 * n, dtype=torch.int64)  # the kernel's scratch, per thread's share
-    sign_total, count, pair_count = _kernels.open_signs(
-        KINDS[base.dtype], base.data_ptr(), tuple(t.data_ptr() for t in tasks), n, w.data_ptr(), b.data_ptr(),
-        flips.data_ptr(), positions.data_ptr(), pairs.data_ptr(), filed.data_ptr(), threads())
-    pairs = pairs[:pair_count]
-    return OpenSigns(sign_total, positions[:count].clone(), pairs >> 4, ((pairs & 15) - 8).double())
-
-
 NEURON_MAX_TASKS = 16  # _kernels.c's NEURON_MAX_TASKS
 
 

@@ -2,7 +2,7 @@
 
 Each statistic sees every merged tensor's task vectors once per pass it asks for and keeps only
 small summaries. The engine schedules them: a statistic with ``after`` runs its passes once that
-one has finished, or alongside that one's last ``joins`` passes.
+one has finished.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Any, Callable
 import torch
 
 from . import kernels
-from .cpu_threads import one_cpu_thread
 from .memory import release_free_memory
 from .sums import sign_total, sum_f64
-from .topk import (LOW_BINS, Row, StoredMagnitudes, StreamingTopK, TrimSplit, capped_sums, kept_count,
-                   row_threshold, tensor_thresholds, whole)
+from .topk import (Row, StoredMagnitudes, StreamingTopK, capped_sums, kept_count, row_threshold, tensor_thresholds,
+                   whole)
 
 
 class GlobalStat:
@@ -25,10 +24,7 @@ class GlobalStat:
 
     key: str = ""
     passes: int = 1  # reads of the model; may grow in end_pass (the engine re-plans after every read)
-    after: "GlobalStat | None" = None
-    # passes shared with the last passes of ``after``: in a shared read this statistic observes each
-    # tensor, and ends the pass, after ``after`` does (it must come after it in the list of statistics)
-    joins: int = 0
+    after: "GlobalStat | None" = None  # runs once this one has finished (it comes after it in the list)
     rowwise: bool = False  # observe() may see blocks of a tensor's rows instead of whole tensors
     # observed in the merge read instead, each tensor whole just before it is merged (``passes`` is 0): a
     # statistic whose figures only that tensor's merge needs; end_pass(0) is called after the merge pass
@@ -55,9 +51,9 @@ class GlobalStat:
         self.observe(pass_index, name, deltas, weights)
         return deltas.reshape(deltas.shape[0], -1).sum(1)
 
-    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
-        """With ``samples``: a block of sampled rows of tensor ``name``, [θ0, θ_1..θ_T] as stored, on the CPU, of
-        which every ``stride``-th entry of the sample (counted on across blocks) is to be kept."""
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int, rows: tuple[int, int]) -> None:
+        """With ``samples``: a block of sampled ``rows`` [start, stop) of tensor ``name``, [θ0, θ_1..θ_T] as stored,
+        on the CPU, of which every ``stride``-th entry of the sample (counted on across blocks) is to be kept."""
         raise NotImplementedError
 
     def end_sample(self) -> None:
@@ -76,11 +72,6 @@ class GlobalStat:
         """Accumulators of ``pass_index`` that hold maxima: replaced in place by their maximum across processes,
         with the partial sums (only where ``partials`` is not None)."""
         return []
-
-    def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
-        """Sums that ``end_pass`` made from this process's own observations (e.g. held back until a
-        prerequisite's result was known), summed in place across processes right after ``end_pass``."""
-        return None
 
     def summary(self) -> dict[str, Any]:
         return {}
@@ -214,8 +205,6 @@ class TrimStat(GlobalStat):
         self._kept = torch.zeros(num_tasks, dtype=torch.float64)
         self._n = torch.zeros(1, dtype=torch.float64)  # entries per task observed (a tensor, to be all-reduced)
         self._tensor_thr: dict[str, torch.Tensor] = {}  # per-tensor thresholds seen in the statistics pass
-        self._split: tuple[torch.Tensor, TrimSplit] | None = None  # the last chunk of pass 2 and its split
-        self.keep_split = False  # keep that split for one ``split`` call (a statistic sharing the read)
         self.rowwise = density >= 1.0 or scope == "global"
 
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
@@ -232,18 +221,17 @@ class TrimStat(GlobalStat):
             if pass_index == 0:
                 self._topk.observe_coarse(deltas)
             else:
-                split = self._topk.observe_fine(deltas, self.keep_split)
-                self._split = None if split is None else (deltas, split)
+                self._topk.observe_fine(deltas)
             return
         self._observe_tensor(name, deltas.shape[0], lambda t: deltas[t].abs().reshape(-1))
 
     @property
     def stored_inputs(self) -> bool:  # type: ignore[override]
         """A per-tensor trim reads the stored inputs task by task; a global one where the kernels count |τ|
-        straight from them (a CPU), unless a statistic shares the split of its second read (keep_split)."""
+        straight from them (a CPU)."""
         if self._topk is None:
             return self.passes == 1 or self.in_merge_read
-        return kernels.ENABLED and self.device.type == "cpu" and not self.keep_split
+        return kernels.ENABLED and self.device.type == "cpu"
 
     def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
                        ) -> torch.Tensor | None:
@@ -258,7 +246,7 @@ class TrimStat(GlobalStat):
             return self._topk.observe_stored(pass_index, tensors)
         return self._observe_made(pass_index, name, tensors, weights, self.device)
 
-    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int, rows: tuple[int, int]) -> None:
         self._sample.add(tensors, stride)
 
     def end_sample(self) -> None:
@@ -312,31 +300,11 @@ class TrimStat(GlobalStat):
                 self.passes = 2
                 return
         else:
-            self._split = None
             self._topk.end_fine()
         self._removed = torch.tensor(self._topk.removed_l1, dtype=torch.float64)
         self._total = torch.tensor(self._topk.total_l1, dtype=torch.float64)
         self._kept = torch.tensor(self._topk.kept, dtype=torch.float64)
         self._n = torch.tensor([float(self._topk.n)], dtype=torch.float64)
-
-    def split(self, deltas: torch.Tensor) -> TrimSplit:
-        """Where the entries of ``deltas`` stand against the global thresholds' bins while pass 2 runs
-        (with ``keep_split``, the split made when this statistic observed ``deltas``, handed over once)."""
-        assert self._topk is not None, "a global trim in its second pass"
-        kept, self._split = self._split, None
-        if kept is not None and kept[0] is deltas:
-            return kept[1]
-        return self._topk.split(deltas)
-
-    @property
-    def thresholds_pending(self) -> bool:
-        """True when the statistics passes find global thresholds (a split exists in the second)."""
-        return self._topk is not None
-
-    @property
-    def bins(self) -> torch.Tensor | None:
-        """Global trim: the high 16 bits of each task's threshold (T,), known after the first pass; else None."""
-        return None if self._topk is None else self._topk.bins
 
     @property
     def thresholds(self) -> torch.Tensor | None:
@@ -382,122 +350,34 @@ class TrimStat(GlobalStat):
         }
 
 
-STASH_ROWS = 1 << 20  # distinct entries the folded majority may hold for ambiguous coordinates
-GATHERED_COLUMNS = 1 << 16  # open coordinates gathered from the kernels before their bookkeeping
-
-
-class Tally:
-    """Rows (m, k) of integers with a weight each, equal rows merged (summing their weights) once
-    more than STASH_ROWS are held; ``full`` once STASH_ROWS / 2 distinct ones remain after merging."""
-
-    def __init__(self) -> None:
-        self._rows: list[torch.Tensor] = []
-        self._weights: list[torch.Tensor] = []
-        self.size = 0
-        self.full = False
-
-    def add(self, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        self._rows.append(rows)
-        self._weights.append(weights)
-        self.size += rows.shape[0]
-        if self.size > STASH_ROWS:
-            rows, weights = self.merged()
-            self.full = rows.shape[0] > STASH_ROWS // 2
-            self._rows, self._weights, self.size = [rows], [weights], rows.shape[0]
-
-    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distinct rows and their summed weights."""
-        rows, weights = torch.cat(self._rows), torch.cat(self._weights)
-        if rows.shape[1] == 1:  # keys: the flat unique sorts once, without unique_dim's row comparisons
-            unique, inverse = torch.unique(rows[:, 0], return_inverse=True)
-            unique = unique.unsqueeze(1)
-        else:
-            unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
-        return unique, torch.zeros(unique.shape[0], dtype=weights.dtype).index_add_(0, inverse, weights)
-
-
 class MajoritySignStat(GlobalStat):
-    """sign(Σ over all coordinates of the elected sign) of the trimmed, weighted task vectors, found in
-    statistics reads.
+    """sign(Σ over all coordinates of the elected sign) of the trimmed, weighted task vectors, in a statistics
+    read after the trim's (its exact thresholds are needed).
 
     TIES with a global mask falls back to this sign where a coordinate's sum is exactly zero. TIES on
     its own finds it in the merge read (ModelMajorityStat); as a delegate of NeuronMerge, whose merge
     read elects sub-tensors, over its scope with this statistic.
-
-    After a two-pass global trim it shares the trim's second read (``joins = 1``), before the exact
-    thresholds are known: an entry above its task's threshold bin is kept, one below it trimmed,
-    and one inside the bin is undecided until the threshold's low 16 bits are known (kept iff its
-    own low bits reach them: an indicator d). A coordinate's sign s is then a polynomial in its
-    undecided entries' d: with none, s; with one entry u, s₀ + d_u (s_u − s₀) (s₀: all trimmed,
-    s_u: u kept), the change filed in a histogram under u's task and low bits, which counts once
-    those bits reach the threshold's; with two, the same per entry plus d_u d_v times their
-    interaction, tallied by the pair's tasks and low bits (few distinct ones: in-bin entries share
-    their high bits). Coordinates with three or more (about the cube of the in-bin share) are held
-    as their task values, trimmed ones zeroed and equal rows merged, and settled at the end. Past
-    STASH_ROWS distinct pairs or rows, a third read computes the sign plainly. On a CPU with the kernels,
-    one sweep of the stored inputs settles the coordinates with at most two undecided entries
-    (kernels.open_signs) and only the others' task vectors are made, for the bookkeeping above.
     """
 
     key = "majority"
+    passes = 1
+    stored_inputs = True  # the kernels sum the elected signs straight from the stored inputs where they apply
 
-    def __init__(self, trim: TrimStat, fold: bool = True) -> None:
-        """``fold=False``: always a read of its own after the trim's (the plain computation)."""
+    def __init__(self, trim: TrimStat) -> None:
         self.after = trim
         self._trim = trim
         self.rowwise = trim.rowwise
-        self.passes = 1
-        self.folded = fold and trim.thresholds_pending
-        on_kernels = kernels.ENABLED and trim.device.type == "cpu"
-        # the plain read, and the folded one where the kernels sort the coordinates out: from the stored inputs
-        self.stored_inputs = on_kernels or not self.folded
-        self.joins = 1 if self.folded else 0
-        trim.keep_split = self.folded and not on_kernels  # else the torch split of the trim's read is shared
-        num_tasks = trim.num_tasks
         self._sum = torch.zeros(1, dtype=torch.float64)  # a sum of signs: exact in float64
-        self._late = torch.zeros(1, dtype=torch.float64)  # the held coordinates' part, per process
-        device = trim.device if self.folded else torch.device("cpu")
-        self._flips = torch.zeros(num_tasks * LOW_BINS, dtype=torch.float64, device=device)
-        self._overflow = torch.zeros(1, dtype=torch.int64)
-        self._pairs = Tally()  # (task pair, low bits of both) → Σ interaction, of 2-undecided coordinates
-        self._rows = Tally()  # τ bits (T,) of coordinates with 3 or more undecided entries → count
-        self._weights: torch.Tensor | None = None  # the weights, once coordinates are held or gathered
-        self._gathered: list[torch.Tensor] = []  # task vectors (T, m) of coordinates kernels.open_signs left open
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
-        if self.folded and pass_index == 0:
-            if not self._overflow.item():
-                self._observe_folded(deltas, weights)
-            return
         w = weights.reshape((-1,) + (1,) * (deltas.ndim - 1))
         self._sum += signs_sum(self._trim.mask(deltas, name) * w).cpu()
 
     def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
                        ) -> torch.Tensor | None:
-        """The elected signs summed by the fused kernels where they apply (the same signs, bit for bit), else
-        as ``observe``: in the plain read by kernels.merge; folded, the decided coordinates by
-        kernels.open_signs (at most two undecided entries) and the task vectors of the others made for
-        ``_observe_folded``."""
+        """The elected signs summed by the fused kernels (kernels.merge without writing: the same signs, bit for
+        bit) where they apply, else as ``observe``."""
         device = self._trim.device
-        if self.folded and pass_index == 0:
-            if not kernels.applies(tensors, device):
-                self._observe_made(pass_index, name, tensors, weights, device)
-            elif not self._overflow.item():
-                bins = self._trim.bins
-                assert bins is not None
-                settled = kernels.open_signs(tensors, weights, bins, self._flips)
-                self._sum += float(settled.sign_total)
-                if settled.pair_keys.numel():
-                    self._pairs.add(settled.pair_keys.unsqueeze(1), settled.pair_joints)
-                    self._check_bound()
-                columns = settled.positions
-                if columns.numel():  # gathered over chunks: the bookkeeping's torch calls cost per call
-                    picked = [t.reshape(-1).index_select(0, columns) for t in tensors]
-                    self._gathered.append(float_task_vectors(picked, device)[1])
-                    self._weights = weights
-                    if sum(x.shape[1] for x in self._gathered) >= GATHERED_COLUMNS:
-                        self._fold_gathered()
-            return None
         if kernels.applies(tensors, device):
             thresholds = self._trim.thresholds_of(name)
             sums = kernels.merge(tensors, weights.cpu(), "elect_sum", tensors[0].dtype, thresholds=thresholds,
@@ -506,119 +386,13 @@ class MajoritySignStat(GlobalStat):
             return sums.l1
         return self._observe_made(pass_index, name, tensors, weights, device)
 
-    def _fold_gathered(self) -> None:
-        """The gathered columns' bookkeeping (``_observe_folded``), before the pass's sums are read."""
-        if self._gathered and not self._overflow.item():
-            assert self._weights is not None
-            with one_cpu_thread(self._trim.device):
-                self._observe_folded(torch.cat(self._gathered, dim=1), self._weights)
-        self._gathered = []
-
-    def _observe_folded(self, deltas: torch.Tensor, weights: torch.Tensor) -> None:
-        split = self._trim.split(deltas)
-        flat = deltas.reshape(deltas.shape[0], -1)
-        # the products the merge pass elects on, bit for bit (x · 1 = x: no product needed)
-        weighted = flat if bool((weights == 1).all()) else flat * weights.reshape(-1, 1)
-        kept = (weighted.view(torch.int32) & split.kept_mask()).view(torch.float32)  # trimmed → +0.0
-        s_trimmed = torch.sign(kept.sum(0))
-        self._sum += sign_total(s_trimmed).cpu()
-        if not split.columns.numel():
-            return
-        cols = split.columns
-        open_ = split.open[cols]
-        tasks = torch.arange(flat.shape[0], device=flat.device).unsqueeze(1)
-        one = (open_ == 1).nonzero().squeeze(1)
-        if one.numel():  # s = s_trimmed + [kept] · (s if kept − s_trimmed)
-            u = split.undecided[:, one]
-            c = cols[one]
-            s_u = torch.sign(torch.where(u, weighted[:, c], kept[:, c]).sum(0))
-            task = (u * tasks).sum(0)
-            self._file(task, split.low[:, one].gather(0, task.unsqueeze(0)).squeeze(0), s_u - s_trimmed[c])
-        two = (open_ == 2).nonzero().squeeze(1)
-        if two.numel():  # the same per entry, and the interaction of the two, filed by both entries' low bits
-            both = split.undecided[:, two]
-            c = cols[two]
-            first = torch.where(both, tasks, flat.shape[0]).amin(0)
-            second = (both * tasks).amax(0)
-            w, k = weighted[:, c], kept[:, c]
-            s_first = torch.sign(torch.where(tasks == first, w, k).sum(0))
-            s_second = torch.sign(torch.where(tasks == second, w, k).sum(0))
-            s_both = torch.sign(torch.where(both, w, k).sum(0))
-            low = split.low[:, two]
-            low_first = low.gather(0, first.unsqueeze(0)).squeeze(0)
-            low_second = low.gather(0, second.unsqueeze(0)).squeeze(0)
-            self._file(first, low_first, s_first - s_trimmed[c])
-            self._file(second, low_second, s_second - s_trimmed[c])
-            joint = s_both - s_first - s_second + s_trimmed[c]
-            some = joint != 0
-            if bool(some.any()):
-                key = ((first * flat.shape[0] + second) << 32) | (low_first.long() << 16) | low_second.long()
-                self._pairs.add(key[some].unsqueeze(1).cpu(), joint[some].double().cpu())
-        many = (open_ >= 3).nonzero().squeeze(1)
-        if many.numel():
-            held = cols[many]
-            self._sum -= sign_total(s_trimmed[held]).cpu()  # settled at the end instead
-            rows = torch.where(split.high[:, held] >= split.bins, flat[:, held], 0.0)  # τ, trimmed ones 0
-            self._rows.add(rows.t().contiguous().view(torch.int32).cpu(), torch.ones(held.numel(), dtype=torch.float64))
-            self._weights = weights
-        self._check_bound()
-
-    def _check_bound(self) -> None:
-        if self._pairs.full or self._rows.full:  # too many distinct ones: a plain read follows
-            self._overflow.fill_(1)
-            self._pairs, self._rows = Tally(), Tally()
-
-    def _file(self, task: torch.Tensor, low: torch.Tensor, change: torch.Tensor) -> None:
-        """Add ``change`` (per coordinate) under each entry's task and low bits: it counts once the
-        threshold's low bits are at most the entry's."""
-        some = change != 0  # index_add_: no pass over all T · 2^16 bins per chunk (sums of integers: exact)
-        self._flips.index_add_(0, (task * LOW_BINS + low)[some].long(), change[some].double())
-
     def partials(self, pass_index: int) -> list[torch.Tensor] | None:
-        if self.folded and pass_index == 0:
-            self._fold_gathered()
-            return [self._sum, self._flips, self._overflow]
         return [self._sum]
-
-    def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
-        return [self._late] if self.folded and pass_index == 0 else None
-
-    def end_pass(self, pass_index: int) -> None:
-        if not (self.folded and pass_index == 0):
-            return
-        self._fold_gathered()
-        if self._overflow.item():  # on any process: the plain pass follows
-            self.passes = 2
-            self._sum.zero_()
-        else:
-            thresholds = self._trim.thresholds
-            assert thresholds is not None
-            low = thresholds.view(torch.int32).to(self._flips.device) & 0xFFFF
-            reached = torch.arange(LOW_BINS, device=low.device).unsqueeze(0) >= low.unsqueeze(1)
-            self._sum += torch.where(reached, self._flips.view(-1, LOW_BINS), 0.0).sum().cpu()
-            if self._pairs.size:
-                keys, joint = self._pairs.merged()
-                keys = keys.squeeze(1)
-                pair, low_first, low_second = keys >> 32, (keys >> 16) & 0xFFFF, keys & 0xFFFF
-                num_tasks = self._trim.num_tasks
-                low = low.cpu()
-                hit = (low_first >= low[pair // num_tasks]) & (low_second >= low[pair % num_tasks])
-                self._late += torch.where(hit, joint, 0.0).sum()
-            if self._rows.size:
-                rows, counts = self._rows.merged()
-                # (T, m) contiguous: sum(0) then adds the tasks in the order the merge pass does
-                values = rows.view(torch.float32).t().contiguous().to(thresholds.device)
-                assert self._weights is not None
-                w = self._weights.reshape(-1, 1)
-                kept = values.abs() >= thresholds.unsqueeze(1)
-                signs = torch.sign(torch.where(kept, values * w, 0.0).sum(0)).cpu()
-                self._late += (signs.double() * counts).sum()
-        self._pairs, self._rows = Tally(), Tally()
 
     @property
     def total(self) -> float:
         """Σ over all coordinates of the elected sign (an integer)."""
-        return float((self._sum + self._late).item())
+        return float(self._sum.item())
 
     @property
     def sign(self) -> float:

@@ -263,12 +263,6 @@ class HistogramSelect:
         self._under = cum.gather(1, self.bins) - counts.gather(1, self.bins)
         self._fine = torch.zeros(self.num_tasks, len(ranks), KEY_BINS, dtype=torch.int64, device=self.device)
 
-    def add_fine(self, rank: int, idx: torch.Tensor) -> None:
-        """Pass 2: count the low halves of the keys inside rank ``rank``'s bin, given as ``idx`` = task ·
-        KEY_BINS + low half (1-d)."""
-        assert self._fine is not None, "end_coarse() first"
-        self._fine[:, rank] += torch.bincount(idx, minlength=self.num_tasks * KEY_BINS).view(self.num_tasks, KEY_BINS)
-
     @property
     def fine_counts(self) -> torch.Tensor:
         """(T, R, KEY_BINS) counts of the low halves inside each rank's bin (after pass 2)."""
@@ -296,33 +290,22 @@ def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
     return values.float().contiguous().view(torch.int32).reshape(values.shape[0], -1) & 0x7FFFFFFF
 
 
-class TrimSplit:
-    """Where one chunk's entries (T, n) stand against the trim thresholds while pass 2 runs.
+def count_window(keys: torch.Tensor, window: kernels.Window) -> torch.Tensor:
+    """Add to ``window.fine`` the counts of the integer ``keys`` (T, n) inside it (torch; the kernels' order_window).
+    Returns the keys' offsets from the window's starts (negative below it), in the keys' dtype (int32 keys, as the
+    bits of |x|, are below 2^31: so are their offsets and T · width)."""
+    offset = keys - window.starts.to(keys.dtype).unsqueeze(1)
+    inside = (offset >= 0) & (offset < window.width)
+    slots = offset + (torch.arange(len(window.starts), device=keys.device, dtype=keys.dtype) * window.width).unsqueeze(1)
+    window.fine.view(-1).add_(torch.bincount(slots[inside], minlength=window.fine.numel()))
+    return offset
 
-    An entry above its task's threshold bin is kept, one below it is trimmed; one inside the bin
-    is undecided: kept iff its low 16 bits reach the threshold's, known after pass 2. Undecided
-    entries are few (about the share of one bin), so they are handled by the ``columns`` that
-    hold any (the coordinates, in order), as (T, m) slices.
-    """
 
-    def __init__(self, bits: torch.Tensor, bins: torch.Tensor) -> None:
-        self.bits = bits  # int32 (T, n): bit patterns of |x|
-        self.bins = bins  # int32 (T, 1): the high 16 bits of each task's threshold
-        self.high = bits >> 16
-        undecided = self.high == bins
-        count = torch.uint8 if bits.shape[0] < 256 else torch.int32  # summing bytes is the fast path
-        self.open = undecided.view(torch.uint8).sum(0, dtype=count)  # undecided entries per column
-        self.columns = self.open.nonzero().squeeze(1)  # columns with any
-        self.undecided = undecided[:, self.columns]  # bool (T, m)
-        self.low = self.bits[:, self.columns] & 0xFFFF  # int32 (T, m)
-
-    def kept_mask(self) -> torch.Tensor:
-        """int32 (T, n): all ones where an entry is kept whatever the threshold's low bits, else 0."""
-        return (self.bins - self.high) >> 31  # the sign of bins − high, spread over the 32 bits
-
-    def below_mask(self) -> torch.Tensor:
-        """int32 (T, n): all ones where an entry is trimmed whatever the threshold's low bits, else 0."""
-        return (self.high - self.bins) >> 31
+def count_magnitudes(bits: torch.Tensor, window: kernels.Window) -> None:
+    """count_window of the bit patterns ``bits`` (T, n) of |x|, and the L1 of those below it into ``window.below``
+    (torch; the kernels' magnitude_window)."""
+    under = count_window(bits, window) < 0
+    window.below.add_(row_sums_f64(torch.where(under, bits, 0).view(torch.float32)))
 
 
 def aimed_bins(keys: torch.Tensor, sizes: list[int], share: float) -> tuple[torch.Tensor, int]:
@@ -420,14 +403,7 @@ class StreamingTopK:
         self._select.observe_coarse(bits >> 16)
         self._total_l1 += row_sums_f64(bits.view(torch.float32))
         if self.window is not None:
-            self._count_window(bits)
-
-    def _count_window(self, bits: torch.Tensor) -> None:
-        """The window's counts and the L1 below it, of the bit patterns ``bits`` (T, n) of |x| (torch)."""
-        assert self.window is not None
-        count_window(bits, self.window)
-        under = bits.long() < self.window.starts.unsqueeze(1)
-        self.window.below.add_(row_sums_f64(torch.where(under, bits, 0).view(torch.float32)))
+            count_magnitudes(bits, self.window)
 
     def end_coarse(self) -> None:
         """Find, per task, the high-bits bin that holds the k-th largest value; with an aimed window that
@@ -463,24 +439,15 @@ class StreamingTopK:
             return [*self._select.partials(0), self._total_l1, *aimed]
         return [*self._select.partials(1), self._below_l1]
 
-    def split(self, values: torch.Tensor) -> TrimSplit:
-        """Where the entries of one chunk (T, ...) stand against the threshold bins (after pass 1)."""
-        return TrimSplit(magnitude_bits(values), self.bins.to(torch.int32).unsqueeze(1))
-
-    def observe_fine(self, values: torch.Tensor, want_split: bool = True) -> TrimSplit | None:
+    def observe_fine(self, values: torch.Tensor) -> None:
         """Pass 2: count the low bits of |x| inside each task's threshold bin and add up the L1
-        of the values below that bin; returns where the chunk's entries stand (see TrimSplit),
-        or None when not ``want_split``."""
+        of the values below that bin."""
         rows = values.reshape(values.shape[0], -1)
-        if not want_split and kernels.takes(rows) and self.device.type == "cpu":
-            assert self._bin_window is not None
+        assert self._bin_window is not None
+        if kernels.takes(rows) and self.device.type == "cpu":
             kernels.magnitude_window(list(rows), self._bin_window, None, self._spare_counts(1))
-            return None
-        split = self.split(values)
-        self._select.add_fine(0, (split.low + self._select.offsets)[split.undecided])
-        below = (split.bits & split.below_mask()).view(torch.float32)  # |x| below the bin, 0.0 elsewhere
-        self._below_l1 += row_sums_f64(below)
-        return split
+        else:
+            count_magnitudes(magnitude_bits(values), self._bin_window)
 
     def observe_stored(self, pass_index: int, tensors: list[torch.Tensor]) -> torch.Tensor | None:
         """Pass ``pass_index`` (0: coarse, 1: fine) over one chunk given as the stored inputs [θ0, θ_1..θ_T]
@@ -548,14 +515,6 @@ def column_chunks(n: int, size: int | None = None) -> list[slice]:
     """Slices covering range(n) in pieces of at most ``size`` (default SELECT_CHUNK)."""
     size = size or SELECT_CHUNK
     return [slice(i, min(n, i + size)) for i in range(0, n, size)] or [slice(0, 0)]
-
-
-def count_window(keys: torch.Tensor, window: kernels.Window) -> None:
-    """Add to ``window.fine`` the counts of the integer ``keys`` (T, n) inside it (torch; the kernels' order_window)."""
-    offset = keys.long() - window.starts.unsqueeze(1)
-    inside = (offset >= 0) & (offset < window.width)
-    slots = offset + (torch.arange(len(window.starts), device=keys.device) * window.width).unsqueeze(1)
-    window.fine.add_(torch.bincount(slots[inside], minlength=window.fine.numel()))
 
 
 class StreamingSelect:

@@ -30,7 +30,7 @@ def merge_in_memory(method: str, raw: dict[str, Any], base: dict[str, torch.Tens
         if stat.samples:  # every matrix sampled whole
             for n in names:
                 if base[n].ndim >= 2:
-                    stat.observe_sample(n, [base[n], *(tk[n] for tk in tasks)], 1)
+                    stat.observe_sample(n, [base[n], *(tk[n] for tk in tasks)], 1, (0, base[n].shape[0]))
             stat.end_sample()
     g = 0
     while g < len(passes := schedule(stats)):  # planned again after each read, as the engine does

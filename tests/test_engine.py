@@ -27,14 +27,14 @@ def test_schedule_runs_dependent_statistics_after_their_prerequisite() -> None:
     assert schedule([trim, model]) == [[(trim, 0)], [(trim, 1)]]
     trim = TrimStat(0.2, "global", 2, torch.device("cpu"))
     majority = MajoritySignStat(trim)  # (NeuronMerge's delegated TIES: its scope's sign in statistics reads)
-    # the majority sign joins the trim's second read (it needs only the trim's bins there) ...
-    assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)]]
-    majority.passes = 2  # ... and may ask for a plain pass of its own after it
-    assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1), (majority, 0)], [(majority, 1)]]
+    # the majority sign reads after the trim (it needs the exact thresholds) ...
+    assert schedule([trim, majority]) == [[(trim, 0)], [(trim, 1)], [(majority, 0)]]
+    trim.passes = 1  # ... one read earlier where the trim's first read finds them
+    assert schedule([trim, majority]) == [[(trim, 0)], [(majority, 0)]]
     with pytest.raises(ValueError, match="listed before"):
         schedule([majority, trim])
     majority = MajoritySignStat(TrimStat(1.0, "global", 2, torch.device("cpu")))
-    assert schedule([majority._trim, majority]) == [[(majority, 0)]]  # no trim pass: nothing to join
+    assert schedule([majority._trim, majority]) == [[(majority, 0)]]  # no trim pass: the majority's alone
     trim, model = ties.global_stats(ties.parse_params({"density": 1.0}), 2, torch.device("cpu"))
     assert schedule([trim, model]) == []  # no trim: no statistics read at all
     per_tensor, on_demand = ties.global_stats(ties.parse_params({"mask_scope": "tensor"}), 2, torch.device("cpu"))

@@ -348,64 +348,6 @@ def test_order_histogram_and_window_count_the_order_keys_of_values_of_any_sign(m
         assert 1000 < inside.sum() < n // 100
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-@pytest.mark.parametrize("num_tasks", [1, 3, 6])
-@pytest.mark.parametrize("threads", [1, 4])
-@needs_kernels
-@pytest.mark.usefixtures("float16_conversion")
-def test_open_signs_settle_coordinates_with_at_most_two_undecided_entries(
-        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, num_tasks: int, threads: int) -> None:
-    """Reference from the definition: per coordinate, entries above their task's bin kept, below it +0,
-    sign(Σ_t w_t x_t) added in task order, with the entries in their bin trimmed, kept one at a time, kept
-    together."""
-    monkeypatch.setattr(kernels, "threads", lambda: threads)
-    n = 3 * (1 << 18) + 4101  # parts with 4 threads, and a tail
-    tensors = cancelling_inputs(n, dtype, seed=num_tasks)[:num_tasks + 1]  # exact cancellations: sums of 0
-    tensors += inputs(n, dtype, num_tasks - 4, seed=1)[1:] if num_tasks > 4 else []
-    tensors[1][11] = float("nan")
-    weights = torch.tensor([1.0, 0.5, 2.0, -0.3, 1.7, 1.0])[:num_tasks]
-    deltas = torch.stack([t.float() for t in tensors[1:]]) - tensors[0].float()
-    bits = deltas.view(torch.int32) & 0x7FFFFFFF
-    high, low = bits >> 16, (bits & 0xFFFF).long()
-    bins = torch.stack([high[t][high[t] > 0].mode().values for t in range(num_tasks)]).long()  # the fullest bins
-    flips = torch.full((num_tasks << 16,), 0.5, dtype=torch.float64)  # added to
-    got = kernels.open_signs(tensors, weights, bins, flips)
-
-    def signs(keep: torch.Tensor) -> torch.Tensor:
-        x = torch.where(keep, deltas, 0.0)
-        summed = torch.zeros(n)
-        for t in range(num_tasks):
-            summed = summed + x[t] * weights[t]
-        return torch.sign(summed)
-
-    above, undecided = high > bins[:, None], high == bins[:, None]
-    count = undecided.sum(0)
-    order = undecided.long().cumsum(0) * undecided  # 1 for a coordinate's first undecided entry, 2 its second
-    first, second = order == 1, order == 2
-    none, alone_first, alone_second, both = (signs(above), signs(above | first), signs(above | second),
-                                             signs(above | undecided))
-    assert got.sign_total == int(none[count <= 2].sum())
-    assert torch.equal(got.positions, (count > 2).nonzero().squeeze(1))
-    task = torch.arange(num_tasks)[:, None].expand(-1, n)
-
-    def column_order(x: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:  # one entry per column
-        return x.t()[entries.t()]
-
-    want = torch.full((num_tasks << 16,), 0.5, dtype=torch.float64)
-    for entries, change in ((first & (count <= 2), alone_first - none), (second & (count == 2), alone_second - none)):
-        keys = (column_order(task, entries) << 16) + column_order(low, entries)
-        want.index_add_(0, keys, change[entries.any(0)].double())
-    assert torch.equal(flips, want)
-    two = count == 2
-    joint = (both - alone_first - alone_second + none)[two]
-    t1, t2 = column_order(task, first & two), column_order(task, second & two)
-    keys = (t1 * num_tasks + t2) << 32 | column_order(low, first & two) << 16 | column_order(low, second & two)
-    some = joint != 0
-    assert torch.equal(got.pair_keys, keys[some]) and torch.equal(got.pair_joints, joint[some].double())
-    assert (count == 1).sum() > 1000 and (alone_first != none)[count == 1].sum() > 100 and (none == 0).sum() > 100
-    assert num_tasks == 1 or some.sum() > 10 and (dtype == torch.float32 or got.positions.numel() > 100)
-
-
 def neuron_inputs(out: int, width: int, dtype: torch.dtype, num_tasks: int, seed: int = 0) -> list[torch.Tensor]:
     return [x.reshape(out, width) for x in inputs(out * width, dtype, num_tasks, seed)]
 

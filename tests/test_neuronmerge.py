@@ -130,12 +130,36 @@ def test_neuromerging_for_the_other_tensors_equals_it_alone_on_them(family: dict
     other = merge(family, tmp_path / "o", "neuromerging", params, base=b, models=ts)
     for name in other:
         torch.testing.assert_close(out[name], other[name], rtol=0, atol=1e-6)
-    # no sample of rows reaches the scoped trim: it plans the two reads it takes
+    # the scoped trim is sampled as NeuroMerging's own is (the rows of its scope); without a sample, two reads
     stats = get_method("neuronmerge").global_stats(
         {"groups": family["groups"], "general_method": "task_arithmetic", "general_params": {},
          "other_method": "neuromerging", "other_params": get_method("neuromerging").parse_params(params),
          "specific": "drop", "random_groups": False, "seed": 0}, 2, torch.device("cpu"))
-    assert not any(s.samples for s in stats) and len(schedule(stats)) == 2
+    assert [s.samples for s in stats] == [True]
+    stats[0].end_sample()
+    assert len(schedule(stats)) == 2
+
+
+@pytest.mark.parametrize("scope, method, params", [
+    ("other", "neuromerging", {"density": 0.3}),  # the scoped trim: 1 read aimed, 2 without a sample
+    ("general", "ties", {"density": 0.3}),  # and the majority sign's read after it: 2 aimed, 3 without
+])
+def test_a_sample_of_the_scopes_rows_aims_a_scoped_trim(family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          scope: str, method: str, params: dict) -> None:
+    from neuromerge_cli import engine
+
+    recipe = {"groups": family["groups"], f"{scope}_method": method, f"{scope}_params": params}
+    reads = {}
+    for share in (1.0, 0.0):  # every row (gate/up rows and down columns of the general neurons), or no sample
+        monkeypatch.setattr(engine, "SAMPLE_SHARE", share)
+        entries = [{"model": str(d), "weight": WEIGHTS[i]} for i, d in enumerate(family["dirs"])]
+        parsed = parse_recipe({"base_model": str(family["base_dir"]), "models": entries, "method": "neuronmerge",
+                               "parameters": recipe})
+        report = run_merge(prepare(parsed), MergeOptions(tmp_path / str(share), device="cpu"))
+        reads[share] = report["timings"]["statistics_reads"]
+    assert reads == ({1.0: 1, 0.0: 2} if method == "neuromerging" else {1.0: 2, 0.0: 3})
+    aimed, plain = (load_file(str(tmp_path / str(share) / "model.safetensors")) for share in (1.0, 0.0))
+    assert all(torch.equal(aimed[name], plain[name]) for name in plain)
 
 
 @pytest.mark.parametrize("scope", ["global", "tensor"])  # a per-tensor trim is found in the merge read

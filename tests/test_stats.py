@@ -11,7 +11,6 @@ from neuromerge_cli.engine import schedule
 from neuromerge_cli.stats import (GlobalStat, MajoritySignStat, TaskVectorSample, TrimStat, abs_difference,
                                   float_task_vectors, task_vectors_and_norms)
 from neuromerge_cli.topk import SELECT_SAMPLE
-from helpers import needs_kernels
 from reference import kept_k
 
 SHAPES = [(6, 5), (11,), (2, 3, 4), ()]
@@ -226,24 +225,18 @@ WEIGHTS = torch.tensor([1.0, 0.5, 2.0, 0.3, 1.7])
 
 @pytest.mark.parametrize("kind", ["normal", "bf16", "few"])
 @pytest.mark.parametrize("num_tasks", [1, 2, 3, 5])
-def test_majority_in_the_trims_second_read_equals_the_separate_pass(kind: str, num_tasks: int) -> None:
+def test_majority_after_a_global_trim_equals_the_reference(kind: str, num_tasks: int) -> None:
     chunks = majority_chunks(kind, num_tasks, seed=num_tasks)
     for weights, density in [(torch.ones(num_tasks), 0.2), (WEIGHTS[:num_tasks], 0.35)]:
-        expected = majority_reference(chunks, weights, density)
         trim = TrimStat(density, "global", num_tasks, torch.device("cpu"))
-        folded = MajoritySignStat(trim, fold=True)
-        assert run_scheduled([trim, folded], chunks, weights, fresh=kind == "few") == 2
-        assert folded.total == expected
-        # the former separate pass, run after the trim: the same figure
-        trim = TrimStat(density, "global", num_tasks, torch.device("cpu"))
-        separate = MajoritySignStat(trim, fold=False)
-        assert run_scheduled([trim, separate], chunks, weights) == 3
-        assert separate.total == expected
+        majority = MajoritySignStat(trim)
+        assert run_scheduled([trim, majority], chunks, weights, fresh=kind == "few") == 3  # a read after the trim's
+        assert majority.total == majority_reference(chunks, weights, density)
 
 
 def stored_chunks(kind: str, seed: int) -> list[list[torch.Tensor]]:
-    """Stored inputs [θ0, θ_1..θ_3] in bfloat16: differences of nearby weights (many entries in a threshold
-    bin, exact cancellations), or a handful of values over θ0 = 0 (several undecided entries per coordinate)."""
+    """Stored inputs [θ0, θ_1..θ_3] in bfloat16: differences of nearby weights (many entries at a threshold,
+    exact cancellations), or a handful of values over θ0 = 0 (elected sums of exactly 0 everywhere)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for shape in [(64, 33), (257,), (4099,), (1,)]:
@@ -274,82 +267,44 @@ def run_stored(stats: list[GlobalStat], stored: list[list[torch.Tensor]], weight
     return g
 
 
-@needs_kernels
-@pytest.mark.parametrize("kind, held, reads, gathered", [("bf16", 1 << 20, 2, 1 << 16), ("bf16", 1, 3, 1 << 16),
-                                                         ("few", 1 << 20, 2, 1 << 16), ("few", 1 << 20, 2, 1),
-                                                         ("few", 8, 3, 1)])
-def test_majority_from_the_stored_inputs_sorts_the_coordinates_out_in_a_kernel(
-        monkeypatch: pytest.MonkeyPatch, kind: str, held: int, reads: int, gathered: int) -> None:
-    """On a CPU with the kernels the folded majority reads the stored inputs: kernels.open_signs settles the
-    coordinates with at most two undecided entries (the bfloat16 chunks have no others) and only the others
-    go through the torch bookkeeping (gathered over chunks, up to GATHERED_COLUMNS); the same total as the
-    torch fold, the plain third read (past the bound, as here with STASH_ROWS 1 or 8) and the reference."""
-    monkeypatch.setattr(stats_module, "STASH_ROWS", held)
-    monkeypatch.setattr(stats_module, "GATHERED_COLUMNS", gathered)
+@pytest.mark.parametrize("kind", ["bf16", "few"])
+@pytest.mark.parametrize("on_kernels", [True, False])
+def test_majority_from_the_stored_inputs_equals_the_reference(monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                              on_kernels: bool) -> None:
+    """The elected signs summed by kernels.merge (without writing) from the stored inputs, or by torch."""
+    if on_kernels and not kernels.ENABLED:
+        pytest.skip("the kernels are off")
+    monkeypatch.setattr(kernels, "ENABLED", on_kernels)
     stored = stored_chunks(kind, seed=8)
     chunks = [float_task_vectors(t, torch.device("cpu"))[1] for t in stored]
     weights = WEIGHTS[:3]
-    expected = majority_reference(chunks, weights, 0.3)
     trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
     majority = MajoritySignStat(trim)
-    assert majority.folded and majority.stored_inputs and trim.stored_inputs and not trim.keep_split
-    opened = []
-    monkeypatch.setattr(stats_module.MajoritySignStat, "_observe_folded",
-                        lambda self, deltas, w, real=MajoritySignStat._observe_folded: (opened.append(deltas.shape[1]),
-                                                                                        real(self, deltas, w)))
-    assert run_stored([trim, majority], stored, weights) == reads
-    assert majority.total == expected != 0
-    assert (sum(opened) == 0) if kind == "bf16" else 0 < sum(opened) < sum(c[0].numel() for c in stored) / 2
-    if reads == 2 and kind == "few":  # all at the end of the pass, or chunk by chunk (none after an overflow)
-        assert len(opened) == 1 if gathered > 1 else len(opened) > 1
-    monkeypatch.undo()
-    monkeypatch.setattr(stats_module, "STASH_ROWS", held)
-    monkeypatch.setattr(kernels, "ENABLED", False)  # the torch fold of the same chunks
-    trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
-    majority = MajoritySignStat(trim)
-    assert majority.folded and not majority.stored_inputs and trim.keep_split
-    assert run_stored([trim, majority], stored, weights) == reads
-    assert majority.total == expected
-
-
-@pytest.mark.parametrize("held, reads", [(1 << 20, 2), (300, 2), (8, 3)])
-def test_majority_holds_ambiguous_coordinates_merged_and_reads_again_past_its_bound(
-        monkeypatch: pytest.MonkeyPatch, held: int, reads: int) -> None:
-    """'few' values: many coordinates have several entries in the threshold bin; held ones are merged
-    when they pass STASH_ROWS, and past STASH_ROWS / 2 distinct ones a plain third read takes over."""
-    monkeypatch.setattr(stats_module, "STASH_ROWS", held)
-    chunks = majority_chunks("few", 3, seed=11)
-    weights = WEIGHTS[:3]
-    trim = TrimStat(0.3, "global", 3, torch.device("cpu"))
-    majority = MajoritySignStat(trim, fold=True)
-    assert run_scheduled([trim, majority], chunks, weights) == reads
+    assert run_stored([trim, majority], stored, weights) == 3
     assert majority.total == majority_reference(chunks, weights, 0.3) != 0
 
 
 def test_majority_partials_summed_across_processes_give_the_single_process_figure() -> None:
-    """Two 'processes' observe halves of the chunks; partial sums are added up before end_pass and
-    the late ones (the held coordinates, settled once the thresholds are known) right after it."""
+    """Two 'processes' observe halves of the chunks; partial sums are added up before end_pass."""
     chunks = majority_chunks("bf16", 3, seed=4) + majority_chunks("few", 3, seed=5)
     weights = WEIGHTS[:3]
     procs = [[TrimStat(0.25, "global", 3, torch.device("cpu"))] for _ in range(2)]
     for stats in procs:
-        stats.append(MajoritySignStat(stats[0], fold=True))
+        stats.append(MajoritySignStat(stats[0]))
     halves = [chunks[::2], chunks[1::2]]
-    for g in range(2):
+    for g in range(3):
         for stats, part in zip(procs, halves):
             for x in part:
                 for stat, p in schedule(stats)[g]:
                     stat.observe(p, "t", x, weights)
-        for kind in ("partials", "late_partials"):
-            if kind == "late_partials":
-                for stats in procs:
-                    for stat, p in schedule(stats)[g]:
-                        stat.end_pass(p)
-            lists = [[t for stat, p in schedule(stats)[g] for t in getattr(stat, kind)(p) or ()] for stats in procs]
-            for mine, other in zip(*lists):
-                total = mine + other
-                mine.copy_(total)
-                other.copy_(total)
+        lists = [[t for stat, p in schedule(stats)[g] for t in stat.partials(p) or ()] for stats in procs]
+        for mine, other in zip(*lists):
+            total = mine + other
+            mine.copy_(total)
+            other.copy_(total)
+        for stats in procs:
+            for stat, p in schedule(stats)[g]:
+                stat.end_pass(p)
     expected = majority_reference(chunks, weights, 0.25)
     assert [stats[1].total for stats in procs] == [expected, expected]
 
@@ -395,8 +350,8 @@ def test_a_sample_keeps_every_stride_th_entry_of_the_whole_sample_and_aims_a_tri
     assert torch.equal(got, torch.stack([kept[1] - kept[0], kept[2] - kept[0]])) and sample.blocks == []
     trim = TrimStat(0.2, "global", 2, torch.device("cpu"), sampled=True)
     assert trim.samples and trim.passes == 1
-    trim.observe_sample("wide", wide, 6)
-    trim.observe_sample("narrow", narrow, 6)
+    trim.observe_sample("wide", wide, 6, (0, 2))
+    trim.observe_sample("narrow", narrow, 6, (0, 10))
     trim.end_sample()
     assert trim.passes == 1 and trim._topk is not None and trim._topk.window is not None
     empty = TrimStat(0.2, "global", 2, torch.device("cpu"), sampled=True)

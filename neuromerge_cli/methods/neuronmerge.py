@@ -45,24 +45,32 @@ class RunContext:
     task_of_code: dict[int, int]  # category code -> index of its model (for `choose`)
 
 
+View = Callable[[str, torch.Tensor, "tuple[int, int] | None"], "torch.Tensor | None"]
+"""(name, stacked values (k, ...) of a tensor or of its rows [start, stop), those rows or None for all) → the part
+of the scope (selected along the tensor's dimensions), or None where it has none."""
+
+
 class ScopedStat(GlobalStat):
     """A delegated method's statistic that sees only the tensors (or sub-tensors) of its scope."""
 
-    def __init__(self, inner: GlobalStat, scope: str, view: Callable[[str, torch.Tensor], torch.Tensor | None]):
+    def __init__(self, inner: GlobalStat, scope: str, view: View):
         self.inner = inner
         self.key = f"{scope}/{inner.key}"
         self.view = view
         self.after = None  # set by NeuronMerge.global_stats once every wrapper exists
-        if inner.samples:  # no sample of rows reaches a scoped statistic: its reads as without one
-            inner.end_sample()
+        self.samples = inner.samples
+
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int, rows: tuple[int, int]) -> None:
+        part = self.view(name, torch.stack(tensors), rows)
+        if part is not None:
+            self.inner.observe_sample(name, list(part), stride, rows)
+
+    def end_sample(self) -> None:
+        self.inner.end_sample()
 
     @property  # type: ignore[override]
     def passes(self) -> int:
         return self.inner.passes
-
-    @property  # type: ignore[override]
-    def joins(self) -> int:
-        return self.inner.joins
 
     @property  # type: ignore[override]
     def in_merge_read(self) -> bool:
@@ -74,11 +82,8 @@ class ScopedStat(GlobalStat):
     def maxima(self, pass_index: int) -> list[torch.Tensor]:
         return self.inner.maxima(pass_index)
 
-    def late_partials(self, pass_index: int) -> list[torch.Tensor] | None:
-        return self.inner.late_partials(pass_index)
-
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
-        part = self.view(name, deltas)
+        part = self.view(name, deltas, None)
         if part is not None:
             self.inner.observe(pass_index, name, part, weights)
 
@@ -196,19 +201,22 @@ class NeuronMerge(Method):
             return torch.ones_like(codes, dtype=torch.bool)
         return codes == 0
 
-    def _general_view(self, params: dict[str, Any]) -> Callable[[str, torch.Tensor], torch.Tensor | None]:
-        def view(name: str, deltas: torch.Tensor) -> torch.Tensor | None:
+    def _general_view(self, params: dict[str, Any]) -> View:
+        def view(name: str, values: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor | None:
             slot = mlp_slot(name)
             if slot is None:
                 return None
-            idx = self._merged_codes(params, slot.layer).nonzero().flatten().to(deltas.device)
-            return deltas.index_select(slot.axis + 1, idx) if idx.numel() else None
+            merged = self._merged_codes(params, slot.layer)
+            if rows is not None and slot.axis == 0:  # neurons are rows: those of the block
+                merged = merged[rows[0]:rows[1]]
+            idx = merged.nonzero().flatten().to(values.device)
+            return values.index_select(slot.axis + 1, idx) if idx.numel() else None
 
         return view
 
     @staticmethod
-    def _other_view(name: str, deltas: torch.Tensor) -> torch.Tensor | None:
-        return deltas if mlp_slot(name) is None else None
+    def _other_view(name: str, values: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor | None:
+        return values if mlp_slot(name) is None else None
 
     def global_stats(self, params: dict[str, Any], num_tasks: int, device: torch.device) -> list[GlobalStat]:
         wrapped: list[ScopedStat] = []

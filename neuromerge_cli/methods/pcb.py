@@ -115,7 +115,7 @@ class ClampBounds(GlobalStat):
         self._sample = TaskVectorSample()
         self._clamp: Clamp | None = None
 
-    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int, rows: tuple[int, int]) -> None:
         self._sample.add(tensors, stride)
 
     def end_sample(self) -> None:
@@ -172,7 +172,7 @@ class ScoreThreshold(GlobalStat):
         self._top = torch.full((num_tasks,), -math.inf, device=device)  # running max of β_t
         self._sample = TaskVectorSample()
 
-    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int) -> None:
+    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int, rows: tuple[int, int]) -> None:
         self._sample.add(tensors, stride)
 
     def end_sample(self) -> None:
