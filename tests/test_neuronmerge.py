@@ -140,6 +140,36 @@ def test_neuromerging_for_the_other_tensors_equals_it_alone_on_them(family: dict
     assert len(schedule(stats)) == 2
 
 
+def test_a_scoped_statistic_samples_the_rows_and_columns_of_its_neurons(family: dict) -> None:
+    """A sampled block of rows [start, stop) of gate_proj keeps its general neurons among those rows; one of
+    down_proj keeps the general neurons' columns; other tensors give the general scope nothing."""
+    params = {"groups": family["groups"], "general_method": "ties",
+              "general_params": get_method("ties").parse_params({"density": 0.3}), "other_method": "task_arithmetic",
+              "other_params": {}, "specific": "drop", "random_groups": False, "seed": 0}
+    method = get_method("neuronmerge")
+    recipe = parse_recipe({"base_model": str(family["base_dir"]), "method": "neuronmerge", "parameters": params,
+                           "models": [{"model": str(d)} for d in family["dirs"]]})
+    method.bind(recipe, prepare(recipe, read_weights=False).plan)
+    trim = method.global_stats(params, 2, torch.device("cpu"))[0]
+    assert trim.samples and trim.key == "general/trim"
+    general = {layer: (codes == 0).nonzero().flatten() for layer, codes in family["codes"].items()}
+    expected = []
+    for name, rows in [("model.layers.0.mlp.gate_proj.weight", (5, 17)), ("model.layers.1.mlp.down_proj.weight", (2, 9)),
+                       ("model.layers.0.self_attn.q_proj.weight", (0, 4))]:
+        tensors = [family["base"][name][rows[0]:rows[1]], *(t[name][rows[0]:rows[1]] for t in family["tasks"])]
+        trim.observe_sample(name, tensors, 1, rows)
+        slot = mlp_slot(name)
+        if slot is None:
+            continue
+        idx = general[slot.layer]
+        idx = idx[(idx >= rows[0]) & (idx < rows[1])] - rows[0] if slot.axis == 0 else idx
+        kept = [x.index_select(slot.axis, idx).float().reshape(-1) for x in tensors]
+        expected.append(torch.stack([k - kept[0] for k in kept[1:]]))
+    got = trim.inner._sample.take()
+    assert len(got) == len(expected) == 2
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
 @pytest.mark.parametrize("scope, method, params", [
     ("other", "neuromerging", {"density": 0.3}),  # the scoped trim: 1 read aimed, 2 without a sample
     ("general", "ties", {"density": 0.3}),  # and the majority sign's read after it: 2 aimed, 3 without
