@@ -258,16 +258,16 @@ class Pcb(Method):
         weighted = not bool((w == 1).all())  # w · b = b otherwise
         flat = job.deltas.reshape(job.deltas.shape[0], -1)
         out = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
-        kept = torch.zeros((), dtype=torch.int64, device=flat.device)
+        kept = torch.zeros((), dtype=torch.float64, device=flat.device)
         for sl, clamped, beta in balanced_chunks(flat, clamp):
             b = beta.clamp_(min=q).sub_(q).div_(divisor)  # (max(β, q) − q)/(M − q)
             if any_constant:
                 b.masked_fill_(constant.expand_as(b), 0.0)
-            kept += (b > 0).sum()
+            kept += b.sign().sum()  # b ≥ 0 (or NaN, whose sign is 0): the count of b > 0, exact below 2^24 a chunk
             wb = b.mul_(w) if weighted else b
             tilde = torch.sign(flat[:, sl]).mul_(clamped)  # τ̃ = sign(τ)·clamp(|τ|)
             out[sl] = tilde.mul_(wb).sum(0).div_(wb.sum(0).clamp_min_(1e-12))
-        share = int(kept) / flat.numel() if flat.numel() else 0.0
+        share = float(kept) / flat.numel() if flat.numel() else 0.0
         return TensorParts({"lambda": out.reshape(job.deltas.shape[1:])}, {"pcb_kept_fraction": share})
 
     def report(self, params: dict[str, Any], stats: dict[str, GlobalStat]) -> dict[str, Any]:
