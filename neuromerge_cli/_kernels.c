@@ -694,8 +694,8 @@ static const scan_fn SCAN_KERNELS[3][3] = { /* [what - 1][kind]: what = 1 count,
  * NaN lands in its own coarse bin and makes l1 NaN. A CHUNK of the base is read for every task while it is in the
  * cache. The window of one coarse bin b (starts b << 16, width 65536) is the second read of a global trim; a
  * window of a few bins beside the coarse counts finds the threshold in one read (topk.StreamingTopK.aim).
- * With ``order`` (float32 rows, no base) u is instead the order key of x itself (order_key), and nothing is added
- * to l1 or below. */
+ * With ``order`` u is instead the order key (order_key) of x itself (rows of values, no base) or of |tau_t|, and
+ * nothing is added to l1 or below. */
 /* topk.order_keys: keys that order like the float32 values of any sign, -0.0 as +0.0 */
 INLINE vuint order_key(vfloat v) {
     vuint u;
@@ -721,7 +721,7 @@ INLINE void magnitude_counts_of(int kind, int order, int coarse, int window, con
             uint32_t start = window ? (uint32_t)starts[t] : 0, keys = (uint32_t)width;
             vdouble4 sum[2] = {{0}, {0}}, under[2] = {{0}, {0}};
             for (; i + LANES <= hi; i += LANES) {
-                vfloat v = order ? vector_load(tasks[t], i, kind) : vector_magnitude(kind, base, tasks[t], i);
+                vfloat v = order && !base ? vector_load(tasks[t], i, kind) : vector_magnitude(kind, base, tasks[t], i);
                 vuint u;
                 if (order)
                     u = order_key(v);
@@ -744,7 +744,7 @@ INLINE void magnitude_counts_of(int kind, int order, int coarse, int window, con
             }
             double tail = 0.0, tail_under = 0.0;
             for (; i < hi; i++) {
-                float v = order ? scalar_load(tasks[t], i, kind) : scalar_magnitude(kind, base, tasks[t], i);
+                float v = order && !base ? scalar_load(tasks[t], i, kind) : scalar_magnitude(kind, base, tasks[t], i);
                 uint32_t u;
                 if (order)
                     u = scalar_order_key(v);
@@ -786,8 +786,14 @@ MAGNITUDE_COUNTS(magnitude_both_f32, KIND_F32, 0, 1, 1)
 MAGNITUDE_COUNTS(magnitude_both_bf16, KIND_BF16, 0, 1, 1)
 MAGNITUDE_COUNTS(magnitude_both_f16, KIND_F16, 0, 1, 1)
 MAGNITUDE_COUNTS(order_coarse_f32, KIND_F32, 1, 1, 0)
+MAGNITUDE_COUNTS(order_coarse_bf16, KIND_BF16, 1, 1, 0)
+MAGNITUDE_COUNTS(order_coarse_f16, KIND_F16, 1, 1, 0)
 MAGNITUDE_COUNTS(order_window_f32, KIND_F32, 1, 0, 1)
+MAGNITUDE_COUNTS(order_window_bf16, KIND_BF16, 1, 0, 1)
+MAGNITUDE_COUNTS(order_window_f16, KIND_F16, 1, 0, 1)
 MAGNITUDE_COUNTS(order_both_f32, KIND_F32, 1, 1, 1)
+MAGNITUDE_COUNTS(order_both_bf16, KIND_BF16, 1, 1, 1)
+MAGNITUDE_COUNTS(order_both_f16, KIND_F16, 1, 1, 1)
 
 typedef void (*magnitude_counts_fn)(const void *, const void *const *, int, int64_t, int64_t *, double *,
                                     const int64_t *, int64_t, int64_t *, double *);
@@ -795,7 +801,9 @@ static const magnitude_counts_fn MAGNITUDE_COUNTS_KERNELS[3][3] = { /* [coarse +
     {magnitude_coarse_f32, magnitude_coarse_bf16, magnitude_coarse_f16},
     {magnitude_window_f32, magnitude_window_bf16, magnitude_window_f16},
     {magnitude_both_f32, magnitude_both_bf16, magnitude_both_f16}};
-static const magnitude_counts_fn ORDER_COUNTS_KERNELS[3] = {order_coarse_f32, order_window_f32, order_both_f32};
+static const magnitude_counts_fn ORDER_COUNTS_KERNELS[3][3] = {{order_coarse_f32, order_coarse_bf16, order_coarse_f16},
+                                                               {order_window_f32, order_window_bf16, order_window_f16},
+                                                               {order_both_f32, order_both_bf16, order_both_f16}};
 
 /* NeuroMerging's neurons (methods/subspaces.py): rows of ``width`` entries, Q = [tau_1; ...; tau_T; w0] per row,
  * tau_t = x_t - w0 in float32, trimmed as in merge_of; the float64 work four lanes at a time. Its float64 sums
@@ -1457,13 +1465,13 @@ static void histogram_part(void *ctx, int part, int64_t lo, int64_t hi) {
         tasks[t] = (const char *)j->tasks[t] + lo * in;
     const void *base = j->base ? (const char *)j->base + lo * in : NULL;
     int which = (j->coarse_cells > 0) + 2 * (j->window_cells > 0) - 1;
-    magnitude_counts_fn fn = j->order ? ORDER_COUNTS_KERNELS[which] : MAGNITUDE_COUNTS_KERNELS[which][j->kind];
+    magnitude_counts_fn fn = (j->order ? ORDER_COUNTS_KERNELS : MAGNITUDE_COUNTS_KERNELS)[which][j->kind];
     fn(base, tasks, j->num_tasks, hi - lo, counts, j->l1[part], j->starts, j->width, fine, j->below[part]);
 }
 
 /* magnitude_counts(kind, base, tasks, n, counts, l1, starts, width, fine, below, spare, spares, order): the coarse
  * count where counts is not 0, the window's where starts is not 0 (magnitude_counts_of), in up to spares + 1
- * parts; pointers as integers, base 0 for rows of values; order: keys of the values (float32 rows, no base) */
+ * parts; pointers as integers, base 0 for rows of values; order: order keys (of float32 rows, or of |tau_t|) */
 static PyObject *magnitude_counts(PyObject *self, PyObject *args) {
     (void)self;
     int kind, spares, order;
@@ -1478,9 +1486,9 @@ static PyObject *magnitude_counts(PyObject *self, PyObject *args) {
     if (check_inputs("magnitude_counts", kind, task_list, n, MAX_TASKS, tasks, &num_tasks))
         return NULL;
     if ((!counts && !starts) || (starts && (width < 1 || width >= ((int64_t)1 << 32))) || spares < 0 ||
-        (spares && !spare) || (order && (kind != KIND_F32 || base))) {
+        (spares && !spare) || (order && kind != KIND_F32 && !base)) {
         PyErr_SetString(PyExc_ValueError, "magnitude_counts: no count asked for, a window width out of range, no "
-                                          "spare counts, or order keys of other than float32 values");
+                                          "spare counts, or order keys of rows of other than float32 values");
         return NULL;
     }
     histogram_job *j = PyMem_RawCalloc(1, sizeof(histogram_job));

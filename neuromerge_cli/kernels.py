@@ -134,18 +134,20 @@ def magnitude_window(rows: list[torch.Tensor], window: Window, base: torch.Tenso
 
 
 def order_histogram(rows: list[torch.Tensor], counts: torch.Tensor, window: Window | None = None,
-                    spare: SpareCounts | None = None) -> None:
-    """magnitude_histogram over the values themselves, of any sign: the keys are topk.order_keys of the
-    float32 rows (``takes`` holds for each), not the bits of |x|; no sums (a window's ``below`` stays as it is)."""
+                    spare: SpareCounts | None = None, base: torch.Tensor | None = None) -> None:
+    """magnitude_histogram with topk.order_keys for keys, not the bits of |x|: of the values themselves, of any
+    sign (float32 rows: ``takes`` holds for each), or with a ``base`` of |row_t − base| (stored inputs that
+    ``applies`` takes); no sums (a window's ``below`` stays as it is)."""
     assert counts.dtype == torch.int64 and counts.is_contiguous() and counts.numel() == len(rows) << 16
     assert spare is None or (spare.coarse is counts and spare.window is window)
-    _counts(rows, None, counts, torch.zeros(len(rows), dtype=torch.float64), window, spare, order=True)
+    _counts(rows, base, counts, torch.zeros(len(rows), dtype=torch.float64), window, spare, order=True)
 
 
-def order_window(rows: list[torch.Tensor], window: Window, spare: SpareCounts | None = None) -> None:
-    """magnitude_window over the order keys of float32 rows (order_histogram)."""
+def order_window(rows: list[torch.Tensor], window: Window, spare: SpareCounts | None = None,
+                 base: torch.Tensor | None = None) -> None:
+    """magnitude_window over order keys (as order_histogram)."""
     assert spare is None or (spare.coarse is None and spare.window is window)
-    _counts(rows, None, None, None, window, spare, order=True)
+    _counts(rows, base, None, None, window, spare, order=True)
 
 
 SPARE_BYTES = 64 << 20  # the most spare counts of one histogram

@@ -573,18 +573,35 @@ class StreamingSelect:
                               torch.zeros(self.num_tasks * width, dtype=torch.int64, device=device),
                               torch.zeros(self.num_tasks, dtype=torch.float64, device=device))
 
-    def observe_coarse(self, values: torch.Tensor) -> None:
-        """Pass 1: count the high key bits of one chunk (T, ...) (and the aimed windows' keys)."""
-        rows = self._kernel_rows(values)
-        if rows is not None:  # the first window beside the coarse counts, the others in sweeps of their own
+    def _sweep(self, pass_index: int, rows: list[torch.Tensor], base: torch.Tensor | None = None) -> None:
+        """The kernels' counts of one chunk (rows of values, or with a ``base`` stored inputs whose |τ_t| are
+        the values): pass 1 the coarse counts beside the first window, the other windows in sweeps of their
+        own; pass 2 each rank's bin."""
+        if pass_index == 0:
             first, others = (self._windows[0], self._windows[1:]) if self._windows else (None, [])
             if not self._spares:
                 self._spares = [kernels.SpareCounts(self._select.coarse_counts, first),
                                 *(kernels.SpareCounts(None, w) for w in others)]
             self._select.n += rows[0].numel()
-            kernels.order_histogram(rows, self._select.coarse_counts, first, self._spares[0])
-            for window, spare in zip(others, self._spares[1:]):
-                kernels.order_window(rows, window, spare)
+            kernels.order_histogram(rows, self._select.coarse_counts, first, self._spares[0], base)
+            pairs = zip(others, self._spares[1:])
+        else:
+            if not self._spares:
+                self._spares = [kernels.SpareCounts(None, w) for w in self._windows]
+            pairs = zip(self._windows, self._spares)
+        for window, spare in pairs:
+            kernels.order_window(rows, window, spare, base)
+
+    def observe_stored(self, pass_index: int, tensors: list[torch.Tensor]) -> None:
+        """Pass ``pass_index`` (0: coarse, 1: fine) of the magnitudes |τ_t| = |θ_t − θ0| of one chunk given as the
+        stored inputs [θ0, θ_1..θ_T] (kernels.applies must hold), made on the fly by the kernels."""
+        self._sweep(pass_index, [t.reshape(-1) for t in tensors[1:]], tensors[0].reshape(-1))
+
+    def observe_coarse(self, values: torch.Tensor) -> None:
+        """Pass 1: count the high key bits of one chunk (T, ...) (and the aimed windows' keys)."""
+        rows = self._kernel_rows(values)
+        if rows is not None:
+            self._sweep(0, rows)
             return
         for keys in self._keys(values):
             self._select.observe_coarse(keys >> 16)
@@ -623,10 +640,7 @@ class StreamingSelect:
         """Pass 2: count the low key bits of the values inside each rank's bin."""
         rows = self._kernel_rows(values)
         if rows is not None:
-            if not self._spares:
-                self._spares = [kernels.SpareCounts(None, w) for w in self._windows]
-            for window, spare in zip(self._windows, self._spares):
-                kernels.order_window(rows, window, spare)
+            self._sweep(1, rows)
             return
         for keys in self._keys(values):
             for window in self._windows:

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import needs_kernels
 from neuromerge_cli import topk
 from neuromerge_cli.topk import StreamingSelect, column_chunks, key_values, order_keys
 
@@ -155,3 +156,29 @@ def test_aimed_partials_summed_across_processes_resolve_as_one_process() -> None
     expected = flat.sort(1).values[:, [k - 1 for k in ranks_of(flat.shape[1])]]
     for proc in procs:
         assert proc.resolved and torch.equal(proc.values, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("aimed", [False, True])
+def test_magnitudes_from_the_stored_inputs_select_like_a_sort(dtype: torch.dtype, aimed: bool) -> None:
+    """observe_stored: |θ_t − θ0| in float32 made by the kernels from [θ0, θ_1..θ_T] as stored."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.randn(9000, generator=g).to(dtype)
+    tasks = [(base.float() + 0.01 * torch.randn(9000, generator=g)).to(dtype) for _ in range(3)]
+    tasks[0][:40] = base[:40]  # exact zeros
+    magnitudes = torch.stack([(t.float() - base.float()).abs() for t in tasks])
+    chunks = [[x[sl] for x in (base, *tasks)] for sl in (slice(0, 4000), slice(4000, 4001), slice(4001, None))]
+    sel = StreamingSelect(3, ranks_of)
+    if aimed:
+        sel.aim([magnitudes])
+    for chunk in chunks:
+        sel.observe_stored(0, chunk)
+    sel.end_coarse()
+    assert sel.resolved == aimed
+    if not sel.resolved:
+        for chunk in chunks:
+            sel.observe_stored(1, chunk)
+        sel.end_fine()
+    expected = magnitudes.sort(1).values[:, [k - 1 for k in ranks_of(9000)]]
+    assert torch.equal(sel.values, expected)

@@ -28,6 +28,7 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
+from .. import kernels
 from ..stats import GlobalStat, TaskVectorSample
 from ..topk import StreamingSelect, column_chunks
 from .base import Method, TensorJob, TensorParts
@@ -112,6 +113,7 @@ class ClampBounds(GlobalStat):
 
     def __init__(self, num_tasks: int, device: torch.device) -> None:
         self._select = StreamingSelect(num_tasks, clamp_ranks, device)
+        self._device = torch.device(device)
         self._sample = TaskVectorSample()
         self._clamp: Clamp | None = None
 
@@ -127,6 +129,18 @@ class ClampBounds(GlobalStat):
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         observe = self._select.observe_coarse if pass_index == 0 else self._select.observe_fine
         observe(deltas.abs())
+
+    @property
+    def stored_inputs(self) -> bool:  # type: ignore[override]
+        """On a CPU the kernels count |τ_t| straight from the stored inputs (no task vectors made)."""
+        return kernels.ENABLED and self._device.type == "cpu"
+
+    def observe_stored(self, pass_index: int, name: str, tensors: list[torch.Tensor], weights: torch.Tensor
+                       ) -> torch.Tensor | None:
+        if kernels.applies(tensors, self._device):
+            self._select.observe_stored(pass_index, tensors)
+            return None  # no sums: non-finite inputs are refused by the other reads
+        return self._observe_made(pass_index, name, tensors, weights, self._device)
 
     def end_pass(self, pass_index: int) -> None:
         if pass_index == 0:
