@@ -3,9 +3,10 @@
 One scheme (HistogramSelect) over 32-bit integer keys that order like the values: pass 1 counts
 the high 16 bits of every key and finds, per task, the bin that holds each wanted rank; pass 2
 counts the low 16 bits of the keys inside that bin, which pins the exact key. Two users:
-StreamingTopK (the k-th largest |x|: the key is the bit pattern of |x|, which orders like |x|;
-aimed by a sample, its first pass also counts a window of bins and often finishes alone) and
-StreamingSelect (values of any sign: ``order_keys``). Neither holds a task vector in memory.
+StreamingTopK (the k-th largest |x|: the key is the bit pattern of |x|, which orders like |x|) and
+StreamingSelect (values of any sign: ``order_keys``; PCB's quantiles). Aimed by a sample (``aimed_bins``),
+the first pass of either also counts a window of bins around each estimated rank, key by key, and often
+finishes alone. Neither holds a task vector in memory.
 """
 
 from __future__ import annotations
