@@ -309,6 +309,26 @@ def count_magnitudes(bits: torch.Tensor, window: kernels.Window) -> None:
     window.below.add_(row_sums_f64(torch.where(under, bits, 0).view(torch.float32)))
 
 
+def empty_window(starts: torch.Tensor, width: int, device: torch.device) -> kernels.Window:
+    """A window of ``width`` keys from each task's key ``starts`` (T,), its counts and sums at 0, on ``device``."""
+    return kernels.Window(starts.to(device).contiguous(), width,
+                          torch.zeros(len(starts) * width, dtype=torch.int64, device=device),
+                          torch.zeros(len(starts), dtype=torch.float64, device=device))
+
+
+def bin_offsets(window: kernels.Window, bins: torch.Tensor) -> torch.Tensor | None:
+    """Where each task's coarse bin ``bins`` (T,) lies among the window's whole bins (T,), or None where one
+    lies outside them (an aimed pass that missed)."""
+    offset = bins.long() - (window.starts >> 16)
+    return offset if bool(((offset >= 0) & (offset < window.width // KEY_BINS)).all()) else None
+
+
+def bin_counts(window: kernels.Window, offset: torch.Tensor) -> torch.Tensor:
+    """The window's counts (T, KEY_BINS) of each task's bin at ``offset`` (bin_offsets): pass 2's counts."""
+    counts = window.fine.view(len(offset), window.width // KEY_BINS, KEY_BINS)
+    return counts[torch.arange(len(offset), device=counts.device), offset]
+
+
 def aimed_bins(keys: torch.Tensor, sizes: list[int], share: float) -> tuple[torch.Tensor, int]:
     """Where an aimed first pass counts each task's keys one by one: (first bin (T,) int64, number of bins) of
     a window of whole coarse bins around the ``share`` quantile of each row of a sample's integer ``keys``
@@ -386,10 +406,7 @@ class StreamingTopK:
         if not sizes or self.density >= 1.0:
             return
         first, bins = aimed_bins(magnitude_bits(torch.cat(blocks, 1)), sizes, 1.0 - self.density)
-        width = bins * KEY_BINS
-        self.window = kernels.Window((first << 16).to(self.device), width,
-                                     torch.zeros(len(first) * width, dtype=torch.int64, device=self.device),
-                                     torch.zeros(len(first), dtype=torch.float64, device=self.device))
+        self.window = empty_window(first << 16, bins * KEY_BINS, self.device)
 
     def observe_coarse(self, values: torch.Tensor) -> None:
         """Pass 1: count the high bits of |x| of one chunk (T, ...) and add up its L1 norms (and count the
@@ -413,21 +430,18 @@ class StreamingTopK:
         self._spare = None
         self._select.end_coarse()
         window, self.window = self.window, None
-        num_bins = 0 if window is None else window.width // KEY_BINS
-        offset = self.bins.long() - (0 if window is None else window.starts >> 16)
-        if window is None or self.n == 0 or not bool(((offset >= 0) & (offset < num_bins)).all()):
-            # pass 2 counts each task's threshold bin
+        offset = None if window is None or self.n == 0 else bin_offsets(window, self.bins)
+        if window is None or offset is None:  # pass 2 counts each task's threshold bin
             self._bin_window = kernels.Window(self.bins.long().contiguous() << 16, KEY_BINS,
                                               self._select.fine_counts[:, 0], self._below_l1)
             return
-        counts = window.fine.view(self.num_tasks, num_bins, KEY_BINS)
-        tasks = torch.arange(self.num_tasks, device=counts.device)
-        self._select.fine_counts[:, 0] = counts[tasks, offset]
+        self._select.fine_counts[:, 0] = bin_counts(window, offset)
         # the L1 below the threshold's bin: below the window, and in its bins before that one (count × value)
-        keys = window.starts.unsqueeze(1) + torch.arange(window.width, device=counts.device)
+        keys = window.starts.unsqueeze(1) + torch.arange(window.width, device=window.fine.device)
         values = keys.to(torch.int32).view(torch.float32).double()
-        before = torch.arange(window.width, device=counts.device) < (offset * KEY_BINS).unsqueeze(1)
-        self._below_l1 = window.below + torch.where(before, counts.view(self.num_tasks, -1) * values, 0.0).sum(1)
+        before = torch.arange(window.width, device=window.fine.device) < (offset * KEY_BINS).unsqueeze(1)
+        counts = window.fine.view(self.num_tasks, -1)
+        self._below_l1 = window.below + torch.where(before, counts * values, 0.0).sum(1)
         self.end_fine()
         self.resolved = True
 
@@ -567,12 +581,7 @@ class StreamingSelect:
         m = keys.shape[1]
         for rank in self._ranks_of(m):
             first, bins = aimed_bins(keys, sizes, (rank - 0.5) / m)  # the sample's (rank − 1)-th entry, from 0
-            self._windows.append(self._window(first << 16, bins * KEY_BINS, device))
-
-    def _window(self, starts: torch.Tensor, width: int, device: torch.device) -> kernels.Window:
-        return kernels.Window(starts.to(device).contiguous(), width,
-                              torch.zeros(self.num_tasks * width, dtype=torch.int64, device=device),
-                              torch.zeros(self.num_tasks, dtype=torch.float64, device=device))
+            self._windows.append(empty_window(first << 16, bins * KEY_BINS, device))
 
     def _sweep(self, pass_index: int, rows: list[torch.Tensor], base: torch.Tensor | None = None) -> None:
         """The kernels' counts of one chunk (rows of values, or with a ``base`` stored inputs whose |τ_t| are
@@ -626,16 +635,14 @@ class StreamingSelect:
         bins = self._select.bins
         assert bins is not None
         aimed, self._windows, self._spares = self._windows, [], []
-        tasks = torch.arange(self.num_tasks, device=bins.device)
-        offsets = [bins[:, r].long() - (w.starts >> 16) for r, w in enumerate(aimed)]
-        if aimed and all(bool(((o >= 0) & (o < w.width // KEY_BINS)).all()) for o, w in zip(offsets, aimed)):
+        offsets = [bin_offsets(window, bins[:, r]) for r, window in enumerate(aimed)]
+        if aimed and all(offset is not None for offset in offsets):
             for r, (offset, window) in enumerate(zip(offsets, aimed)):
-                counts = window.fine.view(self.num_tasks, window.width // KEY_BINS, KEY_BINS)
-                self._select.fine_counts[:, r] = counts[tasks, offset]
+                self._select.fine_counts[:, r] = bin_counts(window, offset)
             self.end_fine()
             self.resolved = True
             return
-        self._windows = [self._window(bins[:, r].long() << 16, KEY_BINS, bins.device) for r in range(bins.shape[1])]
+        self._windows = [empty_window(bins[:, r].long() << 16, KEY_BINS, bins.device) for r in range(bins.shape[1])]
 
     def observe_fine(self, values: torch.Tensor) -> None:
         """Pass 2: count the low key bits of the values inside each rank's bin."""

@@ -102,23 +102,41 @@ def balanced_chunks(deltas: torch.Tensor, clamp: Clamp) -> Iterator[tuple[slice,
         yield (sl, *scores(flat[:, sl], clamp))
 
 
-class ClampBounds(GlobalStat):
-    """lo_t and hi_t: the clamp quantiles of |τ_t| over all merged tensors: one read where a sample of rows aims it
-    (StreamingSelect.aim), else two."""
+class SampledSelect(GlobalStat):
+    """Order statistics of entries over all merged tensors (a StreamingSelect) that the sample of rows aims:
+    one read where its windows hold the ranks, else two."""
 
-    key = "pcb_clamp"
     passes = 1  # a second where the sample misses or there is none
     rowwise = True  # order statistics of entries: blocks of rows may be observed separately
     samples = True
 
-    def __init__(self, num_tasks: int, device: torch.device) -> None:
-        self._select = StreamingSelect(num_tasks, clamp_ranks, device)
-        self._device = torch.device(device)
+    def __init__(self, select: StreamingSelect) -> None:
+        self._select = select
         self._sample = TaskVectorSample()
-        self._clamp: Clamp | None = None
 
     def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int, rows: tuple[int, int]) -> None:
         self._sample.add(tensors, stride)
+
+    def end_pass(self, pass_index: int) -> None:
+        if pass_index == 0:
+            self._select.end_coarse()
+            self.passes = 1 if self._select.resolved else 2
+        else:
+            self._select.end_fine()
+
+    def partials(self, pass_index: int) -> list[torch.Tensor]:
+        return self._select.partials(pass_index)
+
+
+class ClampBounds(SampledSelect):
+    """lo_t and hi_t: the clamp quantiles of |τ_t| over all merged tensors, aimed at the sample's |τ_t|."""
+
+    key = "pcb_clamp"
+
+    def __init__(self, num_tasks: int, device: torch.device) -> None:
+        super().__init__(StreamingSelect(num_tasks, clamp_ranks, device))
+        self._device = torch.device(device)
+        self._clamp: Clamp | None = None
 
     def end_sample(self) -> None:
         blocks = [b.abs_() for b in self._sample.take()]
@@ -142,16 +160,6 @@ class ClampBounds(GlobalStat):
             return None  # no sums: non-finite inputs are refused by the other reads
         return self._observe_made(pass_index, name, tensors, weights, self._device)
 
-    def end_pass(self, pass_index: int) -> None:
-        if pass_index == 0:
-            self._select.end_coarse()
-            self.passes = 1 if self._select.resolved else 2
-        else:
-            self._select.end_fine()
-
-    def partials(self, pass_index: int) -> list[torch.Tensor]:
-        return self._select.partials(pass_index)
-
     @property
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         values = self._select.values
@@ -169,25 +177,18 @@ class ClampBounds(GlobalStat):
         return {"clamp_low": lo.tolist(), "clamp_high": hi.tolist(), "entries_per_task": self._select.n}
 
 
-class ScoreThreshold(GlobalStat):
+class ScoreThreshold(SampledSelect):
     """q_t and M_t: the (1−ratio) quantile and the max of β_t over all merged tensors, read after the clamp
-    bounds: one read where a sample of rows (its β once the bounds are known) aims it, else two."""
+    bounds (β of an entry needs only that entry across the tasks), aimed at the sample's β once they are known."""
 
     key = "pcb_score"
-    passes = 1  # a second where the sample misses or there is none
-    rowwise = True  # β of an entry needs only that entry across the tasks
-    samples = True
 
     def __init__(self, clamp: ClampBounds, ratio: float, num_tasks: int, device: torch.device) -> None:
+        super().__init__(StreamingSelect(num_tasks, lambda n: (score_rank(n, ratio),), device))
         self.after = clamp
         self.ratio = ratio
         self._bounds = clamp
-        self._select = StreamingSelect(num_tasks, lambda n: (score_rank(n, ratio),), device)
         self._top = torch.full((num_tasks,), -math.inf, device=device)  # running max of β_t
-        self._sample = TaskVectorSample()
-
-    def observe_sample(self, name: str, tensors: list[torch.Tensor], stride: int, rows: tuple[int, int]) -> None:
-        self._sample.add(tensors, stride)
 
     def end_sample(self) -> None:
         if not self._sample.blocks:
@@ -213,15 +214,11 @@ class ScoreThreshold(GlobalStat):
 
     def end_pass(self, pass_index: int) -> None:
         self._aim()
-        if pass_index == 0:
-            self._select.end_coarse()
-            self.passes = 1 if self._select.resolved else 2
-        else:
-            self._select.end_fine()
+        super().end_pass(pass_index)
 
     def partials(self, pass_index: int) -> list[torch.Tensor]:
         self._aim()
-        return self._select.partials(pass_index)
+        return super().partials(pass_index)
 
     def maxima(self, pass_index: int) -> list[torch.Tensor]:
         return [self._top] if pass_index == 0 else []
