@@ -1,0 +1,192 @@
+"""The engine's GPU path on an emulated CUDA device (tests/emulated_cuda.py): every method places its tensors
+where CUDA would let it and writes the bytes of the CPU's torch path, with its device memory bounded."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from emulated_cuda import DeviceTensor, emulated_cuda
+from helpers import fine_tune, merge, recipe_dict, toy_family, write_model, write_recipe
+from safetensors.torch import load_file
+from tiny_llama import build_llama, write_corpora
+from typer.testing import CliRunner
+
+from neuromerge_cli import engine, kernels
+from neuromerge_cli.classify import classify
+from neuromerge_cli.cli import app
+from neuromerge_cli.neuron_groups import NeuronGroups, save_groups
+from neuromerge_cli.recipe import parse_recipe
+
+
+@pytest.fixture
+def device(monkeypatch: pytest.MonkeyPatch):
+    with emulated_cuda(monkeypatch) as memory:
+        yield memory
+
+
+def test_the_emulated_device_keeps_cudas_rules(device) -> None:
+    x = torch.ones(4, 3, device="cuda")
+    assert isinstance(x, DeviceTensor) and x.device == torch.device("cuda", 0) and x.is_cuda
+    assert device.live == device.peak == 48
+    y = (x * 2).sum(0)
+    assert y.is_cuda and y.tolist() == [8.0, 8.0, 8.0] and float(y[0]) == 8.0
+    with pytest.raises(RuntimeError, match="same device"):
+        x + torch.ones(3)
+    assert (x + torch.tensor(1.0)).is_cuda  # a 0-dim CPU tensor is a scalar, as on CUDA
+    with pytest.raises(TypeError, match="numpy"):
+        x.numpy()
+    host = x.cpu()
+    host += 1  # a copy: the device's data unchanged
+    assert not host.is_cuda and float(x.sum()) == 12.0
+    x[1] = torch.zeros(3, device="cuda")
+    assert x[torch.tensor([1])].sum().item() == 0.0  # CPU indices may index a device tensor
+    x[0] = torch.zeros(3)  # an assignment to a row is a copy
+    with pytest.raises(RuntimeError, match="same device"):
+        x[torch.tensor([2])] = torch.zeros(1, 3)  # but values put at CPU indices must be on the device
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.zeros(4)[x[:, 0] > 0]  # nor device indices a CPU tensor
+    target = torch.empty(4, 3)
+    target.copy_(x, non_blocking=True)
+    assert target.sum().item() == 6.0
+    failures: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            x.sum()
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert len(failures) == 1 and "outside emulated_cuda" in str(failures[0])  # another thread has no device
+
+
+def toy_models(root: Path, num_tasks: int = 3) -> tuple[Path, list[Path]]:
+    return toy_family(root, num_tasks, torch.bfloat16)
+
+
+def sampled_models(root: Path) -> tuple[Path, list[Path]]:
+    """Matrices with enough rows for a sample of rows to aim the global statistics, a vector and a scalar."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(300, 80, generator=g), "v": torch.randn(64, 8, generator=g),
+            "b": torch.randn(80, generator=g), "s": torch.tensor(0.5)}
+    base = {k: t.bfloat16() for k, t in base.items()}
+    write_model(root / "base", base)
+    return root / "base", [write_model(root / f"task{t}", fine_tune(base, t)) for t in range(3)]
+
+
+CASES = [
+    ("linear", {}), ("task_arithmetic", {"lambda": 0.7}), ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.3, "mask_scope": "tensor"}), ("dare_ties", {"density": 0.5, "seed": 2}),
+    ("dare_linear", {"density": 0.4}), ("neuromerging", {}), ("neuromerging", {"mask_scope": "tensor"}),
+    ("pcb", {"ratio": 0.2}), ("tsv", {}), ("iso_c", {}), ("iso_cts", {}),
+]
+
+
+def cpu_and_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, recipe: dict) -> tuple[dict, dict]:
+    """The merge on the CPU's torch path, then on the emulated device: (CPU report, device report); the
+    outputs' bytes compared."""
+    monkeypatch.setattr(kernels, "ENABLED", False)  # the CPU path whose operations a GPU runs
+    cpu = merge(recipe, tmp_path / "cpu")
+    with emulated_cuda(monkeypatch):
+        gpu = merge(recipe, tmp_path / "cuda", device="cuda")
+    files = sorted(p.name for p in (tmp_path / "cpu").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "cuda").glob("*.safetensors"))
+    for name in files:
+        assert (tmp_path / "cuda" / name).read_bytes() == (tmp_path / "cpu" / name).read_bytes(), name
+    assert gpu["device"] == "cuda:0" and cpu["device"] == "cpu"
+    assert gpu.get("global") == cpu.get("global")
+    return cpu, gpu
+
+
+@pytest.mark.parametrize("method, params", CASES)
+def test_every_method_runs_on_the_device_and_writes_the_cpu_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  method: str, params: dict) -> None:
+    base, tasks = toy_models(tmp_path / "m")
+    _, gpu = cpu_and_cuda(monkeypatch, tmp_path, recipe_dict(base, tasks, method, params))
+    assert gpu["peak_memory"]["cuda_bytes"] > 0
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": 0.3}), ("neuromerging", {}), ("pcb", {"ratio": 0.2}), ("dare_ties", {"density": 0.5}),
+    ("ties", {"density": 0.3, "mask_scope": "tensor"}),
+])
+def test_sampled_statistics_and_row_blocks_on_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         method: str, params: dict) -> None:
+    base, tasks = sampled_models(tmp_path / "m")
+    monkeypatch.setattr(engine, "SAMPLE_SHARE", 1.0)  # every row sampled: the windows hold, fewer reads
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 1000)  # row blocks of 12 rows of w
+    recipe = recipe_dict(base, tasks, method, params)
+    cpu, gpu = cpu_and_cuda(monkeypatch, tmp_path, recipe)
+    assert gpu["timings"]["statistics_reads"] == cpu["timings"]["statistics_reads"]
+
+
+def test_neuronmerge_runs_on_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base_dir = build_llama(tmp_path / "base", seed=1, layers=2, intermediate=24, mlp_bias=True)
+    base = load_file(str(base_dir / "model.safetensors"))
+    config = json.loads((base_dir / "config.json").read_text())
+    dirs = [write_model(tmp_path / f"ft{t}", fine_tune(base, t), config) for t in range(2)]
+    gen = torch.Generator().manual_seed(7)
+    codes = {layer: torch.randint(0, 3, (24,), generator=gen) for layer in range(2)}
+    save_groups(NeuronGroups(["general", "math", "code"], codes), tmp_path / "groups.safetensors")
+    params = {"groups": str(tmp_path / "groups.safetensors"), "general_method": "ties",
+              "general_params": {"density": 0.3}, "other_method": "neuromerging"}
+    cpu_and_cuda(monkeypatch, tmp_path, recipe_dict(base_dir, dirs, "neuronmerge", params))
+
+
+def layered_models(root: Path, layers: int) -> tuple[Path, list[Path]]:
+    """``layers`` matrices of one shape and a vector: a model that grows without its largest tensor growing."""
+    g = torch.Generator().manual_seed(3)
+    base = {f"w{i}": torch.randn(300, 80, generator=g).bfloat16() for i in range(layers)}
+    base["b"] = torch.randn(80, generator=g).bfloat16()
+    write_model(root / "base", base)
+    return root / "base", [write_model(root / f"task{t}", fine_tune(base, t)) for t in range(3)]
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                            ("ties", {"density": 0.3, "mask_scope": "tensor"}),
+                                            ("neuromerging", {}), ("pcb", {"ratio": 0.2})])
+def test_device_memory_does_not_grow_with_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                                    params: dict) -> None:
+    """Bounded GPU memory: the device holds the pieces in work and the statistics' tables, not the model."""
+    monkeypatch.setattr(engine, "SAMPLE_SHARE", 0.0)  # the same reads at both sizes
+    peaks = []
+    for layers in (4, 16):
+        base, tasks = layered_models(tmp_path / str(layers), layers)
+        _, gpu = cpu_and_cuda(monkeypatch, tmp_path / f"out{layers}", recipe_dict(base, tasks, method, params))
+        peaks.append(gpu["peak_memory"]["cuda_bytes"])
+    piece = 300 * 80 * 4 * 4  # one matrix's base and task vectors in float32
+    assert 0 < peaks[0] and peaks[1] == peaks[0]
+    assert peaks[0] < 4 * piece + 16 * 3 * (1 << 16) * 8  # beside the pieces, a few tables of 2^16 counts a task
+
+
+def test_the_command_picks_the_device_when_there_is_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``neuromerge run`` (--device auto) merges on the GPU where torch sees one, and says so."""
+    base, tasks = toy_models(tmp_path / "m")
+    recipe = write_recipe(tmp_path / "r.yaml", base, tasks, "ties", {"density": 0.3})
+    with emulated_cuda(monkeypatch):
+        result = CliRunner().invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "on cuda:0" in result.output
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["device"] == "cuda:0" and report["peak_memory"]["cuda_bytes"] > 0
+
+
+def test_classify_runs_on_the_device_and_finds_the_cpu_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NeuronMerge's classification: the model's forward passes, the hooks' scores and the vote on the device."""
+    base = build_llama(tmp_path / "base", seed=3)
+    corpora = write_corpora(tmp_path / "corpora", {"general": 9, "math": 7, "code": 8})
+    recipe = parse_recipe({"base_model": str(base), "models": [str(tmp_path / "ft")], "method": "task_arithmetic",
+                           "classify": {"corpora": corpora, "top_k": 5, "max_tokens": 10, "batch_size": 4}})
+    cpu = classify(recipe, recipe.classify, torch.device("cpu"))
+    with emulated_cuda(monkeypatch):
+        gpu = classify(recipe, recipe.classify, torch.device("cuda", 0))
+    assert gpu.summary["device"] == "cuda:0" and gpu.summary["peak_memory"]["cuda_bytes"] > 0
+    assert sorted(gpu.groups.codes) == sorted(cpu.groups.codes)
+    for layer, codes in cpu.groups.codes.items():
+        assert not gpu.groups.codes[layer].is_cuda and torch.equal(gpu.groups.codes[layer], codes)
