@@ -298,7 +298,10 @@ def count_window(keys: torch.Tensor, window: kernels.Window) -> torch.Tensor:
     offset = keys - window.starts.to(keys.dtype).unsqueeze(1)
     inside = (offset >= 0) & (offset < window.width)
     slots = offset + (torch.arange(len(window.starts), device=keys.device, dtype=keys.dtype) * window.width).unsqueeze(1)
-    window.fine.view(-1).add_(torch.bincount(slots[inside], minlength=window.fine.numel()))
+    slots = slots[inside].long()
+    # the few keys inside added one by one: a bincount of the whole window (up to 12 · 2^16 counts a task) per chunk
+    # cost more than the chunk's keys
+    window.fine.view(-1).index_add_(0, slots, torch.ones_like(slots))
     return offset
 
 
@@ -436,12 +439,13 @@ class StreamingTopK:
                                               self._select.fine_counts[:, 0], self._below_l1)
             return
         self._select.fine_counts[:, 0] = bin_counts(window, offset)
-        # the L1 below the threshold's bin: below the window, and in its bins before that one (count × value)
-        keys = window.starts.unsqueeze(1) + torch.arange(window.width, device=window.fine.device)
-        values = keys.to(torch.int32).view(torch.float32).double()
-        before = torch.arange(window.width, device=window.fine.device) < (offset * KEY_BINS).unsqueeze(1)
+        # the L1 below the threshold's bin: below the window, and in its bins before that one (count × value), a
+        # task at a time (the whole window's keys and products at once took 5 tables of its size)
         counts = window.fine.view(self.num_tasks, -1)
-        self._below_l1 = window.below + torch.where(before, counts * values, 0.0).sum(1)
+        self._below_l1 = window.below.clone()
+        for t, before in enumerate((offset * KEY_BINS).tolist()):
+            keys = window.starts[t] + torch.arange(before, device=counts.device)
+            self._below_l1[t] += (counts[t, :before] * keys.to(torch.int32).view(torch.float32).double()).sum()
         self.end_fine()
         self.resolved = True
 
