@@ -24,12 +24,12 @@ WORKSPACE_FACTOR = 8
 STORED_FACTOR = 3
 
 
-def memory_estimate(prepared: Prepared) -> dict[str, Any]:
+def memory_estimate(prepared: Prepared, device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """Expected peak memory beyond the interpreter: the largest, over the statistics reads and the
     merge read, of the pieces in flight plus the working set of the largest piece.
 
     A read goes over pieces (tensors, or blocks of rows for a method or statistic that streams rows;
-    see engine.pieces). in_flight: the piece being merged plus the read-ahead (PREFETCH pieces within
+    see engine.pieces; on ``device``). in_flight: the piece being merged plus the read-ahead (PREFETCH pieces within
     PREFETCH_BYTES, at least one), base and tasks in their storage dtype. working: the largest piece
     as float32, base plus T task vectors, times WORKSPACE_FACTOR (STORED_FACTOR × one tensor for a pass
     over the stored inputs), on the compute device; a merge read that statistics observe (in_merge_read)
@@ -49,7 +49,7 @@ def memory_estimate(prepared: Prepared) -> dict[str, Any]:
                   any(s.stored_inputs for s in stats if s.in_merge_read), rowwise))
     best: dict[str, Any] = {}
     for phase, names, read_rowwise, stored, merge_rowwise in reads:
-        work = pieces(plan, names, read_rowwise)
+        work = pieces(plan, names, read_rowwise, device=device)
         if not work:
             continue
         sizes = sorted((prepared.piece_bytes(p) for p in work), reverse=True)
@@ -61,7 +61,7 @@ def memory_estimate(prepared: Prepared) -> dict[str, Any]:
             candidates.append((numel * 4 * (STORED_FACTOR if stored else (tasks + 1) * WORKSPACE_FACTOR),
                                largest, numel, stored))
         if merge_rowwise is not None:
-            largest, numel = _largest(plan, pieces(plan, names, merge_rowwise))
+            largest, numel = _largest(plan, pieces(plan, names, merge_rowwise, device=device))
             candidates.append((numel * 4 * (tasks + 1) * WORKSPACE_FACTOR, largest, numel, False))
         working, largest, numel, as_stored = max(candidates, key=lambda c: c[0])
         if not best or in_flight + working > best["in_flight_bytes"] + best["working_bytes"]:
@@ -126,7 +126,7 @@ def describe(prepared: Prepared, device: str, output: Path, push: str | None = N
         "bytes_read_merge": merge_bytes,
         "bytes_written": plan.bytes_out,
         "shards": len(plan.shards),
-        "memory": memory_estimate(prepared),
+        "memory": memory_estimate(prepared, pick_device(device)),
     }
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .checkpoints import Checkpoint, Source, open_checkpoint, resolve
+from .chunking import chunk_size
 from .errors import MergeError
 from .figures import Figure, Norm, Ratio, figure_values
 from .held_ties import HeldTies
@@ -132,10 +133,19 @@ def setting(name: str, default: float, kind: Callable[[str], float] = float) -> 
         raise MergeError(f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = None) -> list[Piece]:
-    """``names`` as work pieces: tensors above ``block`` (BLOCK_ELEMENTS) entries cut into blocks of rows when
-    ``rowwise``. Point tensors (ndim <= 1) are never cut: their elections need the whole tensor."""
-    block = block or int(setting("NEUROMERGE_BLOCK_ELEMENTS", BLOCK_ELEMENTS, int))
+def block_elements(device: torch.device) -> int:
+    """Entries per task of a block of rows on ``device``: BLOCK_ELEMENTS on a CPU, larger on a GPU
+    (chunking.chunk_size); NEUROMERGE_BLOCK_ELEMENTS sets it on any device."""
+    if os.environ.get("NEUROMERGE_BLOCK_ELEMENTS"):
+        return int(setting("NEUROMERGE_BLOCK_ELEMENTS", BLOCK_ELEMENTS, int))
+    return chunk_size(BLOCK_ELEMENTS, device)
+
+
+def pieces(plan: Plan, names: Iterable[str], rowwise: bool, block: int | None = None,
+           device: torch.device = torch.device("cpu")) -> list[Piece]:
+    """``names`` as work pieces: tensors above ``block`` (block_elements on ``device``) entries cut into blocks of
+    rows when ``rowwise``. Point tensors (ndim <= 1) are never cut: their elections need the whole tensor."""
+    block = block or block_elements(device)
     by_name = plan.by_name()
     out: list[Piece] = []
     for name in names:
@@ -185,10 +195,11 @@ def reads_whole(rowwise: bool, stats: list[GlobalStat]) -> bool:
     return rowwise and not all(s.rowwise for s in stats if s.in_merge_read)
 
 
-def row_blocks(plan: Plan, piece: Piece, tensors: list[torch.Tensor]) -> list[tuple[Piece, list[torch.Tensor]]]:
+def row_blocks(plan: Plan, piece: Piece, tensors: list[torch.Tensor], device: torch.device
+               ) -> list[tuple[Piece, list[torch.Tensor]]]:
     """The inputs ``tensors`` of a whole tensor ``piece`` as the blocks of rows ``pieces`` cuts it into (views)."""
     return [(part, tensors if part.rows is None else [x[part.rows[0]:part.rows[1]] for x in tensors])
-            for part in pieces(plan, [piece.name], True)]
+            for part in pieces(plan, [piece.name], True, device=device)]
 
 
 class TensorLoader:
@@ -344,7 +355,7 @@ def run_statistics(prepared: Prepared, stats: list[GlobalStat], loader: TensorLo
         active = passes[g]
         split = not world.alone and all(stat.partials(p) is not None for stat, p in active)
         mine = world.share(names, [by_name[n].nbytes for n in names]) if split else names
-        work = pieces(plan, mine, all(stat.rowwise for stat, _ in active))
+        work = pieces(plan, mine, all(stat.rowwise for stat, _ in active), device=loader.device)
         meter = PassProgress(progress, f"statistics pass {g + 1}/{len(passes)}", prepared, mine)
         for piece, tensors in loader.stream_pieces(work):
             observe_piece(active, piece, tensors, loader, weights)
@@ -604,7 +615,8 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
             rowwise = method.rowwise(recipe.params)
             observed = [(s, 0) for s in stats if s.in_merge_read]
             whole = reads_whole(rowwise, stats)
-            work = pieces(plan, [n for n in mine if by_name[n].role != "copy"], rowwise and not whole) + \
+            to_merge = [n for n in mine if by_name[n].role != "copy"]
+            work = pieces(plan, to_merge, rowwise and not whole, device=device) + \
                 [Piece(n) for n in mine if by_name[n].role == "copy"]
             meter = PassProgress(options.progress, "merge", prepared, mine)
 
@@ -648,7 +660,8 @@ def _run(prepared: Prepared, options: MergeOptions, targets: list[Variant], worl
                 merging = by_name[read.name].role != "copy"
                 if observed and merging:
                     observe_piece(observed, read, inputs, loader, weights)
-                for piece, tensors in (row_blocks(plan, read, inputs) if whole and merging else [(read, inputs)]):
+                parts = row_blocks(plan, read, inputs, device) if whole and merging else [(read, inputs)]
+                for piece, tensors in parts:
                     t = by_name[piece.name]
                     if t.role == "copy":
                         outs = [tensors[0]] * len(targets)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import kernels
+from .chunking import chunk_size
 from .memory import release_free_memory
 from .sums import sign_total, sum_f64
 from .topk import (Row, StoredMagnitudes, StreamingTopK, capped_sums, kept_count, row_threshold, tensor_thresholds,
@@ -109,14 +110,15 @@ def task_vectors_and_norms(tensors: list[torch.Tensor], device: torch.device
     num_tasks, n = len(tensors) - 1, base.numel()
     deltas = torch.empty((num_tasks, *base.shape), dtype=torch.float32, device=device)
     flat_base, flat = base.reshape(-1), deltas.view(num_tasks, -1)
-    chunks = max(1, -(-n // NORM_CHUNK))
+    step = chunk_size(NORM_CHUNK, base.device)
+    chunks = max(1, -(-n // step))
     l1 = torch.zeros((num_tasks, chunks), dtype=torch.float32, device=device)
     l2sq = torch.zeros((num_tasks, chunks), dtype=torch.float32, device=device)
-    scratch = torch.empty(min(n, NORM_CHUNK), dtype=torch.float32, device=device)
+    scratch = torch.empty(min(n, step), dtype=torch.float32, device=device)
     for t, task in enumerate(tensors[1:]):
         source = task.to(device, non_blocking=True).reshape(-1)
-        for c, lo in enumerate(range(0, n, NORM_CHUNK)):
-            hi = min(n, lo + NORM_CHUNK)
+        for c, lo in enumerate(range(0, n, step)):
+            hi = min(n, lo + step)
             d = flat[t, lo:hi]
             d.copy_(source[lo:hi]).sub_(flat_base[lo:hi])
             torch.sum(torch.abs(d, out=scratch[: hi - lo]), dim=0, out=l1[t, c])
@@ -136,8 +138,9 @@ def abs_difference(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return kernels.abs_difference(x, base)
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     flat, xs, bs = out.view(-1), x.reshape(-1), base.reshape(-1)
-    for lo in range(0, flat.numel(), DIFF_CHUNK):
-        hi = lo + DIFF_CHUNK
+    step = chunk_size(DIFF_CHUNK, x.device)
+    for lo in range(0, flat.numel(), step):
+        hi = lo + step
         torch.sub(xs[lo:hi].float(), bs[lo:hi].float(), out=flat[lo:hi]).abs_()
     return out
 

@@ -5,8 +5,9 @@ takes one runs on that data and places its tensor results on the device again. A
 that mixes device tensors with CPU tensors of one or more dimensions is refused (copies, and CPU index
 tensors, excepted), ``numpy()`` of a device tensor fails, and ``cpu()`` copies. Pinned host memory is
 ordinary memory, events are immediate, and the device's peak memory is the largest total of the storages
-that device tensors held at once. What this cannot show: CUDA kernels' own results, speed, asynchronous
-races. Only the thread that enters ``emulated_cuda`` has the device (torch's modes are per thread): the
+that device tensors held at once. The ledger also counts the calls on the device: on a GPU each is a kernel
+launch (microseconds), the cost that chunking's GPU_CHUNK keeps down. What this cannot show: CUDA kernels'
+own results, speed, asynchronous races. Only the thread that enters ``emulated_cuda`` has the device (torch's modes are per thread): the
 engine's reader and writer threads handle host memory only, as they must on a real GPU.
 """
 
@@ -63,14 +64,17 @@ class DeviceTensor(Tensor):
         raise RuntimeError(f"{func}: a device tensor used outside emulated_cuda (on another thread?)")
 
 
-class DeviceMemory:
-    """Bytes of the storages that device tensors hold, counted once per storage while any holder lives."""
+class DeviceLedger:
+    """What the device held and did: bytes of the storages that device tensors hold (counted once per storage
+    while any holder lives; their peak), and the torch calls that took or made a device tensor (each a kernel
+    launch or more on a GPU)."""
 
     def __init__(self) -> None:
         self.holders: dict[int, int] = {}
         self.sizes: dict[int, int] = {}
         self.live = 0
         self.peak = 0
+        self.calls = 0
 
     def hold(self, tensor: DeviceTensor) -> None:
         storage = tensor.data_on_host.untyped_storage()
@@ -103,15 +107,15 @@ def _is_cuda(device: Any) -> bool | None:
 class EmulatedCuda(TorchFunctionMode):
     """Runs every torch call on the host data and places its results as CUDA would."""
 
-    def __init__(self, memory: DeviceMemory) -> None:
+    def __init__(self, ledger: DeviceLedger) -> None:
         super().__init__()
-        self.memory = memory
+        self.ledger = ledger
 
     def place(self, data: Any) -> Any:
         if not isinstance(data, Tensor) or isinstance(data, DeviceTensor):
             return data
         tensor = DeviceTensor(data)
-        self.memory.hold(tensor)
+        self.ledger.hold(tensor)
         return tensor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -134,6 +138,7 @@ class EmulatedCuda(TorchFunctionMode):
         if func is Tensor.copy_:
             kwargs.pop("non_blocking", None)  # the emulated copies are immediate
             func(_host(args[0]), _host(args[1]), **kwargs)
+            self.ledger.calls += on_device
             return args[0]
         if func in (Tensor.to, Tensor.cpu, Tensor.cuda):
             return self.move(func, args, kwargs)
@@ -142,7 +147,9 @@ class EmulatedCuda(TorchFunctionMode):
             kwargs["device"] = torch.device("cpu")
         kwargs.pop("pin_memory", None)
         out = func(*tree_map(_host, args), **tree_map(_host, kwargs))
-        return tree_map(self.place, out) if (wanted or (wanted is None and on_device)) else out
+        placed = wanted or (wanted is None and on_device)
+        self.ledger.calls += bool(placed or on_device)
+        return tree_map(self.place, out) if placed else out
 
     def move(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """to / cpu / cuda: a copy where it changes side (as on a GPU), the tensor itself (or its cast) where not."""
@@ -153,6 +160,7 @@ class EmulatedCuda(TorchFunctionMode):
             device, dtype, _, memory_format = torch._C._nn._parse_to(*args[1:], **kwargs)
             target = _is_cuda(device)
             result = host.to(dtype=dtype or host.dtype, memory_format=memory_format or torch.preserve_format)
+        self.ledger.calls += bool(here or target)
         if target is None or target == here:
             return self.place(result) if here else result
         result = result.clone() if result is host else result
@@ -176,9 +184,9 @@ class ImmediateEvent:
 
 
 @contextlib.contextmanager
-def emulated_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[DeviceMemory]:
+def emulated_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[DeviceLedger]:
     """Within: ``torch.cuda`` reports one device, and tensors placed on it are DeviceTensors."""
-    memory = DeviceMemory()
+    ledger = DeviceLedger()
     cuda = torch.cuda
     monkeypatch.setattr(cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda, "device_count", lambda: 1)
@@ -187,12 +195,12 @@ def emulated_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[DeviceMemory]:
     monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(cuda, "get_device_name", lambda device=None: "emulated CUDA device")
     monkeypatch.setattr(cuda, "Event", ImmediateEvent)
-    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: memory.reset_peak())
-    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: memory.peak)
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda device=None: ledger.reset_peak())
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: ledger.peak)
     # pinned host memory needs a CUDA build; here it is ordinary memory (also on the reader thread, which the
     # mode does not reach)
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
     monkeypatch.setattr(Tensor, "pin_memory", lambda self, device=None: self.clone())
-    with EmulatedCuda(memory):
-        yield memory
+    with EmulatedCuda(ledger):
+        yield ledger

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tiny_llama import build_llama, write_corpora
 from typer.testing import CliRunner
 
-from neuromerge_cli import engine, kernels
+from neuromerge_cli import chunking, engine, kernels
 from neuromerge_cli.classify import classify
 from neuromerge_cli.cli import app
 from neuromerge_cli.neuron_groups import NeuronGroups, save_groups
@@ -89,9 +89,10 @@ CASES = [
 
 
 def cpu_and_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, recipe: dict) -> tuple[dict, dict]:
-    """The merge on the CPU's torch path, then on the emulated device: (CPU report, device report); the
-    outputs' bytes compared."""
+    """The merge on the CPU's torch path, then on the emulated device in the CPU's chunks: (CPU report, device
+    report); the outputs' bytes compared."""
     monkeypatch.setattr(kernels, "ENABLED", False)  # the CPU path whose operations a GPU runs
+    monkeypatch.setattr(chunking, "GPU_CHUNK", 0)  # the same chunks and blocks of rows: the same sums
     cpu = merge(recipe, tmp_path / "cpu")
     with emulated_cuda(monkeypatch):
         gpu = merge(recipe, tmp_path / "cuda", device="cuda")
@@ -190,3 +191,27 @@ def test_classify_runs_on_the_device_and_finds_the_cpu_groups(tmp_path: Path, mo
     assert sorted(gpu.groups.codes) == sorted(cpu.groups.codes)
     for layer, codes in cpu.groups.codes.items():
         assert not gpu.groups.codes[layer].is_cuda and torch.equal(gpu.groups.codes[layer], codes)
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("ties", {"density": 0.2}),
+                                            ("neuromerging", {}), ("pcb", {"ratio": 0.1})])
+def test_on_the_device_a_merge_works_in_large_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+                                                     params: dict) -> None:
+    """On a GPU each call is a kernel launch: blocks and chunks of GPU_CHUNK entries take several times fewer
+    calls than the CPU's cache-sized ones, for the same merge (to float rounding of sums)."""
+    g = torch.Generator().manual_seed(4)
+    base = {f"w{i}": torch.randn(2048, 2048, generator=g).bfloat16() for i in range(2)}  # 4M entries: 4 CPU blocks
+    write_model(tmp_path / "base", base)
+    tasks = [write_model(tmp_path / f"task{t}", fine_tune(base, t, 0.01)) for t in range(3)]
+    recipe = recipe_dict(tmp_path / "base", tasks, method, params)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    calls, outputs = [], []
+    for gpu_chunk in (0, chunking.GPU_CHUNK):  # the CPU's chunks, then the device's
+        monkeypatch.setattr(chunking, "GPU_CHUNK", gpu_chunk)
+        with emulated_cuda(monkeypatch) as ledger:
+            merge(recipe, tmp_path / f"out{gpu_chunk}", device="cuda")
+        calls.append(ledger.calls)
+        outputs.append(load_file(str(tmp_path / f"out{gpu_chunk}" / "model.safetensors")))
+    assert calls[1] * 3 < calls[0], calls
+    for name, tensor in outputs[0].items():
+        torch.testing.assert_close(outputs[1][name].float(), tensor.float(), rtol=0, atol=0)

@@ -29,6 +29,7 @@ from typing import Any, Iterator, NamedTuple
 import torch
 
 from .. import kernels
+from ..chunking import chunk_size
 from ..stats import GlobalStat, TaskVectorSample
 from ..topk import StreamingSelect, column_chunks
 from .base import Method, TensorJob, TensorParts
@@ -90,7 +91,7 @@ def block_scores(deltas: torch.Tensor, clamp: Clamp) -> torch.Tensor:
     the kernels to count in one call)."""
     flat = deltas.reshape(deltas.shape[0], -1)
     beta = torch.empty_like(flat)
-    for sl in column_chunks(flat.shape[1], BALANCE_COLUMNS):
+    for sl in column_chunks(flat.shape[1], chunk_size(BALANCE_COLUMNS, flat.device)):
         scores(flat[:, sl], clamp, out=beta[:, sl])
     return beta
 
@@ -98,7 +99,7 @@ def block_scores(deltas: torch.Tensor, clamp: Clamp) -> torch.Tensor:
 def balanced_chunks(deltas: torch.Tensor, clamp: Clamp) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(columns, clamp(|τ|), β) of the task vectors (T, ...) flattened, BALANCE_COLUMNS columns at a time."""
     flat = deltas.reshape(deltas.shape[0], -1)
-    for sl in column_chunks(flat.shape[1], BALANCE_COLUMNS):
+    for sl in column_chunks(flat.shape[1], chunk_size(BALANCE_COLUMNS, flat.device)):
         yield (sl, *scores(flat[:, sl], clamp))
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .. import kernels
+from ..chunking import chunk_size
 from ..cpu_threads import one_cpu_thread
 from ..figures import Norm, Ratio
 from .base import NeuronFusion
@@ -46,13 +47,12 @@ RANK_RTOL = 1e-6
 COORD_RTOL = 1e-9
 TIE_RTOL = 1e-9
 # float64 elements of one block of rows (rows·(T+1)·d): on a CPU a block that stays in cache (8 MiB) is fastest; on a
-# GPU large blocks (256 MiB) amortise the kernel launches.
+# GPU large blocks amortise the kernel launches (chunking).
 CPU_CHUNK_ELEMENTS = 1 << 20
-CUDA_CHUNK_ELEMENTS = 1 << 25
 
 
 def chunk_budget(device: torch.device) -> int:
-    return CPU_CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS
+    return chunk_size(CPU_CHUNK_ELEMENTS, device)
 
 
 def as_rows(x: torch.Tensor, leading: int = 0) -> torch.Tensor:
