@@ -211,16 +211,31 @@ def io_floor(files: list[Path], bytes_out: int, scratch: Path, cold: bool = Fals
     return t1 - t0, t2 - t1, t3 - t2
 
 
+# Where GNU time is missing (the GPU machines' image): a small Python process that runs the command and writes
+# its peak RSS (KiB) and CPU seconds as GNU time's "%M %U %S" would.
+RUSAGE_LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, use = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(f"{use.ru_maxrss} {use.ru_utime} {use.ru_stime}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, from GNU time: a forked child would report this process's) of a command.
+    """Wall seconds and peak RSS of a command (bytes: from GNU time, or a small launcher where it is missing; a
+    child forked from this process would report this process's).
 
     Its CPU seconds (user + system) go to stderr: on a shared machine they vary less than wall time.
     """
     os.sync()
     rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"nmbench-rss-{os.getpid()}"
+    measure = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file)] if Path("/usr/bin/time").exists() else \
+        [sys.executable, "-c", RUSAGE_LAUNCHER, str(rss_file)]
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file), *cmd], env=env, cwd=cwd,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run([*measure, *cmd], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
