@@ -18,7 +18,6 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 
 from . import kernels
-from .chunking import chunk_size
 from .sums import row_sums_f64, sum_and_capped_sum
 
 KEY_BINS = 1 << 16  # histogram bins of each half of a 32-bit key
@@ -565,7 +564,7 @@ class StreamingSelect:
 
     def _keys(self, values: torch.Tensor) -> Iterator[torch.Tensor]:
         flat = values.reshape(self.num_tasks, -1)
-        for sl in column_chunks(flat.shape[1], chunk_size(SELECT_CHUNK, flat.device)):
+        for sl in column_chunks(flat.shape[1]):  # 4M columns: large enough on a GPU too (keys are int64)
             yield order_keys(flat[:, sl])
 
     def _kernel_rows(self, values: torch.Tensor) -> list[torch.Tensor] | None:

@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 from neuromerge_cli import chunking, engine, kernels
 from neuromerge_cli.classify import classify
 from neuromerge_cli.cli import app
+from neuromerge_cli.dryrun import memory_estimate
+from neuromerge_cli.engine import prepare
 from neuromerge_cli.neuron_groups import NeuronGroups, save_groups
 from neuromerge_cli.recipe import parse_recipe
 
@@ -215,3 +217,22 @@ def test_on_the_device_a_merge_works_in_large_chunks(tmp_path: Path, monkeypatch
     assert calls[1] * 3 < calls[0], calls
     for name, tensor in outputs[0].items():
         torch.testing.assert_close(outputs[1][name].float(), tensor.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("ties", {"density": 0.2}),
+                                            ("ties", {"density": 0.2, "mask_scope": "tensor"}), ("neuromerging", {}),
+                                            ("pcb", {"ratio": 0.1})])
+def test_the_dry_run_plans_the_device_memory_a_merge_takes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           method: str, params: dict) -> None:
+    """``--dry-run --device cuda``'s working set is what the device then holds at most (in the GPU's blocks)."""
+    g = torch.Generator().manual_seed(5)
+    base = {"w0": torch.randn(4096, 2048, generator=g).bfloat16(), "w1": torch.randn(2048, 1024, generator=g).bfloat16(),
+            "b": torch.randn(2048, generator=g).bfloat16()}
+    write_model(tmp_path / "base", base)
+    tasks = [write_model(tmp_path / f"task{t}", fine_tune(base, t, 0.01)) for t in range(3)]
+    recipe = recipe_dict(tmp_path / "base", tasks, method, params)
+    planned = memory_estimate(prepare(parse_recipe(recipe)), torch.device("cuda", 0))["working_bytes"]
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    with emulated_cuda(monkeypatch) as ledger:
+        merge(recipe, tmp_path / "out", device="cuda")
+    assert planned / 8 < ledger.peak <= planned  # and not far below it

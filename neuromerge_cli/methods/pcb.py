@@ -200,8 +200,9 @@ class ScoreThreshold(SampledSelect):
         every process alike, whether it observes a tensor or not (their partials must match)."""
         if self._sample.blocks:  # the sample is on the CPU, the bounds where the statistics run
             clamp = self._bounds.clamp
-            sample = [block_scores(b.to(clamp.lo.device), clamp).cpu() for b in self._sample.take()]
-            self._select.aim(sample)
+            blocks = self._sample.take()  # (T, m_b) each: scored as one (β is column by column), then split again
+            scored = block_scores(torch.cat(blocks, 1).to(clamp.lo.device), clamp).cpu()
+            self._select.aim(list(scored.split([b.shape[1] for b in blocks], 1)))
 
     def observe(self, pass_index: int, name: str, deltas: torch.Tensor, weights: torch.Tensor) -> None:
         self._aim()
