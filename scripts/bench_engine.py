@@ -211,6 +211,7 @@ def io_floor(files: list[Path], bytes_out: int, scratch: Path, cold: bool = Fals
     return t1 - t0, t2 - t1, t3 - t2
 
 
+GNU_TIME = Path("/usr/bin/time")
 # Where GNU time is missing (the GPU machines' image): a small Python process that runs the command and writes
 # its peak RSS (KiB) and CPU seconds as GNU time's "%M %U %S" would.
 RUSAGE_LAUNCHER = """import os, sys
@@ -231,7 +232,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = 
     """
     os.sync()
     rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"nmbench-rss-{os.getpid()}"
-    measure = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss_file)] if Path("/usr/bin/time").exists() else \
+    measure = [str(GNU_TIME), "-f", "%M %U %S", "-o", str(rss_file)] if GNU_TIME.exists() else \
         [sys.executable, "-c", RUSAGE_LAUNCHER, str(rss_file)]
     t0 = time.perf_counter()
     proc = subprocess.run([*measure, *cmd], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
