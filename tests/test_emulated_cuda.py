@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from emulated_cuda import DeviceTensor, emulated_cuda
-from helpers import fine_tune, merge, recipe_dict, toy_family, write_model, write_recipe
+from helpers import fine_tune, merge, recipe_dict, tiny_hf_family, toy_family, write_model, write_recipe
 from safetensors.torch import load_file
 from tiny_llama import build_llama, write_corpora
 from typer.testing import CliRunner
@@ -236,3 +236,15 @@ def test_the_dry_run_plans_the_device_memory_a_merge_takes(tmp_path: Path, monke
     with emulated_cuda(monkeypatch) as ledger:
         merge(recipe, tmp_path / "out", device="cuda")
     assert planned / 8 < ledger.peak <= planned  # and not far below it
+
+
+@pytest.mark.parametrize("kind, tie", [("llama", True), ("bert", False)])
+def test_a_sharded_transformers_model_merged_on_the_device_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 kind: str, tie: bool) -> None:
+    """Shards, an index, tied embeddings written once: the device's output is the CPU's, and loads."""
+    import transformers
+
+    base, tasks = tiny_hf_family(tmp_path / "m", kind, tie=tie, max_shard_size="20KB")
+    cpu_and_cuda(monkeypatch, tmp_path, recipe_dict(base, tasks, "ties", {"density": 0.4}))
+    model = transformers.AutoModel.from_pretrained(tmp_path / "cuda")
+    assert sum(p.numel() for p in model.parameters()) > 0
