@@ -26,8 +26,8 @@ from neuromerge_cli.recipe import parse_recipe
 
 @pytest.fixture
 def device(monkeypatch: pytest.MonkeyPatch):
-    with emulated_cuda(monkeypatch) as memory:
-        yield memory
+    with emulated_cuda(monkeypatch) as ledger:
+        yield ledger
 
 
 def test_the_emulated_device_keeps_cudas_rules(device) -> None:
