@@ -173,7 +173,8 @@ def sorted_values(x: torch.Tensor) -> torch.Tensor:
 
 
 def sorted_rows(x: torch.Tensor) -> torch.Tensor:
-    """The rows of a 2-d float32 CPU tensor, each in ascending order, NaN last (numpy's sort, as sorted_values)."""
+    """The rows of a 2-d CPU tensor (float32, NaN last, or integer keys), each in ascending order (numpy's sort,
+    as sorted_values)."""
     import numpy as np
 
     return torch.from_numpy(np.sort(x.numpy(), axis=1))
@@ -338,9 +339,7 @@ def aimed_bins(keys: torch.Tensor, sizes: list[int], share: float) -> tuple[torc
     (T, m), made of blocks of ``sizes`` entries along a row (the sampling units). It spans the sample's ranks
     within WINDOW_SPREAD standard errors (at least WINDOW_MARGIN) of the estimate's, and a bin either side, up to
     WINDOW_BINS bins."""
-    import numpy as np
-
-    ordered = torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    ordered = sorted_rows(keys)
     m = keys.shape[1]
     estimate = ordered[:, min(m - 1, int(share * m))].long()
     # the blocks' counts below the estimate against their sizes: a ratio estimator's standard error

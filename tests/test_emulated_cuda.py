@@ -72,14 +72,18 @@ def toy_models(root: Path, num_tasks: int = 3) -> tuple[Path, list[Path]]:
     return toy_family(root, num_tasks, torch.bfloat16)
 
 
+def random_models(root: Path, shapes: dict[str, tuple[int, ...]], seed: int, scale: float = 0.05
+                  ) -> tuple[Path, list[Path]]:
+    """A base of random bfloat16 tensors of ``shapes`` and three fine-tuned copies (``scale`` of noise)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {name: torch.randn(shape, generator=g).bfloat16() for name, shape in shapes.items()}
+    write_model(root / "base", base)
+    return root / "base", [write_model(root / f"task{t}", fine_tune(base, t, scale)) for t in range(3)]
+
+
 def sampled_models(root: Path) -> tuple[Path, list[Path]]:
     """Matrices with enough rows for a sample of rows to aim the global statistics, a vector and a scalar."""
-    g = torch.Generator().manual_seed(3)
-    base = {"w": torch.randn(300, 80, generator=g), "v": torch.randn(64, 8, generator=g),
-            "b": torch.randn(80, generator=g), "s": torch.tensor(0.5)}
-    base = {k: t.bfloat16() for k, t in base.items()}
-    write_model(root / "base", base)
-    return root / "base", [write_model(root / f"task{t}", fine_tune(base, t)) for t in range(3)]
+    return random_models(root, {"w": (300, 80), "v": (64, 8), "b": (80,), "s": ()}, seed=3)
 
 
 CASES = [
@@ -144,11 +148,7 @@ def test_neuronmerge_runs_on_the_device(tmp_path: Path, monkeypatch: pytest.Monk
 
 def layered_models(root: Path, layers: int) -> tuple[Path, list[Path]]:
     """``layers`` matrices of one shape and a vector: a model that grows without its largest tensor growing."""
-    g = torch.Generator().manual_seed(3)
-    base = {f"w{i}": torch.randn(300, 80, generator=g).bfloat16() for i in range(layers)}
-    base["b"] = torch.randn(80, generator=g).bfloat16()
-    write_model(root / "base", base)
-    return root / "base", [write_model(root / f"task{t}", fine_tune(base, t)) for t in range(3)]
+    return random_models(root, {**{f"w{i}": (300, 80) for i in range(layers)}, "b": (80,)}, seed=3)
 
 
 @pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
@@ -201,11 +201,8 @@ def test_on_the_device_a_merge_works_in_large_chunks(tmp_path: Path, monkeypatch
                                                      params: dict) -> None:
     """On a GPU each call is a kernel launch: blocks and chunks of GPU_CHUNK entries take several times fewer
     calls than the CPU's cache-sized ones, for the same merge (to float rounding of sums)."""
-    g = torch.Generator().manual_seed(4)
-    base = {f"w{i}": torch.randn(2048, 2048, generator=g).bfloat16() for i in range(2)}  # 4M entries: 4 CPU blocks
-    write_model(tmp_path / "base", base)
-    tasks = [write_model(tmp_path / f"task{t}", fine_tune(base, t, 0.01)) for t in range(3)]
-    recipe = recipe_dict(tmp_path / "base", tasks, method, params)
+    base, tasks = random_models(tmp_path, {"w0": (2048, 2048), "w1": (2048, 2048)}, seed=4, scale=0.01)  # 4 CPU blocks
+    recipe = recipe_dict(base, tasks, method, params)
     monkeypatch.setattr(kernels, "ENABLED", False)
     calls, outputs = [], []
     for gpu_chunk in (0, chunking.GPU_CHUNK):  # the CPU's chunks, then the device's
@@ -225,12 +222,8 @@ def test_on_the_device_a_merge_works_in_large_chunks(tmp_path: Path, monkeypatch
 def test_the_dry_run_plans_the_device_memory_a_merge_takes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            method: str, params: dict) -> None:
     """``--dry-run --device cuda``'s working set is what the device then holds at most (in the GPU's blocks)."""
-    g = torch.Generator().manual_seed(5)
-    base = {"w0": torch.randn(4096, 2048, generator=g).bfloat16(), "w1": torch.randn(2048, 1024, generator=g).bfloat16(),
-            "b": torch.randn(2048, generator=g).bfloat16()}
-    write_model(tmp_path / "base", base)
-    tasks = [write_model(tmp_path / f"task{t}", fine_tune(base, t, 0.01)) for t in range(3)]
-    recipe = recipe_dict(tmp_path / "base", tasks, method, params)
+    base, tasks = random_models(tmp_path, {"w0": (4096, 2048), "w1": (2048, 1024), "b": (2048,)}, seed=5, scale=0.01)
+    recipe = recipe_dict(base, tasks, method, params)
     planned = memory_estimate(prepare(parse_recipe(recipe)), torch.device("cuda", 0))["working_bytes"]
     monkeypatch.setattr(kernels, "ENABLED", False)
     with emulated_cuda(monkeypatch) as ledger:

@@ -86,20 +86,25 @@ def scores(deltas: torch.Tensor, clamp: Clamp, out: torch.Tensor | None = None
     return clamped, intra.mul_(inter) if out is None else torch.mul(intra, inter, out=out)
 
 
+def balance_slices(flat: torch.Tensor) -> list[slice]:
+    """The column chunks of flat task vectors (T, n) that their scores are made in: BALANCE_COLUMNS on a CPU."""
+    return column_chunks(flat.shape[1], chunk_size(BALANCE_COLUMNS, flat.device))
+
+
 def block_scores(deltas: torch.Tensor, clamp: Clamp) -> torch.Tensor:
-    """β (T, n) of the task vectors (T, ...) flattened, made BALANCE_COLUMNS columns at a time (one tensor, for
-    the kernels to count in one call)."""
+    """β (T, n) of the task vectors (T, ...) flattened, made a balance slice at a time (one tensor, for the
+    kernels to count in one call)."""
     flat = deltas.reshape(deltas.shape[0], -1)
     beta = torch.empty_like(flat)
-    for sl in column_chunks(flat.shape[1], chunk_size(BALANCE_COLUMNS, flat.device)):
+    for sl in balance_slices(flat):
         scores(flat[:, sl], clamp, out=beta[:, sl])
     return beta
 
 
 def balanced_chunks(deltas: torch.Tensor, clamp: Clamp) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """(columns, clamp(|τ|), β) of the task vectors (T, ...) flattened, BALANCE_COLUMNS columns at a time."""
+    """(columns, clamp(|τ|), β) of the task vectors (T, ...) flattened, a balance slice at a time."""
     flat = deltas.reshape(deltas.shape[0], -1)
-    for sl in column_chunks(flat.shape[1], chunk_size(BALANCE_COLUMNS, flat.device)):
+    for sl in balance_slices(flat):
         yield (sl, *scores(flat[:, sl], clamp))
 
 
