@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 from pathlib import Path
 
 import torch
@@ -224,12 +224,15 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS of a command (bytes: from GNU time, or a small launcher where it is missing; a
-    child forked from this process would report this process's).
+class Timing(NamedTuple):
+    wall: float  # seconds
+    rss: int  # peak resident bytes
+    cpu: float  # user + system seconds: on a shared machine they vary less than wall time
 
-    Its CPU seconds (user + system) go to stderr: on a shared machine they vary less than wall time.
-    """
+
+def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Timing:
+    """Wall seconds, peak RSS and CPU seconds of a command (from GNU time, or a small launcher where it is
+    missing; a child forked from this process would report this process's)."""
     os.sync()
     rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"nmbench-rss-{os.getpid()}"
     measure = [str(GNU_TIME), "-f", "%M %U %S", "-o", str(rss_file)] if GNU_TIME.exists() else \
@@ -242,9 +245,10 @@ def timed(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = 
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     rss_kib, user, system = rss_file.read_text().split()[-3:]
     rss_file.unlink()
-    print(f"  {Path(cmd[0]).name} {' '.join(cmd[1:4])}: wall {wall:.1f} s, CPU {float(user) + float(system):.1f} s, "
-          f"peak RSS {int(rss_kib) / 2**20:.2f} GiB", file=sys.stderr, flush=True)
-    return wall, int(rss_kib) * 1024
+    timing = Timing(wall, int(rss_kib) * 1024, float(user) + float(system))
+    print(f"  {Path(cmd[0]).name} {' '.join(cmd[1:4])}: wall {wall:.1f} s, CPU {timing.cpu:.1f} s, "
+          f"peak RSS {timing.rss / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    return timing
 
 
 def neuromerge_methods() -> set[str]:
@@ -333,7 +337,8 @@ def main() -> None:
     floors = [io_floor(files, bytes_out, work, args.cold) for _ in range(max(args.repeat, 2))]
     read_s, write_s, sync_s = (min(f[k] for f in floors) for k in range(3))
     floor = read_s + write_s
-    startup, _ = min(timed([sys.executable, "-c", "import torch, neuromerge_cli.cli"], cwd=ROOT) for _ in range(2))
+    start = min(timed([sys.executable, "-c", "import torch, neuromerge_cli.cli"], cwd=ROOT) for _ in range(2))
+    startup = start.wall
 
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     have = neuromerge_methods()
@@ -359,7 +364,11 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(out)], check=True)
             with kept_cold(files, args.cold):
                 runs.append(timed(cmd, env=env, cwd=ROOT))
-        results[label] = {"neuromerge_s": min(r[0] for r in runs), "neuromerge_rss": max(r[1] for r in runs)}
+        best = min(runs)
+        # the cores the merge kept busy on average, the interpreter's start-up (one core) left out of both
+        merge_s = best.wall - startup
+        busy = (best.cpu - start.cpu) / merge_s if merge_s > 0.2 else None  # too short to tell
+        results[label] = {"neuromerge_s": best.wall, "neuromerge_rss": max(r.rss for r in runs), "cores_busy": busy}
         print(f"neuromerge {label}: {results[label]}", file=sys.stderr, flush=True)
 
     mergekit_version = None
@@ -382,7 +391,7 @@ def main() -> None:
                     subprocess.run(["rm", "-rf", str(out)], check=True)
                     with kept_cold(files, args.cold):
                         runs.append(timed(cmd))
-                done[key] = (min(r[0] for r in runs), max(r[1] for r in runs))
+                done[key] = (min(r.wall for r in runs), max(r.rss for r in runs))
                 print(f"mergekit {label}: {done[key]}", file=sys.stderr, flush=True)
             results[label]["mergekit_s"], results[label]["mergekit_rss"] = done[key]
 
@@ -391,25 +400,30 @@ def main() -> None:
           f"{bytes_in / 1e9:.2f} GB in, {bytes_out / 1e9:.2f} GB out; floor {floor:.2f} s "
           f"(read {read_s:.2f} s + write {write_s:.2f} s, {'from disk' if args.cold else 'page cache'}; + fsync {sync_s:.2f} s: durable floor "
           f"{floor + sync_s:.2f} s); interpreter + imports {startup:.2f} s; "
-          f"RSS budget {budget / 2**30:.2f} GiB" + (f"; {mergekit_version}" if mergekit_version else ""))
+          f"RSS budget {budget / 2**30:.2f} GiB; {os.cpu_count()} cores" + (f"; {mergekit_version}" if mergekit_version else ""))
     print("x floor: (neuromerge s - interpreter + imports) / floor, the issue's measure; x durable: the same over "
-          "the durable floor (neuromerge's time includes flushing its output to disk before publishing it)")
-    head = (f"{'method':<20} {'neuromerge s':>12} {'RSS GiB':>8} {'x floor':>8} {'x durable':>9} {'mergekit s':>10} "
+          "the durable floor (neuromerge's time includes flushing its output to disk before publishing it); busy: the "
+          "cores the merge kept busy on average ((CPU s - start-up's) / (wall s - start-up's)), at the core count: "
+          "compute-bound")
+    head = (f"{'method':<20} {'neuromerge s':>12} {'RSS GiB':>8} {'busy':>5} {'x floor':>8} {'x durable':>9} {'mergekit s':>10} "
             f"{'RSS GiB':>8} {'mk/nm':>7}")
     print(head)
     print("-" * len(head))
+    def fmt(x: float | None, width: int) -> str:
+        return f"{x:>{width}.2f}" if x is not None else f"{'-':>{width}}"
+
     for label, r in results.items():
         mk, nm = r.get("mergekit_s"), r.get("neuromerge_s")
         ratio, durable = ((nm - startup) / floor, (nm - startup) / (floor + sync_s)) if nm else (0.0, 0.0)
         print(f"{label:<20} "
-              + (f"{nm:>12.2f} {r['neuromerge_rss'] / 2**30:>8.2f} {ratio:>8.2f} {durable:>9.2f} " if nm
-                 else f"{'-':>12} {'-':>8} {'-':>8} {'-':>9} ")
+              + (f"{nm:>12.2f} {r['neuromerge_rss'] / 2**30:>8.2f} {fmt(r['cores_busy'], 5)} {ratio:>8.2f} {durable:>9.2f} "
+                 if nm else f"{'-':>12} {'-':>8} {'-':>5} {'-':>8} {'-':>9} ")
               + (f"{mk:>10.2f} {r['mergekit_rss'] / 2**30:>8.2f} " if mk else f"{'-':>10} {'-':>8} ")
               + (f"{mk / nm:>7.1f}" if mk and nm else f"{'-':>7}"))
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "params": shape.params, "tasks": args.tasks,
                                          "floor_s": floor, "read_s": read_s, "write_s": write_s, "fsync_s": sync_s,
-                                         "startup_s": startup, "rss_budget": budget, "mergekit": mergekit_version,
+                                         "startup_s": startup, "startup_cpu_s": start.cpu, "cores": os.cpu_count(), "rss_budget": budget, "mergekit": mergekit_version,
                                          "cold": args.cold,
                                          "results": results}, indent=2))
 
