@@ -1101,58 +1101,67 @@ static int check_inputs(const char *kernel, int kind, PyObject *task_list, Py_ss
 /* merge(kind, out_kind, base, tasks, n, weights, thresholds, fn, divisor, majority, scale, conflicts, drops, keep,
  *       out, l1, l2sq, ties, threads)
  * -> (delta_sq, sign_total, conflicts, tie_count); pointers as integers (0: none, for thresholds and ties) */
-/* Work split into parts of whole CHUNKs, the first on the calling thread and the others on their own
- * threads (none on Windows): results are the same bytes whatever the split, as every entry's value
- * depends on that entry alone; only the float64 sums are added in another order. */
+/* Work split into parts of whole CHUNKs: a part is the unit of the results (its float64 sums are added to the
+ * others' in part order) and its bounds depend on the size alone, so results are the same bytes whatever the
+ * number of threads. Threads (the calling one and up to ``threads`` - 1 more; none on Windows) take the parts in
+ * turn as they come free: a thread slowed by another (the reader's copies, the writer's) does not hold the others
+ * up at the end of the call, as an equal share per thread would. Every entry's value depends on that entry alone;
+ * only the float64 sums are added in another order than torch's. */
 #define MAX_PARTS 64
-#define MIN_PART (1 << 18) /* entries: below this a thread costs more than it saves */
+#define MIN_PART (1 << 18) /* entries: below this a part costs more than it balances */
 
-typedef void (*part_fn)(void *ctx, int part, int64_t lo, int64_t hi);
+typedef void (*part_fn)(void *ctx, int part, int worker, int64_t lo, int64_t hi);
 
 typedef struct {
     part_fn fn;
     void *ctx;
-    int part;
-    int64_t lo, hi;
-} part_call;
+    const int64_t *bounds;
+    int parts, worker;
+    int *next; /* the next part to take, shared */
+} worker_call;
 
-static void *run_part(void *arg) {
-    part_call *c = (part_call *)arg;
-    c->fn(c->ctx, c->part, c->lo, c->hi);
-    return NULL;
+static void *run_worker(void *arg) {
+    worker_call *w = (worker_call *)arg;
+    for (;;) {
+#ifndef _WIN32
+        int k = __atomic_fetch_add(w->next, 1, __ATOMIC_RELAXED);
+#else
+        int k = (*w->next)++;
+#endif
+        if (k >= w->parts)
+            return NULL;
+        w->fn(w->ctx, k, w->worker, w->bounds[k], w->bounds[k + 1]);
+    }
 }
 
-/* Runs fn over [0, n) in up to ``threads`` parts of whole ``grain``s, each of at least ``least`` (but one);
- * returns the number of parts, whose bounds are in bounds[] */
+/* Runs fn over [0, n) in parts of whole ``grain``s, each of at least ``least`` (but one), on up to ``threads``
+ * threads (fn's ``worker``: 0 to threads - 1); returns the number of parts, whose bounds are in bounds[] */
 static int run_parts(int64_t n, int64_t grain, int64_t least, int threads, part_fn fn, void *ctx, int64_t *bounds) {
     int64_t grains = (n + grain - 1) / grain;
-    int parts = threads < 1 ? 1 : threads > MAX_PARTS ? MAX_PARTS : threads;
-    if (parts > n / least)
-        parts = n / least > 1 ? (int)(n / least) : 1;
+    int parts = n / least >= MAX_PARTS ? MAX_PARTS : n / least > 1 ? (int)(n / least) : 1;
+    int workers = threads < 1 ? 1 : threads > parts ? parts : threads;
 #ifdef _WIN32
-    parts = 1;
+    workers = 1;
 #endif
-    part_call calls[MAX_PARTS];
     for (int k = 0; k <= parts; k++) {
         int64_t b = grains * k / parts * grain;
         bounds[k] = b < n ? b : n;
     }
-    for (int k = 0; k < parts; k++)
-        calls[k] = (part_call){fn, ctx, k, bounds[k], bounds[k + 1]};
+    int next = 0;
+    worker_call calls[MAX_PARTS];
+    for (int k = 0; k < workers; k++)
+        calls[k] = (worker_call){fn, ctx, bounds, parts, k, &next};
 #ifndef _WIN32
     pthread_t ids[MAX_PARTS];
     int started[MAX_PARTS] = {0};
-    for (int k = 1; k < parts; k++)
-        started[k] = pthread_create(&ids[k], NULL, run_part, &calls[k]) == 0;
-    run_part(&calls[0]);
-    for (int k = 1; k < parts; k++) {
+    for (int k = 1; k < workers; k++) /* a thread that cannot be had leaves its parts to the others */
+        started[k] = pthread_create(&ids[k], NULL, run_worker, &calls[k]) == 0;
+    run_worker(&calls[0]);
+    for (int k = 1; k < workers; k++)
         if (started[k])
             pthread_join(ids[k], NULL);
-        else
-            run_part(&calls[k]); /* no thread to be had: do it here */
-    }
 #else
-    run_part(&calls[0]);
+    run_worker(&calls[0]);
 #endif
     return parts;
 }
@@ -1169,7 +1178,7 @@ typedef struct {
 
 static const int64_t KIND_BYTES[3] = {4, 2, 2};
 
-static void merge_part(void *ctx, int part, int64_t lo, int64_t hi) {
+static void merge_part(void *ctx, int part, int worker, int64_t lo, int64_t hi) {
     merge_job *j = (merge_job *)ctx;
     const void *tasks[MAX_TASKS], *drops[MAX_TASKS];
     int64_t in = KIND_BYTES[j->kind], out = KIND_BYTES[j->out_kind];
@@ -1256,7 +1265,7 @@ typedef struct {
     double l1[MAX_PARTS][MAX_TASKS], l2sq[MAX_PARTS][MAX_TASKS];
 } task_vectors_job;
 
-static void task_vectors_part(void *ctx, int part, int64_t lo, int64_t hi) {
+static void task_vectors_part(void *ctx, int part, int worker, int64_t lo, int64_t hi) {
     task_vectors_job *j = (task_vectors_job *)ctx;
     const void *tasks[MAX_TASKS];
     int64_t in = KIND_BYTES[j->kind];
@@ -1358,7 +1367,7 @@ typedef struct {
     uint8_t *keep;
 } keep_job;
 
-static void keep_part(void *ctx, int part, int64_t lo, int64_t hi) {
+static void keep_part(void *ctx, int part, int worker, int64_t lo, int64_t hi) {
     (void)part;
     keep_job *j = (keep_job *)ctx;
     pcg_keep_draws(j->state, j->inc, lo, hi, j->bound, j->keep);
@@ -1397,7 +1406,7 @@ typedef struct {
     double total[MAX_PARTS], capped[MAX_PARTS];
 } scan_job;
 
-static void scan_part(void *ctx, int part, int64_t lo, int64_t hi) {
+static void scan_part(void *ctx, int part, int worker, int64_t lo, int64_t hi) {
     scan_job *j = (scan_job *)ctx;
     int64_t in = KIND_BYTES[j->kind] * lo;
     const void *base = j->base ? (const char *)j->base + in : NULL, *x = (const char *)j->x + in;
@@ -1441,7 +1450,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     return Py_BuildValue("LLdd", (long long)below, (long long)equal, total, capped);
 }
 
-/* The histogram kernels over threads: each part but the first counts into its own row of the caller's spare
+/* The histogram kernels over threads: each thread but the calling one counts into its own row of the caller's spare
  * counts, kept across calls and added to the counts by the caller once (the counts are the same whatever the
  * split): no copy is made, zeroed and added up per call. */
 typedef struct {
@@ -1453,11 +1462,11 @@ typedef struct {
     double l1[MAX_PARTS][MAX_TASKS], below[MAX_PARTS][MAX_TASKS];
 } histogram_job;
 
-static void histogram_part(void *ctx, int part, int64_t lo, int64_t hi) {
+static void histogram_part(void *ctx, int part, int worker, int64_t lo, int64_t hi) {
     histogram_job *j = (histogram_job *)ctx;
     int64_t in = KIND_BYTES[j->kind], *counts = j->counts, *fine = j->fine;
-    if (part > 0) {
-        counts = j->spare + (part - 1) * (j->coarse_cells + j->window_cells);
+    if (worker > 0) {
+        counts = j->spare + (worker - 1) * (j->coarse_cells + j->window_cells);
         fine = counts + j->coarse_cells;
     }
     const void *tasks[MAX_TASKS];
@@ -1543,7 +1552,7 @@ static void neuron_rows(const neuron_job *j, int64_t lo, const void **base, cons
         *out = (char *)j->out + KIND_BYTES[j->out_kind] * j->width * lo;
 }
 
-static void neuron_gram_part(void *ctx, int part, int64_t lo, int64_t hi) {
+static void neuron_gram_part(void *ctx, int part, int worker, int64_t lo, int64_t hi) {
     neuron_job *j = (neuron_job *)ctx;
     const void *base, *tasks[NEURON_MAX_TASKS];
     neuron_rows(j, lo, &base, tasks, NULL);
@@ -1552,7 +1561,7 @@ static void neuron_gram_part(void *ctx, int part, int64_t lo, int64_t hi) {
                                  j->l1[part], j->l2sq[part]);
 }
 
-static void neuron_output_part(void *ctx, int part, int64_t lo, int64_t hi) {
+static void neuron_output_part(void *ctx, int part, int worker, int64_t lo, int64_t hi) {
     neuron_job *j = (neuron_job *)ctx;
     const void *base, *tasks[NEURON_MAX_TASKS];
     void *out;

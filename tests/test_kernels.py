@@ -424,7 +424,7 @@ def test_neuron_output_gives_the_bytes_of_the_torch_operations(dtype: torch.dtyp
     assert got.orthogonal_sq == pytest.approx(orthogonal_sq, rel=1e-6)
 
 
-@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("threads", [1, 3, 4])  # 3: four parts taken by three threads as they come free
 def test_neuron_kernels_split_rows_over_threads_with_the_same_results(monkeypatch: pytest.MonkeyPatch,
                                                                       threads: int) -> None:
     rows = neuron_inputs(3 * 64 + 5, 4096 + 8, torch.bfloat16, 3)  # 2^18 entries per part: four parts
@@ -432,13 +432,16 @@ def test_neuron_kernels_split_rows_over_threads_with_the_same_results(monkeypatc
     z = torch.randn(rows[0].shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     coefficient = torch.randn(rows[0].shape[0], generator=torch.Generator().manual_seed(4))
     monkeypatch.setattr(kernels, "threads", lambda: 1)
-    gram, l1, _ = kernels.neuron_gram(rows, thresholds)
+    gram, l1, _l2sq = kernels.neuron_gram(rows, thresholds)
     out = kernels.neuron_output(rows, thresholds, z, coefficient, 0.0, 1.5, torch.bfloat16)
     monkeypatch.setattr(kernels, "threads", lambda: threads)
-    split_gram, split_l1, _ = kernels.neuron_gram(rows, thresholds)
+    split_gram, split_l1, split_l2sq = kernels.neuron_gram(rows, thresholds)
     split = kernels.neuron_output(rows, thresholds, z, coefficient, 0.0, 1.5, torch.bfloat16)
     assert torch.equal(split_gram, gram) and torch.equal(split.out, out.out)  # a row's sums never split
-    torch.testing.assert_close(split_l1, l1, rtol=1e-12, atol=0)
+    # the parts, and so the order of the sums over rows, do not depend on the threads
+    assert torch.equal(split_l1, l1) and torch.equal(split_l2sq, _l2sq)
+    assert (split.delta_norm, split.parallel_sq, split.orthogonal_sq) == (out.delta_norm, out.parallel_sq,
+                                                                          out.orthogonal_sq)
 
 
 @needs_kernels
@@ -456,20 +459,51 @@ def test_merge_split_over_threads_gives_the_same_result(monkeypatch: pytest.Monk
     masks = [torch.rand(n, generator=torch.Generator().manual_seed(t)) < 0.5 for t in range(4)]
     args = (tensors, torch.ones(4), merge_fn, torch.bfloat16, 0.9, torch.tensor([0.004, 0.0, 0.01, 0.0]), -1.0)
     results = []
-    for threads in (1, 4):
+    for threads in (1, 4, 3):  # 3: four parts taken by three threads as they come free
         monkeypatch.setattr(kernels, "threads", lambda: threads)
         for drops in (None, masks):
             results.append(kernels.merge(*args, conflicts=True, ties=True, drops=drops, keep=0.5))
-    for one, split in ((results[0], results[2]), (results[1], results[3])):
+    for one, split in ((results[0], results[2]), (results[1], results[3]), (results[0], results[4]),
+                       (results[1], results[5])):
         assert torch.equal(one.out, split.out) and torch.equal(one.ties, split.ties)
         assert (one.sign_total, one.conflicts) == (split.sign_total, split.conflicts)
-        torch.testing.assert_close(one.l1, split.l1, rtol=1e-12, atol=0)
-        assert one.delta_norm == pytest.approx(split.delta_norm, rel=1e-12)
+        # the parts, and so the order of the float64 sums, do not depend on the threads
+        assert torch.equal(one.l1, split.l1) and torch.equal(one.l2, split.l2)
+        assert one.delta_norm == split.delta_norm
     out, _, conflict, total, ties = torch_merge(*args[:-1], args[-1])
     assert torch.equal(results[2].out, out) and results[2].conflicts / n == conflict
     if merge_fn == "elect_mean":
         assert torch.equal(results[2].ties, ties) and results[2].sign_total == total
         assert (ties > 3 * (1 << 18)).any()  # ties in every part
+
+
+@needs_kernels
+def test_the_sweeps_float64_sums_are_the_same_bits_on_any_number_of_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts depend on the size alone and their sums are added in part order: a report's figures (L1 norms,
+    capped sums, σ_t) do not change with OMP_NUM_THREADS, nor with which thread came free first."""
+    n = 5 * (1 << 18) + 4097  # five whole parts and a short one: 1 to 4 threads share them unevenly
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=g)
+    # differences over 30 binades: their float64 sums are not exact, so an order of adding shows in the last bits
+    tensors = [base] + [base + torch.randn(n, generator=g) * 2.0 ** torch.randint(-30, 0, (n,), generator=g)
+                        for _ in range(3)]
+    got = []
+    for threads in (1, 2, 3, 4):
+        monkeypatch.setattr(kernels, "threads", lambda: threads)
+        counts, l1 = torch.zeros(3 << 16, dtype=torch.int64), torch.zeros(3, dtype=torch.float64)
+        starts = torch.tensor([0x3C000000, 0x3B800000, 0x3C800000], dtype=torch.int64)
+        window = kernels.Window(starts, 3 << 16, torch.zeros(9 << 16, dtype=torch.int64),
+                                torch.zeros(3, dtype=torch.float64))
+        spare = kernels.SpareCounts(counts, window)
+        kernels.magnitude_histogram(tensors[1:], counts, l1, tensors[0], window, spare)
+        spare.flush()
+        _, _, norm1, norm2 = kernels.task_vectors_and_norms(tensors)
+        got.append((counts, window.fine, l1.tolist(), window.below.tolist(), norm1.tolist(), norm2.tolist(),
+                    kernels.count_and_sums(tensors[2], 0.01, tensors[0])))
+    for other in got[1:]:
+        assert torch.equal(other[0], got[0][0]) and torch.equal(other[1], got[0][1])
+        assert other[2:] == got[0][2:]  # float64 sums equal to the last bit
+    assert got[0][1].sum() > 0 and got[0][3][0] > 0  # the window held entries and had entries below it
 
 
 def test_task_vectors_split_over_threads_give_the_same_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
