@@ -409,6 +409,7 @@ def main() -> None:
             f"{'RSS GiB':>8} {'mk/nm':>7}")
     print(head)
     print("-" * len(head))
+
     def fmt(x: float | None, width: int) -> str:
         return f"{x:>{width}.2f}" if x is not None else f"{'-':>{width}}"
 
@@ -423,8 +424,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "params": shape.params, "tasks": args.tasks,
                                          "floor_s": floor, "read_s": read_s, "write_s": write_s, "fsync_s": sync_s,
-                                         "startup_s": startup, "startup_cpu_s": start.cpu, "cores": os.cpu_count(), "rss_budget": budget, "mergekit": mergekit_version,
-                                         "cold": args.cold,
+                                         "startup_s": startup, "startup_cpu_s": start.cpu, "cores": os.cpu_count(),
+                                         "rss_budget": budget, "mergekit": mergekit_version, "cold": args.cold,
                                          "results": results}, indent=2))
 
 

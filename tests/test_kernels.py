@@ -432,14 +432,14 @@ def test_neuron_kernels_split_rows_over_threads_with_the_same_results(monkeypatc
     z = torch.randn(rows[0].shape[0], 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     coefficient = torch.randn(rows[0].shape[0], generator=torch.Generator().manual_seed(4))
     monkeypatch.setattr(kernels, "threads", lambda: 1)
-    gram, l1, _l2sq = kernels.neuron_gram(rows, thresholds)
+    gram, l1, l2sq = kernels.neuron_gram(rows, thresholds)
     out = kernels.neuron_output(rows, thresholds, z, coefficient, 0.0, 1.5, torch.bfloat16)
     monkeypatch.setattr(kernels, "threads", lambda: threads)
     split_gram, split_l1, split_l2sq = kernels.neuron_gram(rows, thresholds)
     split = kernels.neuron_output(rows, thresholds, z, coefficient, 0.0, 1.5, torch.bfloat16)
     assert torch.equal(split_gram, gram) and torch.equal(split.out, out.out)  # a row's sums never split
     # the parts, and so the order of the sums over rows, do not depend on the threads
-    assert torch.equal(split_l1, l1) and torch.equal(split_l2sq, _l2sq)
+    assert torch.equal(split_l1, l1) and torch.equal(split_l2sq, l2sq)
     assert (split.delta_norm, split.parallel_sq, split.orthogonal_sq) == (out.delta_norm, out.parallel_sq,
                                                                           out.orthogonal_sq)
 
