@@ -337,7 +337,8 @@ def main() -> None:
     floors = [io_floor(files, bytes_out, work, args.cold) for _ in range(max(args.repeat, 2))]
     read_s, write_s, sync_s = (min(f[k] for f in floors) for k in range(3))
     floor = read_s + write_s
-    start = min(timed([sys.executable, "-c", "import torch, neuromerge_cli.cli"], cwd=ROOT) for _ in range(2))
+    start = min((timed([sys.executable, "-c", "import torch, neuromerge_cli.cli"], cwd=ROOT) for _ in range(2)),
+                key=lambda r: r.wall)
     startup = start.wall
 
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -364,7 +365,7 @@ def main() -> None:
             subprocess.run(["rm", "-rf", str(out)], check=True)
             with kept_cold(files, args.cold):
                 runs.append(timed(cmd, env=env, cwd=ROOT))
-        best = min(runs)
+        best = min(runs, key=lambda r: r.wall)
         # the cores the merge kept busy on average, the interpreter's start-up (one core) left out of both
         merge_s = best.wall - startup
         busy = (best.cpu - start.cpu) / merge_s if merge_s > 0.2 else None  # too short to tell

@@ -16,7 +16,7 @@ print(torch.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_pr
 case "${1:-}" in
 tests)
     python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_emulated_cuda.py tests/test_engine.py \
-        tests/test_engine_stream.py tests/test_chunking.py 2>&1 | tee "$out/tests.txt"
+        tests/test_engine_stream.py tests/test_neuromerging.py tests/test_chunking.py 2>&1 | tee "$out/tests.txt"
     ;;
 bench)
     size=${2:?"bench needs a size: 0.5b or 1.5b"}
